@@ -1,0 +1,31 @@
+"""``python -m cxr_counterfactual <command>`` (also the ``cxr-counterfactual`` console script)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+COMMANDS = {
+    "demo": "run one masked counterfactual edit of a real radiograph in a headless ComfyUI",
+    "tiny-checkpoint": "build the tiny random-weight SD1.5-shaped test checkpoint (needs ComfyUI)",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in COMMANDS:
+        lines = [f"  {name:<16} {text}" for name, text in COMMANDS.items()]
+        sys.stderr.write("usage: python -m cxr_counterfactual <command> [options]\n" + "\n".join(lines) + "\n")
+        return 2
+    command, rest = args[0], args[1:]
+    if command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    from .testing.tiny_checkpoint import main as tiny_main
+
+    return tiny_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The README's first command: one masked counterfactual edit of a real radiograph, run headless.
+
+Runs the shipped API workflow ``workflows/api/cxr_dicom_masked_edit.json`` in a private headless ComfyUI
+(started here, stopped at the end) on pydicom-data's real PA chest radiograph ``RG1_UNCR.dcm`` with the
+organ outlines we drew for it (``assets/rg1_uncr_organs.json``). With ``--checkpoint`` it uses your SD1.5
+CXR checkpoint; otherwise it builds the tiny random-weight test checkpoint and says so: that one shows the
+mechanics (masks, regions, keep region, native size), not realistic anatomy.
+
+This module talks to ComfyUI over HTTP only; it never imports ``comfy`` (the checkpoint builder runs in a
+subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .testing.paths import PACK_ROOT, find_comfyui
+
+logger = logging.getLogger("cxr_counterfactual.demo")
+
+WORKFLOW = PACK_ROOT / "workflows" / "api" / "cxr_dicom_masked_edit.json"
+OUTLINES = PACK_ROOT / "assets" / "rg1_uncr_organs.json"
+SAMPLE_DICOM = "RG1_UNCR.dcm"
+TINY_NOTE = (
+    "No checkpoint named: using the tiny random-weight test checkpoint. It shows the mechanics (masks, edit "
+    "and keep regions, native size), NOT realistic anatomy. Pass --checkpoint with an SD1.5 CXR model (e.g. "
+    "RoentGen converted to one .safetensors) for a real counterfactual."
+)
+
+
+def sample_dicom() -> Path:
+    """pydicom-data's real PA chest radiograph (found offline in the installed package)."""
+    try:
+        from pydicom.data import get_testdata_file
+    except ImportError as err:  # pragma: no cover - the demo extra installs pydicom
+        raise SystemExit("pydicom is not installed: pip install '.[demo]'") from err
+    path = get_testdata_file(SAMPLE_DICOM)
+    if not path:
+        raise SystemExit(f"{SAMPLE_DICOM} not found: install the sample data with pip install pydicom-data")
+    return Path(path)
+
+
+def write_mask_files(folder: Path) -> dict[str, str]:
+    """Rasterise our RG1_UNCR organ outlines to one PNG per organ in ``folder``; returns organ → file name."""
+    import numpy as np
+    from PIL import Image
+
+    from .imaging.mask_files import read_polygon_json
+
+    masks = read_polygon_json(OUTLINES)
+    names = {}
+    for organ, mask in masks.as_dict().items():
+        name = f"RG1_UNCR_{organ}.png"
+        Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(folder / name)
+        names[organ] = name
+    return names
+
+
+def tiny_checkpoint(cache: Path, comfyui: Path) -> Path:
+    """Build (once) the tiny test checkpoint in a subprocess that imports ComfyUI."""
+    from .testing.tiny_checkpoint import CHECKPOINT_NAME
+
+    path = cache / CHECKPOINT_NAME
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        logger.info("building the tiny test checkpoint (about a minute, once) ...")
+        env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
+        subprocess.run(
+            [sys.executable, "-m", "cxr_counterfactual.testing.tiny_checkpoint", str(path)],
+            check=True, env=env, cwd=tempfile.gettempdir(),
+        )
+    return path
+
+
+def build_prompt(checkpoint: str, masks: dict[str, str], *, tiny: bool, seed: int, prompt: str) -> dict:
+    graph = json.loads(WORKFLOW.read_text())
+    graph["1"]["inputs"]["dicom_file"] = SAMPLE_DICOM
+    for organ, name in masks.items():
+        graph["2"]["inputs"][organ] = name
+    graph["6"]["inputs"]["ckpt_name"] = checkpoint
+    graph["7"]["inputs"]["text"] = prompt
+    graph["11"]["inputs"]["seed"] = seed
+    if tiny:  # a quick CPU run: the tiny model shows mechanics, more steps or pixels add nothing
+        graph["4"]["inputs"]["max_side"] = 256
+        graph["11"]["inputs"]["steps"] = 8
+    return graph
+
+
+def unique_dir(parent: Path) -> Path:
+    """A new run folder under ``parent``: earlier results are never overwritten."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        candidate = parent / (f"run-{stamp}" + (f"-{i}" if i else ""))
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise SystemExit(f"could not create a new run folder in {parent}")
+
+
+def run_demo(out: Path, checkpoint: Path | None, comfyui: Path | None, seed: int, prompt: str) -> Path:
+    from .testing.server import ComfyServer
+
+    comfy_path = comfyui or find_comfyui()
+    if comfy_path is None:
+        raise SystemExit(
+            "ComfyUI not found. Install it the usual way (comfy-cli puts it in ~/comfy/ComfyUI) or pass "
+            "--comfyui / set COMFYUI_PATH."
+        )
+    tiny = checkpoint is None
+    if tiny:
+        logger.warning(TINY_NOTE)
+        cache = Path(os.environ.get("CXR_DEMO_CACHE", Path.home() / ".cache" / "cxr-counterfactual"))
+        ckpt = tiny_checkpoint(cache, comfy_path)
+    else:
+        ckpt = Path(checkpoint).expanduser().resolve()
+        if not ckpt.is_file():
+            raise SystemExit(f"--checkpoint {ckpt} does not exist")
+        logger.info("using your checkpoint %s", ckpt.name)
+
+    run_dir = unique_dir(out)
+    base = Path(tempfile.mkdtemp(prefix="cxr-demo-"))
+    try:
+        with ComfyServer(comfy_path, checkpoints=[ckpt], base_dir=base) as server:
+            server.upload_input(sample_dicom(), SAMPLE_DICOM)
+            masks = write_mask_files(server.folders["input"])
+            graph = build_prompt(ckpt.name, masks, tiny=tiny, seed=seed, prompt=prompt)
+            result = server.run(graph, on_progress=_log_progress)
+            copied = []
+            for node_id, key in (("14", "images"), ("15", "images"), ("16", "images"), ("20", "images"),
+                                 ("17", "latents"), ("18", "latents")):
+                for f in result.files(node_id, key):
+                    shutil.copy2(f, run_dir / f.name)
+                    copied.append(f.name)
+        (run_dir / "README.txt").write_text(
+            f"checkpoint: {'tiny random-weight test checkpoint (mechanics only, not anatomy)' if tiny else ckpt.name}\n"
+            f"radiograph: pydicom-data {SAMPLE_DICOM}; masks: our outlines (assets/rg1_uncr_organs.json)\n"
+            f"prompt: {prompt}\nseed: {seed}\nfiles: {', '.join(sorted(copied))}\n"
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    logger.info("done: %d files in %s", len(copied), run_dir)
+    if tiny:
+        logger.warning("Reminder: these images come from random weights (mechanics only).")
+    return run_dir
+
+
+def _log_progress(event) -> None:
+    if event.max and (event.value == event.max or event.value % 4 == 0):
+        logger.info("sampling %d/%d", event.value, event.max)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cxr_counterfactual demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, help="your SD1.5 CXR checkpoint (.safetensors); default: tiny")
+    parser.add_argument("--comfyui", type=Path, help="ComfyUI folder (default: COMFYUI_PATH, ~/comfy/ComfyUI)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("cxr-demo-output"), help="results go to a new run-* folder here"
+    )
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--prompt", default="chest x-ray, large left pleural effusion")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    run_dir = run_demo(args.out, args.checkpoint, args.comfyui, args.seed, args.prompt)
+    sys.stdout.write(f"{run_dir}\n")
+    return 0

@@ -1,0 +1,1 @@
+"""Radiograph I/O and geometry: host-agnostic (no ``comfy`` import)."""

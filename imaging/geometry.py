@@ -1,0 +1,131 @@
+"""Native radiograph geometry and the reversible fit to the model's resolution.
+
+A radiograph of native size ``H×W`` is scaled (aspect ratio kept) so it fits inside a target box, then
+padded to multiples of 8 (the VAE's factor) with the border value; :class:`FitRecord` remembers the scale
+and the padding so an edit, a mask or a metric map can be brought back to native size exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CXRInputError
+
+LATENT_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class NativeGeometry:
+    """What the pack knows about a radiograph's native form. Holds no patient identifier, by design.
+
+    Attributes:
+        height, width: native pixel size.
+        pixel_spacing_mm: (row, column) spacing in mm when the source states it, else None.
+        bits_stored: bit depth of the stored samples (8 for PNG/JPEG, 12–16 for most DICOM).
+        photometric: DICOM photometric interpretation of the source ("MONOCHROME1"/"MONOCHROME2"), or
+            None for an ordinary image file.
+        source: "dicom" or "image".
+    """
+
+    height: int
+    width: int
+    pixel_spacing_mm: tuple[float, float] | None = None
+    bits_stored: int = 8
+    photometric: str | None = None
+    source: str = "image"
+
+    def with_size(self, height: int, width: int) -> NativeGeometry:
+        return replace(self, height=height, width=width)
+
+
+@dataclass(frozen=True)
+class FitRecord:
+    """How a native ``H×W`` image was brought to the model grid, and how to go back.
+
+    ``resized_height × resized_width`` is the scaled image; ``pad_*`` pixels of border surround it to make
+    ``height × width`` (multiples of 8).
+    """
+
+    native_height: int
+    native_width: int
+    resized_height: int
+    resized_width: int
+    pad_top: int
+    pad_bottom: int
+    pad_left: int
+    pad_right: int
+    geometry: NativeGeometry | None = None
+
+    @property
+    def height(self) -> int:
+        return self.resized_height + self.pad_top + self.pad_bottom
+
+    @property
+    def width(self) -> int:
+        return self.resized_width + self.pad_left + self.pad_right
+
+
+def plan_fit(native_height: int, native_width: int, max_side: int, multiple: int = LATENT_FACTOR) -> FitRecord:
+    """Scale so the longer side is ``max_side`` (kept aspect), then pad each side up to ``multiple``.
+
+    Padding is split evenly (the extra pixel goes to the bottom/right), so the chest stays centred.
+    """
+    if native_height < 1 or native_width < 1:
+        raise CXRInputError(f"the image is empty ({native_height}×{native_width}).", fix="Load a radiograph.")
+    if max_side < multiple or max_side % multiple:
+        raise CXRInputError(
+            f"the target size {max_side} is not a positive multiple of {multiple}.",
+            input_name="max_side",
+            fix=f"Use a multiple of {multiple}, e.g. 512 for SD1.5.",
+        )
+    scale = max_side / max(native_height, native_width)
+    rh = max(1, round(native_height * scale))
+    rw = max(1, round(native_width * scale))
+    ph = (-rh) % multiple
+    pw = (-rw) % multiple
+    return FitRecord(native_height, native_width, rh, rw, ph // 2, ph - ph // 2, pw // 2, pw - pw // 2)
+
+
+def _resize(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
+    """Resize ``[B, C, H, W]``; area for shrinking images, bilinear for growing, nearest-exact for labels."""
+    if x.shape[-2:] == (height, width):
+        return x
+    if mode == "image":
+        shrinking = height <= x.shape[-2] and width <= x.shape[-1]
+        if shrinking:
+            return F.interpolate(x, size=(height, width), mode="area")
+        return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False).clamp(0, 1)
+    return F.interpolate(x, size=(height, width), mode=mode)
+
+
+def apply_fit(x: torch.Tensor, fit: FitRecord, mode: str = "image", pad_value: float = 0.0) -> torch.Tensor:
+    """Bring ``[B, C, H, W]`` from native size to the model grid of ``fit``.
+
+    Args:
+        x: the native-size tensor (values in [0, 1] for images and soft masks).
+        fit: the plan from :func:`plan_fit`.
+        mode: "image" (area/bilinear), or a ``torch.nn.functional.interpolate`` mode for masks.
+        pad_value: value of the added border (0 = black for a radiograph, 0 = outside for a mask).
+    """
+    if x.shape[-2:] != (fit.native_height, fit.native_width):
+        raise CXRInputError(
+            f"size {tuple(x.shape[-2:])} does not match the fit's native size "
+            f"{(fit.native_height, fit.native_width)}.",
+            fix="Use the geometry from the same radiograph.",
+        )
+    y = _resize(x, fit.resized_height, fit.resized_width, mode)
+    return F.pad(y, (fit.pad_left, fit.pad_right, fit.pad_top, fit.pad_bottom), value=pad_value)
+
+
+def undo_fit(y: torch.Tensor, fit: FitRecord, mode: str = "image") -> torch.Tensor:
+    """Crop the padding of ``[B, C, h, w]`` and scale it back to native size (inverse of :func:`apply_fit`)."""
+    if y.shape[-2:] != (fit.height, fit.width):
+        raise CXRInputError(
+            f"size {tuple(y.shape[-2:])} is not the fitted size {(fit.height, fit.width)}.",
+            fix="Restore the image the fit produced (or one of the same size, e.g. the decoded edit).",
+        )
+    crop = y[..., fit.pad_top : fit.pad_top + fit.resized_height, fit.pad_left : fit.pad_left + fit.resized_width]
+    return _resize(crop, fit.native_height, fit.native_width, mode)

@@ -1,0 +1,115 @@
+"""Nodes that bring a radiograph (and its masks) to the model's resolution and back to native size."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from comfy_api.latest import io
+
+from ..attention.organs import OrganMasks
+from ..errors import CXRInputError
+from ..imaging.geometry import FitRecord, NativeGeometry, apply_fit, plan_fit, undo_fit
+from .common import CATEGORY_GEOMETRY, GeometryType, OrganMasksType, user_errors
+
+FitType = io.Custom("CXR_FIT")
+
+
+class CXRFitToModel(io.ComfyNode):
+    TITLE = "Fit Radiograph to Model"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CXRFitToModel",
+            display_name=cls.TITLE,
+            category=CATEGORY_GEOMETRY,
+            description="Scales the radiograph (aspect ratio kept) so its longer side is 'max_side', pads it to "
+            "multiples of 8 with black, and does the same to the organ masks, so image, masks and latent line up. "
+            "The 'fit' output records how to go back to native size (Restore Native Size).",
+            inputs=[
+                io.Image.Input("image", tooltip="The radiograph at native size (from Load Image or Load DICOM)."),
+                io.Int.Input(
+                    "max_side", default=512, min=64, max=4096, step=8,
+                    tooltip="Longer side after scaling, a multiple of 8: 512 for SD1.5-based CXR models "
+                    "(RoentGen), 1024 for SDXL.",
+                ),
+                OrganMasksType.Input(
+                    "organ_masks", optional=True,
+                    tooltip="Organ masks of this radiograph (same aspect ratio, any size): fitted alike.",
+                ),
+                GeometryType.Input(
+                    "geometry", optional=True,
+                    tooltip="Native geometry from Load DICOM (pixel spacing, bit depth), kept in the fit record "
+                    "for export at native size.",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The radiograph on the model grid."),
+                OrganMasksType.Output(
+                    display_name="organ_masks", tooltip="The organ masks on the same grid (None if none given)."
+                ),
+                FitType.Output(display_name="fit", tooltip="How to return to native size."),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        image: torch.Tensor,
+        max_side: int,
+        organ_masks: OrganMasks | None = None,
+        geometry: NativeGeometry | None = None,
+    ) -> io.NodeOutput:
+        _, h, w, _ = image.shape
+        if geometry is not None and (geometry.height, geometry.width) != (h, w):
+            raise CXRInputError(
+                f"the geometry describes a {geometry.height}×{geometry.width} radiograph, the image is {h}×{w}.",
+                node=cls.TITLE, input_name="geometry",
+                fix="Connect the geometry of the same radiograph (or leave it unconnected).",
+            )
+        with user_errors(cls.TITLE, "max_side"):
+            fit = replace(plan_fit(h, w, max_side), geometry=geometry)
+        fitted = apply_fit(image.movedim(-1, 1), fit).movedim(1, -1)
+        masks_out = None
+        if organ_masks is not None:
+            with user_errors(cls.TITLE, "organ_masks"):
+                native = organ_masks.resampled(h, w)
+            masks_out = OrganMasks(native.names, apply_fit(native.data[None], fit)[0].contiguous())
+        return io.NodeOutput(fitted, masks_out, fit)
+
+
+class CXRRestoreNativeSize(io.ComfyNode):
+    TITLE = "Restore Native Size"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CXRRestoreNativeSize",
+            display_name=cls.TITLE,
+            category=CATEGORY_GEOMETRY,
+            description="Crops the padding added by 'Fit Radiograph to Model' and scales the image (and an "
+            "optional mask) back to the radiograph's native size, so edits line up with the original.",
+            inputs=[
+                io.Image.Input("image", tooltip="An image on the fitted grid, e.g. the decoded edit."),
+                FitType.Input("fit", tooltip="The 'fit' output of Fit Radiograph to Model."),
+                io.Mask.Input("mask", optional=True, tooltip="A mask on the fitted grid (e.g. the edit region)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The image at native size."),
+                io.Mask.Output(display_name="mask", tooltip="The mask at native size (None if none given)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, fit: FitRecord, mask: torch.Tensor | None = None) -> io.NodeOutput:
+        with user_errors(cls.TITLE, "image"):
+            native = undo_fit(image.movedim(-1, 1), fit).movedim(1, -1)
+        native_mask = None
+        if mask is not None:
+            with user_errors(cls.TITLE, "mask"):
+                native_mask = undo_fit(mask.reshape(-1, 1, *mask.shape[-2:]).float(), fit)[:, 0]
+        return io.NodeOutput(native.clamp(0, 1), native_mask)
+
+
+NODES: list[type[io.ComfyNode]] = [CXRFitToModel, CXRRestoreNativeSize]

@@ -1,0 +1,214 @@
+"""Nodes that bring the patient's organ masks into a graph as ``ORGAN_MASKS``."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..attention.organs import OrganMasks, normalise_name
+from ..errors import CXRInputError
+from ..imaging.mask_files import read_label_map, read_mask_image
+from .common import (
+    CATEGORY_MASKS,
+    NONE_CHOICE,
+    OrganMasksType,
+    file_fingerprint,
+    input_file_path,
+    input_file_problem,
+    input_image_files,
+    user_errors,
+)
+
+_SIDES = "Patient's side: in a PA radiograph the patient's right lung is on the image's left."
+
+
+class CXRLoadOrganMasks(io.ComfyNode):
+    """One mask image per organ, from ComfyUI's input folder."""
+
+    TITLE = "Load Organ Masks (files)"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = [NONE_CHOICE, *input_image_files()]
+
+        def organ(name: str, what: str) -> io.Combo.Input:
+            return io.Combo.Input(
+                name,
+                options=files,
+                default=NONE_CHOICE,
+                upload=io.UploadType.image,
+                tooltip=f"Mask image of the {what} (white = inside), same field of view as the radiograph. "
+                f"{NONE_CHOICE} leaves it out.",
+            )
+
+        return io.Schema(
+            node_id="CXRLoadOrganMasks",
+            display_name=cls.TITLE,
+            category=CATEGORY_MASKS,
+            description="Loads one mask image per organ (e.g. exported from a segmentation tool or drawn by "
+            "hand) into an ORGAN_MASKS bundle. " + _SIDES,
+            inputs=[
+                organ("right_lung", "patient's right lung (image left in a PA view)"),
+                organ("left_lung", "patient's left lung (image right in a PA view)"),
+                organ("heart", "heart"),
+                io.Float.Input(
+                    "threshold", default=0.5, min=0.01, max=1.0, step=0.01,
+                    tooltip="Grey level (0–1) at or above which a pixel counts as inside the organ.",
+                ),
+            ],
+            outputs=[OrganMasksType.Output(display_name="organ_masks", tooltip="The organs as one bundle.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, right_lung: str, left_lung: str, heart: str) -> bool | str:
+        chosen = {"right_lung": right_lung, "left_lung": left_lung, "heart": heart}
+        if all(v in ("", NONE_CHOICE) for v in chosen.values()):
+            return f"[{cls.TITLE}] no mask file chosen. Fix: pick at least one organ's mask image."
+        for name, value in chosen.items():
+            problem = input_file_problem(cls.TITLE, name, value, optional=True)
+            if problem:
+                return problem
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, right_lung: str, left_lung: str, heart: str, threshold: float) -> str:
+        return f"{file_fingerprint(right_lung, left_lung, heart)}|{threshold}"
+
+    @classmethod
+    def execute(cls, right_lung: str, left_lung: str, heart: str, threshold: float) -> io.NodeOutput:
+        masks: dict[str, torch.Tensor] = {}
+        for name, value in (("right_lung", right_lung), ("left_lung", left_lung), ("heart", heart)):
+            if value and value != NONE_CHOICE:
+                with user_errors(cls.TITLE, name):
+                    masks[name] = read_mask_image(input_file_path(value), threshold)
+        shapes = {tuple(m.shape) for m in masks.values()}
+        if len(shapes) > 1:
+            sizes = ", ".join(f"{n} {tuple(m.shape)}" for n, m in masks.items())
+            raise CXRInputError(
+                f"the mask files have different sizes ({sizes}).",
+                node=cls.TITLE,
+                fix="Export every organ's mask at the radiograph's size.",
+            )
+        with user_errors(cls.TITLE, "right_lung / left_lung / heart"):
+            return io.NodeOutput(OrganMasks.from_dict(masks))
+
+
+class CXRLoadOrganLabelMap(io.ComfyNode):
+    """All organs from one label map (grey values) or colour map."""
+
+    TITLE = "Load Organ Masks (label map)"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CXRLoadOrganLabelMap",
+            display_name=cls.TITLE,
+            category=CATEGORY_MASKS,
+            description="Loads every organ from one label map (each organ a grey value) or colour map "
+            "(each organ a colour). " + _SIDES,
+            inputs=[
+                io.Combo.Input(
+                    "label_map", options=input_image_files(), upload=io.UploadType.image,
+                    tooltip="Label or colour map image, same field of view as the radiograph. Save it "
+                    "losslessly (PNG): JPEG blurs label values.",
+                ),
+                io.String.Input(
+                    "mapping", default="right_lung=1, left_lung=2, heart=3",
+                    tooltip="organ=value pairs: a grey/label value (e.g. heart=3) or a colour (heart=#0000ff). "
+                    "Any organ name is allowed; right/left are the patient's sides.",
+                ),
+            ],
+            outputs=[OrganMasksType.Output(display_name="organ_masks", tooltip="The organs as one bundle.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, label_map: str) -> bool | str:
+        return input_file_problem(cls.TITLE, "label_map", label_map) or True
+
+    @classmethod
+    def fingerprint_inputs(cls, label_map: str, mapping: str) -> str:
+        return f"{file_fingerprint(label_map)}|{mapping}"
+
+    @classmethod
+    def execute(cls, label_map: str, mapping: str) -> io.NodeOutput:
+        with user_errors(cls.TITLE, "mapping"):
+            return io.NodeOutput(read_label_map(input_file_path(label_map), mapping))
+
+
+def _single_mask(mask: torch.Tensor, node: str, input_name: str) -> torch.Tensor:
+    """A ComfyUI MASK ``[B, H, W]`` reduced to one ``[H, W]`` mask (batch 1 expected)."""
+    if mask.ndim == 3 and mask.shape[0] != 1:
+        raise CXRInputError(
+            f"got a batch of {mask.shape[0]} masks; organ masks describe one radiograph.",
+            node=node, input_name=input_name,
+            fix="Pass a single mask (e.g. pick one with a batch-select node).",
+        )
+    return mask.reshape(mask.shape[-2], mask.shape[-1]).float().cpu()
+
+
+class CXROrganMasksFromMask(io.ComfyNode):
+    """Organ masks from ComfyUI MASK values (the mask editor, LoadImage's alpha, other packs)."""
+
+    TITLE = "Organ Masks from MASK"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        def organ(name: str, what: str) -> io.Mask.Input:
+            return io.Mask.Input(name, optional=True, tooltip=f"MASK of the {what} (1 = inside).")
+
+        return io.Schema(
+            node_id="CXROrganMasksFromMask",
+            display_name=cls.TITLE,
+            category=CATEGORY_MASKS,
+            description="Builds (or extends) an ORGAN_MASKS bundle from MASK inputs, e.g. masks drawn in "
+            "ComfyUI's mask editor on the radiograph. " + _SIDES,
+            inputs=[
+                organ("right_lung", "patient's right lung"),
+                organ("left_lung", "patient's left lung"),
+                organ("heart", "heart"),
+                io.String.Input(
+                    "other_name", default="", tooltip="Name for the 'other' mask (e.g. clavicle, lesion)."
+                ),
+                io.Mask.Input("other", optional=True, tooltip="Any further organ or region; name it above."),
+                OrganMasksType.Input(
+                    "organ_masks", optional=True,
+                    tooltip="An existing bundle to extend (a mask given here replaces the organ of that name).",
+                ),
+            ],
+            outputs=[OrganMasksType.Output(display_name="organ_masks", tooltip="The organs as one bundle.")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        other_name: str,
+        right_lung: torch.Tensor | None = None,
+        left_lung: torch.Tensor | None = None,
+        heart: torch.Tensor | None = None,
+        other: torch.Tensor | None = None,
+        organ_masks: OrganMasks | None = None,
+    ) -> io.NodeOutput:
+        given = {"right_lung": right_lung, "left_lung": left_lung, "heart": heart}
+        masks = {k: _single_mask(v, cls.TITLE, k) for k, v in given.items() if v is not None}
+        if other is not None:
+            if not other_name.strip():
+                raise CXRInputError(
+                    "a mask is connected to 'other' but it has no name.", node=cls.TITLE,
+                    input_name="other_name", fix="Type the organ's name, e.g. clavicle.",
+                )
+            with user_errors(cls.TITLE, "other_name"):
+                masks[normalise_name(other_name)] = _single_mask(other, cls.TITLE, "other")
+        if not masks and organ_masks is None:
+            raise CXRInputError(
+                "no mask is connected.", node=cls.TITLE, fix="Connect at least one organ's MASK."
+            )
+        with user_errors(cls.TITLE, ", ".join(masks) or "organ_masks"):
+            bundle = OrganMasks.from_dict(masks) if masks else None
+            if organ_masks is None:
+                return io.NodeOutput(bundle)
+            if bundle is None:
+                return io.NodeOutput(organ_masks)
+            return io.NodeOutput(organ_masks.merged(bundle.resampled(organ_masks.height, organ_masks.width)))
+
+
+NODES: list[type[io.ComfyNode]] = [CXRLoadOrganMasks, CXRLoadOrganLabelMap, CXROrganMasksFromMask]

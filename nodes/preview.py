@@ -1,0 +1,43 @@
+"""Preview node: the organ masks drawn over the radiograph, shown in the UI."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..attention.organs import OrganMasks
+from ..imaging.overlay import overlay_organs
+from .common import CATEGORY_MASKS, OrganMasksType, user_errors
+
+
+class CXRPreviewOrganMasks(io.ComfyNode):
+    TITLE = "Preview Organ Masks"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CXRPreviewOrganMasks",
+            display_name=cls.TITLE,
+            category=CATEGORY_MASKS,
+            description="Draws every organ in its own colour (tint, outline, legend) over the radiograph and "
+            "shows it, so you can check the masks sit on the right anatomy and the right side before sampling.",
+            is_output_node=True,
+            inputs=[
+                io.Image.Input("image", tooltip="The radiograph (any size with the masks' aspect ratio)."),
+                OrganMasksType.Input("organ_masks", tooltip="The organ masks to draw."),
+                io.Float.Input(
+                    "opacity", default=0.35, min=0.0, max=1.0, step=0.05, tooltip="Tint strength inside organs."
+                ),
+            ],
+            outputs=[io.Image.Output(display_name="overlay", tooltip="The overlay as an IMAGE (for saving).")],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, organ_masks: OrganMasks, opacity: float) -> io.NodeOutput:
+        with user_errors(cls.TITLE, "organ_masks"):
+            frames = [overlay_organs(frame, organ_masks, opacity) for frame in image]
+        overlay = torch.stack(frames)
+        return io.NodeOutput(overlay, ui=ui.PreviewImage(overlay, cls=cls))
+
+
+NODES: list[type[io.ComfyNode]] = [CXRPreviewOrganMasks]
