@@ -6,9 +6,18 @@ from comfy_api.latest import ComfyExtension, io
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
-    from . import dicom, geometry, mask_ops, masks, preview
+    from . import atlas, chexmask, dicom, geometry, mask_ops, masks, preview, segmentation
 
-    return [*dicom.NODES, *masks.NODES, *mask_ops.NODES, *preview.NODES, *geometry.NODES]
+    return [
+        *dicom.NODES,
+        *masks.NODES,
+        *chexmask.NODES,
+        *segmentation.NODES,
+        *atlas.NODES,
+        *mask_ops.NODES,
+        *preview.NODES,
+        *geometry.NODES,
+    ]
 
 
 class CXRExtension(ComfyExtension):
