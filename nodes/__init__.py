@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
-    from . import atlas, chexmask, dicom, geometry, mask_ops, masks, preview, segmentation
+    from . import atlas, chexmask, dicom, gating, geometry, mask_ops, masks, preview, segmentation, text
 
     return [
         *dicom.NODES,
@@ -17,6 +17,8 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         *mask_ops.NODES,
         *preview.NODES,
         *geometry.NODES,
+        *text.NODES,
+        *gating.NODES,
     ]
 
 

@@ -16,10 +16,12 @@ CATEGORY_ROOT = "CXR Counterfactual"
 CATEGORY_INPUT = f"{CATEGORY_ROOT}/input"
 CATEGORY_MASKS = f"{CATEGORY_ROOT}/masks"
 CATEGORY_GEOMETRY = f"{CATEGORY_ROOT}/geometry"
+CATEGORY_ATTENTION = f"{CATEGORY_ROOT}/attention"
 
 # Link types of the pack. A custom type is a plain type string in ComfyUI.
 OrganMasksType = io.Custom("ORGAN_MASKS")
 GeometryType = io.Custom("CXR_GEOMETRY")
+TokensType = io.Custom("CXR_TOKENS")
 
 
 @contextmanager

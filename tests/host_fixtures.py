@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
@@ -51,3 +52,44 @@ def comfy_server(
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(comfy, tiny_checkpoint: Path):
+    """MODEL, CLIP and VAE of the tiny checkpoint, loaded once per session by ``CheckpointLoaderSimple``."""
+    import folder_paths
+    import torch
+
+    # Registering the folder is how a user's extra_model_paths.yaml makes a checkpoint visible.
+    folder_paths.add_model_folder_path("checkpoints", str(tiny_checkpoint.parent))
+    with torch.inference_mode():
+        model, clip, vae = comfy.node("CheckpointLoaderSimple")().load_checkpoint(tiny_checkpoint.name)[:3]
+    return SimpleNamespace(model=model, clip=clip, vae=vae)
+
+
+@pytest.fixture(scope="session")
+def chest(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
+    """The real radiograph fitted to 64 px (latent 8×7: an odd side), its masks, and conditioning."""
+    import numpy as np
+    import torch
+    from cxr_helpers import PROMPT, run
+    from PIL import Image
+
+    from cxr_counterfactual.attention.organs import OrganMasks
+    from cxr_counterfactual.imaging.mask_files import read_mask_image
+
+    img = Image.open(chexmask_example / "utils_example1.jpg").convert("RGB")
+    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    masks = OrganMasks.from_dict({
+        "right_lung": read_mask_image(chexmask_example / "RL_mask.png"),
+        "left_lung": read_mask_image(chexmask_example / "LL_mask.png"),
+        "heart": read_mask_image(chexmask_example / "H_mask.png"),
+    })
+    with torch.inference_mode():
+        fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=64, organ_masks=masks)
+        latent = comfy.node("VAEEncode")().encode(tiny_model.vae, fitted)[0]
+        positive, tokens = run(comfy.node("CXRTextEncode"), clip=tiny_model.clip, text=PROMPT,
+                               anatomy="left lung, heart", pathology="effusion")
+        negative = comfy.node("CLIPTextEncode")().encode(tiny_model.clip, "")[0]
+    assert latent["samples"].shape[-2:] == (8, 7)
+    return SimpleNamespace(masks=fitted_masks, latent=latent, positive=positive, negative=negative, tokens=tokens)

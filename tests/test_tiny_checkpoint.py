@@ -23,15 +23,9 @@ PROMPT = "chest x-ray, small left pleural effusion"
 
 
 @pytest.fixture(scope="module")
-def loaded(comfy, tiny_checkpoint: Path) -> SimpleNamespace:
+def loaded(tiny_model) -> SimpleNamespace:
     """MODEL, CLIP and VAE of the tiny checkpoint, loaded by ``CheckpointLoaderSimple`` by name."""
-    import folder_paths
-
-    # Registering the folder is how a user's extra_model_paths.yaml makes a checkpoint visible.
-    folder_paths.add_model_folder_path("checkpoints", str(tiny_checkpoint.parent))
-    with torch.inference_mode():
-        model, clip, vae = comfy.node("CheckpointLoaderSimple")().load_checkpoint(tiny_checkpoint.name)[:3]
-    return SimpleNamespace(model=model, clip=clip, vae=vae)
+    return tiny_model
 
 
 def _encode(comfy, clip, text: str):

@@ -1,0 +1,169 @@
+"""Anatomy-aware attention gating: organ-confined self-attention and anatomy-token cross-attention.
+
+All functions take the heads layout ``[B, H, N, D]`` (see :mod:`.kernels`) and return it.
+
+Self-attention with leak ``λ ∈ [0, 1]``: a query in region ``r`` weighs keys of other regions by ``λ``::
+
+    p_ij ∝ exp(s_ij) · (1 if region(i) = region(j) else λ)
+
+``λ = 1`` is stock attention; ``λ = 0`` (hard) confines each query to its own region. Hard gating runs
+one mask-free attention per region on tokens sorted by region, so its cost follows Σ nᵣ² and no N×N mask
+exists. Soft gating composes exactly from two mask-free passes, the full one and the in-region one, with
+their log-sum-exps ``L_all``, ``L_in``: with ``a = exp(L_in − L_all)``::
+
+    out = ((1 − λ)·a·out_in + λ·out_all) / ((1 − λ)·a + λ)
+
+Background policy: ``"confined"`` treats background as one more region; ``"free"`` lets background
+queries see every key (stock attention for them).
+
+Anatomy-token cross-attention: each anatomy token is tied to an organ; queries outside that organ see the
+token's weight scaled by ``λ_tok`` (0 = not at all), renormalised by the softmax (an additive ``log λ``
+bias on a ``N × T`` score matrix: T is the prompt length, so this mask is small).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .kernels import Kernel, LseKernel, masked_reference, sdpa, sdpa_with_lse
+from .regions import RegionPartition
+
+BACKGROUND_POLICIES = ("confined", "free")
+
+
+def _check_leak(leak: float) -> None:
+    if not 0.0 <= leak <= 1.0:
+        raise ValueError(f"leak must be in [0, 1], got {leak}")
+
+
+def _grouped(q, k, v, part: RegionPartition, background: str, kernel, with_lse: bool):
+    """One attention per region over tokens sorted by region; returns sorted outputs (and LSEs)."""
+    perm = part.perm
+    qs, ks, vs = q.index_select(2, perm), k.index_select(2, perm), v.index_select(2, perm)
+    outs, lses = [], []
+    for label, s, e in part.slices:
+        if label == 0 and background == "free":
+            kk, vv = k, v  # background queries see every key
+        else:
+            kk, vv = ks[:, :, s:e], vs[:, :, s:e]
+        result = kernel(qs[:, :, s:e], kk, vv)
+        if with_lse:
+            outs.append(result[0])
+            lses.append(result[1])
+        else:
+            outs.append(result)
+    out = torch.cat(outs, dim=2)
+    return (out, torch.cat(lses, dim=2)) if with_lse else (out, None)
+
+
+def gated_self_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    part: RegionPartition,
+    leak: float = 0.0,
+    background: str = "confined",
+    kernel: Kernel = sdpa,
+    lse_kernel: LseKernel = sdpa_with_lse,
+) -> torch.Tensor:
+    """Self-attention where cross-region key weights are scaled by ``leak``.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` with ``N = part.height · part.width`` (row-major tokens).
+        part: the token grid's regions (:func:`.regions.partition`).
+        leak: ``λ``; 0 = hard confinement, 1 = stock attention.
+        background: ``"confined"`` or ``"free"`` (see the module docstring).
+        kernel: mask-free attention used by hard gating (any backend: no LSE needed).
+        lse_kernel: mask-free attention returning the log-sum-exp, used by soft gating.
+
+    Returns:
+        ``[B, H, N, D]`` in q's dtype.
+    """
+    _check_leak(leak)
+    if background not in BACKGROUND_POLICIES:
+        raise ValueError(f"background must be one of {BACKGROUND_POLICIES}, got {background!r}")
+    n = q.shape[2]
+    if n != part.height * part.width or k.shape[2] != n:
+        raise ValueError(f"self-attention over {n} tokens does not match the {part.height}×{part.width} grid")
+    if leak == 1.0:
+        return kernel(q, k, v)
+    if leak == 0.0:
+        out_sorted, _ = _grouped(q, k, v, part, background, kernel, with_lse=False)
+        return out_sorted.index_select(2, part.inv)
+    out_all, lse_all = lse_kernel(q, k, v)
+    out_in_s, lse_in_s = _grouped(q, k, v, part, background, lse_kernel, with_lse=True)
+    out_in, lse_in = out_in_s.index_select(2, part.inv), lse_in_s.index_select(2, part.inv)
+    a = torch.exp((lse_in - lse_all).clamp(max=0.0))  # in-region share of the softmax mass, ≤ 1
+    w_in = (1.0 - leak) * a
+    out = (w_in[..., None] * out_in.float() + leak * out_all.float()) / (w_in + leak)[..., None]
+    if background == "free":
+        free = (part.labels == 0).to(q.device)
+        out[:, :, free] = out_all[:, :, free].float()
+    return out.to(q.dtype)
+
+
+def self_attention_bias(part: RegionPartition, leak: float, background: str = "confined") -> torch.Tensor:
+    """The dense ``[N, N]`` additive bias equivalent to :func:`gated_self_attention` (reference, fallback).
+
+    Memory is N² floats (1 GiB at 16384 tokens): use it only for tests and for attention backends that
+    give no log-sum-exp.
+    """
+    _check_leak(leak)
+    labels = part.labels
+    same = labels[:, None] == labels[None, :]
+    off = -math.inf if leak == 0.0 else math.log(leak)
+    bias = torch.where(same, 0.0, off)
+    if background == "free":
+        bias[labels == 0] = 0.0
+    return bias
+
+
+def gated_self_attention_dense(q, k, v, part: RegionPartition, leak: float, background: str = "confined"):
+    """Reference implementation with a dense float mask (tests, and the documented fallback)."""
+    return masked_reference(q, k, v, self_attention_bias(part, leak, background).to(q.device))
+
+
+def anatomy_token_bias(
+    inside: torch.Tensor,
+    positions: Sequence[Sequence[int]],
+    cond_len: int,
+    context_len: int,
+    leak: float,
+) -> torch.Tensor:
+    """Additive ``[N, T]`` bias that hides anatomy tokens from queries outside their organ.
+
+    Args:
+        inside: ``[M, N]`` bool, for each anatomy word ``m`` the tokens inside its organ(s).
+        positions: for each word, its token indices in the conditioning (length ``cond_len``).
+        cond_len: the conditioning's own length (77 per prompt chunk).
+        context_len: the key length seen by attention: the host may repeat a context up to the least
+            common multiple of the positive and negative lengths, so index ``i`` also sits at
+            ``i + cond_len·j``.
+        leak: ``λ_tok``: 0 hides the token, 1 leaves attention unchanged.
+    """
+    _check_leak(leak)
+    n = inside.shape[1]
+    bias = torch.zeros(n, context_len)
+    if leak == 1.0:
+        return bias
+    if context_len % cond_len:
+        raise ValueError(f"context length {context_len} is not a multiple of the prompt's length {cond_len}")
+    off = -math.inf if leak == 0.0 else math.log(leak)
+    repeats = context_len // cond_len
+    for word_inside, word_positions in zip(inside, positions, strict=True):
+        cols = torch.tensor([p + cond_len * j for p in word_positions for j in range(repeats)], dtype=torch.long)
+        outside_rows = (~word_inside).nonzero().flatten()
+        if cols.numel() and outside_rows.numel():
+            bias[outside_rows[:, None], cols[None, :]] = off
+    return bias
+
+
+def token_masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Cross-attention with the anatomy-token bias (``[N, T]``) added to the scores, then softmax.
+
+    Rows never lose all their keys: only anatomy tokens are hidden, the start token always remains.
+    """
+    return masked_reference(q, k, v, bias.to(q.device))

@@ -1,0 +1,428 @@
+"""The one ComfyUI adapter: binds the core to ComfyUI's attention patches. Only this module imports comfy.
+
+What it does:
+- finds every SpatialTransformer of the model (never a hard-coded block list) and registers one replace
+  per attention on a **clone** of the ModelPatcher, under the 3-part key ``(block, number, index)``;
+- reads ``extra_options`` at run time (the layer's token grid ``activations_shape``, ``cond_or_uncond``,
+  ``sigmas``, ``n_heads``), picks the rows to regulate and calls the core;
+- composes with other packs: a replace already under our key (or under the block's 2-part key, at node
+  time or, like PAG's, at sampling time) becomes the attention *kernel* our gating calls (per region
+  group for hard gating); a replace that overwrites ours after we installed it (SAG does) is detected when
+  sampling starts and reported in the log and the run's record; ``optimized_attention_override`` is
+  honoured (hard gating calls it per group; soft gating gives it a dense float mask).
+- keeps per-run state in one holder under ``transformer_options["cxr_counterfactual"]``, replaced by a
+  fresh copy at the start of every run by an OUTER_SAMPLE wrapper; what a run produces for nodes after
+  the sampler goes to a :class:`ResultStore` that model copies share.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_patcher
+import comfy.patcher_extension
+import torch
+from comfy.ldm.modules.attention import SpatialTransformer
+
+from ..errors import CXRInputError
+from .gating import anatomy_token_bias, gated_self_attention, self_attention_bias, token_masked_cross_attention
+from .kernels import sdpa, sdpa_with_lse, to_flat, to_heads
+from .organs import OrganMasks
+from .regions import RegionCache, coverage, partition
+
+logger = logging.getLogger("cxr_counterfactual")
+
+HOLDER_KEY = "cxr_counterfactual"
+COND, UNCOND = 0, 1
+Key = tuple[str, int, int]
+
+
+# --------------------------------------------------------------------------------------------------
+# model structure
+def transformer_keys(model) -> list[Key]:
+    """``(block, number, transformer_index)`` of every transformer block in the model's UNet.
+
+    Raises:
+        CXRInputError: the model has no SpatialTransformer (e.g. a DiT): unsupported.
+    """
+    dm = model.get_model_object("diffusion_model")
+    groups: list[tuple[str, Sequence]] = []
+    for name, attr in (("input", "input_blocks"), ("output", "output_blocks")):
+        if hasattr(dm, attr):
+            groups.append((name, getattr(dm, attr)))
+    if hasattr(dm, "middle_block"):
+        groups.append(("middle", [dm.middle_block]))
+    keys: list[Key] = []
+    for name, blocks in groups:
+        for i, block in enumerate(blocks):
+            for module in block.modules():
+                if isinstance(module, SpatialTransformer):
+                    keys.extend((name, i, j) for j in range(len(module.transformer_blocks)))
+    if not keys:
+        kind = type(getattr(model, "model", model)).__name__
+        raise CXRInputError(
+            f"unsupported model: {kind} has no UNet SpatialTransformer blocks (a DiT or another architecture).",
+            input_name="model",
+            fix="Use an SD1.x, SD2.x or SDXL-family checkpoint (CXR models such as RoentGen are SD1.5).",
+        )
+    return sorted(keys, key=lambda k: ({"input": 0, "middle": 1, "output": 2}[k[0]], k[1], k[2]))
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration (immutable; shared, not copied, when ComfyUI deep-copies model options)
+@dataclass(eq=False)
+class GateStage:
+    """One gate node's settings. ``token_words`` holds (positions, organs) per anatomy word."""
+
+    title: str
+    masks: OrganMasks
+    organs: tuple[str, ...]
+    self_leak: float
+    token_leak: float
+    background: str
+    margin_px: int
+    sigma_start: float
+    sigma_end: float
+    blocks: frozenset[str]
+    apply_to_uncond: bool
+    cond_len: int = 77
+    token_words: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...] = ()
+    cache: RegionCache = field(default_factory=RegionCache)
+
+    def __deepcopy__(self, memo: dict) -> GateStage:
+        return self
+
+    def active(self, sigma: float) -> bool:
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def covers(self, key: Key) -> bool:
+        return key[0] in self.blocks
+
+    def grid_error(self, h: int, w: int, err: CXRInputError) -> CXRInputError:
+        return err.located(
+            self.title, "organ_masks", "Use the organ masks of 'Fit Radiograph to Model' for this latent."
+        )
+
+    def partition(self, h: int, w: int, latent: tuple[int, int], device: torch.device):
+        def build():
+            try:
+                part = partition(self.masks, self.organs, h, w, margin_px=self.margin_px, latent=latent)
+            except CXRInputError as err:
+                raise self.grid_error(h, w, err) from None
+            if part.missing():
+                logger.info("%s: %s cover no token at the %dx%d grid (their cells go to neighbours)",
+                            self.title, ", ".join(part.missing()), h, w)
+            return part.to(device)
+        return self.cache.get(("part", h, w, latent, str(device)), build)
+
+    def token_bias(self, h: int, w: int, latent: tuple[int, int], context_len: int, device: torch.device):
+        def build():
+            try:
+                inside = torch.stack([
+                    coverage(self.masks, organs, h, w, margin_px=self.margin_px, latent=latent)
+                    for _, organs in self.token_words
+                ])
+            except CXRInputError as err:
+                raise self.grid_error(h, w, err) from None
+            positions = [pos for pos, _ in self.token_words]
+            return anatomy_token_bias(inside, positions, self.cond_len, context_len, self.token_leak).to(device)
+        return self.cache.get(("tok", h, w, latent, context_len, str(device)), build)
+
+
+# --------------------------------------------------------------------------------------------------
+# per-run state and results
+class ResultStore:
+    """What runs produced, for nodes after the sampler. Model copies share it (deep copy returns self)."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self.runs: list[dict] = []
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> ResultStore:
+        return self
+
+    def new_run(self) -> dict:
+        record: dict = {"trace": [], "conflicts": []}
+        with self._lock:
+            self.runs.append(record)
+            del self.runs[: -self.keep]
+        return record
+
+    def latest(self) -> dict | None:
+        return self.runs[-1] if self.runs else None
+
+
+class RunState:
+    """The one per-run holder: options, the current run's record, the shared result store."""
+
+    def __init__(self, store: ResultStore | None = None, trace: bool = False) -> None:
+        self.store = store or ResultStore()
+        self.trace_enabled = trace
+        self.installed: dict[str, set[Key]] = {"attn1": set(), "attn2": set()}
+        self.record: dict = {"trace": [], "conflicts": []}
+        self._reported: set[tuple] = set()
+
+    def clone(self) -> RunState:
+        new = RunState(self.store, self.trace_enabled)
+        new.installed = {k: set(v) for k, v in self.installed.items()}
+        return new
+
+    def reset(self) -> RunState:
+        self.record = self.store.new_run()
+        self._reported = set()
+        return self
+
+    def to(self, device: torch.device) -> RunState:
+        return self  # nothing device-bound: region tensors live in the stages' caches, per device
+
+    def trace(self, kind: str, key: Key, sigma: float, gated: bool) -> None:
+        if self.trace_enabled:
+            self.record["trace"].append((kind, key, sigma, gated))
+
+    def report(self, what: str, key: Key, message: str) -> None:
+        if (what, key) in self._reported:
+            return
+        self._reported.add((what, key))
+        self.record["conflicts"].append({"kind": what, "key": key, "message": message})
+        logger.warning("CXR Counterfactual: %s", message)
+
+
+def _state(options: dict) -> RunState | None:
+    return options.get(HOLDER_KEY)
+
+
+# --------------------------------------------------------------------------------------------------
+# the replace patch
+def _rows(cond_or_uncond: Sequence[int], batch: int, include_uncond: bool) -> torch.Tensor | None:
+    """Batch rows to regulate (None = all). Each entry of cond_or_uncond is one chunk of equal size."""
+    if not cond_or_uncond:
+        return None
+    per = batch // len(cond_or_uncond)
+    chosen = [i for i, c in enumerate(cond_or_uncond) if c == COND or include_uncond]
+    if len(chosen) == len(cond_or_uncond):
+        return None
+    return torch.tensor([c * per + r for c in chosen for r in range(per)], dtype=torch.long)
+
+
+def _sub_options(extra: dict, rows: torch.Tensor | None, batch: int) -> dict:
+    """extra_options for a sub-batch (a wrapped kernel may read cond_or_uncond)."""
+    if rows is None:
+        return extra
+    cou = extra.get("cond_or_uncond") or []
+    per = batch // max(1, len(cou))
+    chunks = sorted({int(r) // per for r in rows})
+    sub = dict(extra)
+    sub["cond_or_uncond"] = [cou[c] for c in chunks]
+    return sub
+
+
+class CXRReplace:
+    """Our attention replace for one key: runs the gate stages, or stock attention outside them.
+
+    ``inner`` is another pack's replace found at this key (or the block's 2-part key): it then serves as
+    the attention kernel, so its effect and ours compose.
+    """
+
+    def __init__(self, kind: str, key: Key, stages: tuple[GateStage, ...], inner: Callable | None = None):
+        self.kind, self.key, self.stages, self.inner = kind, key, stages, inner
+
+    def with_inner(self, inner: Callable | None) -> CXRReplace:
+        return CXRReplace(self.kind, self.key, self.stages, inner)
+
+    def with_stage(self, stage: GateStage) -> CXRReplace:
+        return CXRReplace(self.kind, self.key, (*self.stages, stage), self.inner)
+
+    # stock path: exactly what ComfyUI would have run without us
+    def _stock(self, q, k, v, extra: dict, mask: torch.Tensor | None = None):
+        if self.inner is not None:
+            return self.inner(q, k, v, extra)
+        return comfy_attention.optimized_attention(
+            q, k, v, extra["n_heads"], mask=mask, attn_precision=extra.get("attn_precision"), transformer_options=extra
+        )
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+        state = _state(extra)
+        sigmas = extra.get("sigmas")
+        sigma = float(sigmas.max()) if sigmas is not None else 0.0
+        stage = next((s for s in self.stages if s.active(sigma)), None)
+        if stage is None or (self.kind == "attn2" and (not stage.token_words or stage.token_leak == 1.0)) or (
+            self.kind == "attn1" and stage.self_leak == 1.0
+        ):
+            if state is not None:
+                state.trace(self.kind, self.key, sigma, False)
+            return self._stock(q, k, v, extra)
+        include_uncond = stage.apply_to_uncond and self.kind == "attn1"
+        rows = _rows(extra.get("cond_or_uncond") or [], q.shape[0], include_uncond)
+        if rows is not None and rows.numel() == 0:
+            return self._stock(q, k, v, extra)
+        sub = _sub_options(extra, rows, q.shape[0])
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows.to(t.device)))
+        regulated = self._regulate(stage, pick(q), pick(k), pick(v), sub, state)
+        if state is not None:
+            state.trace(self.kind, self.key, sigma, True)
+        if rows is None:
+            return regulated
+        # The other rows (e.g. the uncond pass) run exactly as stock, and only once.
+        others = torch.tensor(sorted(set(range(q.shape[0])) - set(rows.tolist())), dtype=torch.long)
+        o = others.to(q.device)
+        stock = self._stock(q.index_select(0, o), k.index_select(0, o), v.index_select(0, o),
+                            _sub_options(extra, others, q.shape[0]))
+        out = torch.empty(q.shape[0], *stock.shape[1:], dtype=stock.dtype, device=stock.device)
+        out[o] = stock
+        out[rows.to(q.device)] = regulated.to(stock.dtype)
+        return out
+
+    def _regulate(self, stage: GateStage, q, k, v, extra: dict, state: RunState | None):
+        heads = extra["n_heads"]
+        h, w = (int(s) for s in extra["activations_shape"][-2:])
+        latent = tuple(int(s) for s in extra["original_shape"][-2:])
+        precision = extra.get("attn_precision")
+        dtype = q.dtype
+        if precision == torch.float32 and dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()  # honour the model's attention precision
+        qh, kh, vh = to_heads(q, heads), to_heads(k, heads), to_heads(v, heads)
+        if self.kind == "attn2":
+            bias = stage.token_bias(h, w, latent, k.shape[1], q.device)
+            if self.inner is not None or "optimized_attention_override" in extra:
+                if state is not None:
+                    state.report("token-mask", self.key, f"{stage.title}: another attention patch at {self.key} "
+                                 "cannot take a token mask; anatomy-token masking uses torch attention there.")
+            return to_flat(token_masked_cross_attention(qh, kh, vh, bias)).to(dtype)
+        part = stage.partition(h, w, latent, q.device)
+        kernel, lse_kernel = self._kernels(heads, extra)
+        if lse_kernel is None and 0.0 < stage.self_leak < 1.0:
+            if self.inner is not None:
+                if state is not None:
+                    state.report("soft-gate", self.key, f"{stage.title}: soft gating (leak {stage.self_leak}) cannot "
+                                 f"compose with another pack's replace at {self.key}; that layer runs it ungated.")
+                return self.inner(to_flat(qh).to(dtype), to_flat(kh).to(dtype), to_flat(vh).to(dtype), extra)
+            # an attention override gives no log-sum-exp: the documented dense-mask fallback
+            bias = self_attention_bias(part, stage.self_leak, stage.background).to(q.device, q.dtype)
+            out = comfy_attention.optimized_attention(
+                to_flat(qh), to_flat(kh), to_flat(vh), heads, mask=bias, transformer_options=extra
+            )
+            return out.to(dtype)
+        out = gated_self_attention(qh, kh, vh, part, stage.self_leak, stage.background, kernel,
+                                   lse_kernel or sdpa_with_lse)
+        return to_flat(out).to(dtype)
+
+    def _kernels(self, heads: int, extra: dict):
+        """Attention kernels in the heads layout: another pack's replace or override, else torch SDPA."""
+        if self.inner is not None:
+            inner = self.inner
+
+            def via_inner(q, k, v):
+                return to_heads(inner(to_flat(q), to_flat(k), to_flat(v), extra), heads)
+            return via_inner, None
+        if "optimized_attention_override" in extra:
+            def via_override(q, k, v):
+                out = comfy_attention.optimized_attention(
+                    to_flat(q), to_flat(k), to_flat(v), heads, transformer_options=extra
+                )
+                return to_heads(out, heads)
+            return via_override, None
+        return sdpa, sdpa_with_lse
+
+
+# --------------------------------------------------------------------------------------------------
+# wrappers: fresh state per run, and composition resolved at sampling time
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """Give every run a fresh per-run state (so queued runs never share step state)."""
+    guider = executor.class_obj
+    original = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    to = guider.model_options["transformer_options"]
+    if HOLDER_KEY in to:
+        to[HOLDER_KEY] = to[HOLDER_KEY].clone().reset()
+        _check_ownership(to)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original
+
+
+def _check_ownership(to: dict) -> None:
+    """Report keys where a node applied after ours replaced our patch (as SAG does)."""
+    state = _state(to)
+    replace = to.get("patches_replace", {})
+    for kind, keys in state.installed.items():
+        for key in sorted(keys):
+            fn = replace.get(kind, {}).get(key)
+            if not isinstance(fn, CXRReplace):
+                name = getattr(fn, "__qualname__", type(fn).__name__)
+                state.report("overwritten", key, f"{kind} {key} was replaced by a later node ({name}); anatomy "
+                             "gating is off in that layer. Apply the CXR nodes after that node to compose them.")
+
+
+def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+    """Wrap replaces installed at sampling time under a block's 2-part key (PAG does this), which our
+    3-part keys would otherwise silently shadow."""
+    state = _state(transformer_options)
+    replace = transformer_options.get("patches_replace")
+    if state is not None and replace:
+        changed = {}
+        for kind, keys in state.installed.items():
+            table = replace.get(kind, {})
+            for key in keys:
+                ours, foreign = table.get(key), table.get(key[:2])
+                if isinstance(ours, CXRReplace) and ours.inner is None and foreign is not None:
+                    changed.setdefault(kind, dict(table))[key] = ours.with_inner(foreign)
+        if changed:
+            transformer_options = {**transformer_options, "patches_replace": {**replace, **changed}}
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# installing
+def install_stage(model, stage: GateStage, kinds: Sequence[str] = ("attn1", "attn2")):
+    """A clone of ``model`` with ``stage`` on every transformer block it covers.
+
+    A key already holding our replace gains the stage; a key holding another pack's replace (3-part, or
+    the block's 2-part key) has it wrapped as our kernel, never overwritten.
+    """
+    keys = [k for k in transformer_keys(model) if stage.covers(k)]
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    # clone() deep-copied the options, so an existing holder is already this clone's own copy.
+    state: RunState = to.get(HOLDER_KEY) or RunState()
+    table = to.get("patches_replace", {})
+    for kind in kinds:
+        current = table.get(kind, {})
+        for key in keys:
+            existing = current.get(key)
+            if isinstance(existing, CXRReplace):
+                patch = existing.with_stage(stage)
+            else:
+                patch = CXRReplace(kind, key, (stage,), inner=existing or current.get(key[:2]))
+            setter = m.set_model_attn1_replace if kind == "attn1" else m.set_model_attn2_replace
+            setter(patch, key[0], key[1], key[2])
+            state.installed[kind].add(key)
+    to = m.model_options["transformer_options"]
+    to[HOLDER_KEY] = state
+    wrappers = to.get("wrappers", {})
+    if HOLDER_KEY not in wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {}):
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, HOLDER_KEY, outer_sample_wrapper)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, HOLDER_KEY, apply_model_wrapper)
+    return m
+
+
+def percent_window(model, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """ComfyUI's convention: percents of the model's noise range (not of steps) → (sigma_start, sigma_end)."""
+    sampling = model.get_model_object("model_sampling")
+    return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
+
+
+def run_state(model) -> RunState | None:
+    """The holder of a patched model (tests and preview nodes read its result store)."""
+    return model.model_options.get("transformer_options", {}).get(HOLDER_KEY)
+
+
+__all__ = [
+    "CXRReplace", "GateStage", "HOLDER_KEY", "ResultStore", "RunState", "install_stage", "percent_window",
+    "run_state", "transformer_keys",
+]

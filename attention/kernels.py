@@ -1,0 +1,73 @@
+"""Attention kernels the gating core composes: plain SDPA, SDPA with its log-sum-exp, and layout helpers.
+
+The core works in the *heads layout* ``[B, H, N, D]``. Hosts hand over the *flat layout* ``[B, N, H·D]``
+(ComfyUI's replace patches, diffusers' processors); :func:`to_heads` / :func:`to_flat` convert.
+
+A kernel is ``kernel(q, k, v) -> out`` in the heads layout. An LSE kernel also returns the log-sum-exp of
+each query's scores, ``[B, H, N]``: soft gating combines two mask-free passes exactly with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LseKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, N, H·D]`` → ``[B, H, N, D]`` (a view when possible)."""
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def to_flat(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, D]`` → ``[B, N, H·D]``."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Stock attention: torch's fused scaled-dot-product attention, no mask."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 1024):
+    """Exact attention + log-sum-exp in query chunks (memory ``chunk × N``): the portable fallback."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    outs, lses = [], []
+    for s in range(0, q.shape[-2], chunk):
+        scores = (q[..., s : s + chunk, :].float() @ k.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append((torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+
+
+def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and each query's log-sum-exp (float32), from torch's fused kernels where they expose it.
+
+    CPU: the flash kernel for CPU returns it. CUDA: the memory-efficient kernel (any float dtype) does,
+    padded to a multiple of 32 queries. Anything else (or a kernel that refuses the inputs) takes the
+    exact chunked fallback.
+    """
+    n = q.shape[-2]
+    try:
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+            return out, lse.float()
+        if q.device.type == "cuda":
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+            return out, lse[..., :n].float()
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+        pass
+    return _lse_reference(q, k, v)
+
+
+def masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention with an additive float bias ``[..., N, M]`` (``-inf`` = blocked): the dense reference."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))

@@ -1,0 +1,99 @@
+"""Text encoding that also records where the anatomy and pathology words sit (``CXR_TOKENS``)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..attention.tokens import TokenMap, build_token_map, parse_anatomy, parse_words
+from ..errors import CXRInputError
+from .common import CATEGORY_ROOT, TokensType, user_errors
+
+CATEGORY_TEXT = f"{CATEGORY_ROOT}/conditioning"
+
+
+def _tokenizer_for(clip, key: str):
+    """The SDTokenizer behind one key of ``clip.tokenize``'s output ('l', 'g', 'h', ...)."""
+    tok = getattr(clip.tokenizer, f"clip_{key}", None) or getattr(clip.tokenizer, key, None)
+    if tok is None or not hasattr(tok, "tokenizer"):
+        raise CXRInputError(
+            f"cannot find the '{key}' tokenizer of this text encoder.",
+            input_name="clip",
+            fix="Use an SD1.x, SD2.x or SDXL CLIP (the anatomy stages target those UNets).",
+        )
+    return tok
+
+
+def _word_ids(tok, word: str) -> list[int]:
+    ids = list(tok.tokenizer(word)["input_ids"])
+    if ids and ids[0] == getattr(tok, "start_token", None):
+        ids = ids[1:]
+    if ids and ids[-1] == getattr(tok, "end_token", None):
+        ids = ids[:-1]
+    return ids
+
+
+def locate_words(clip, text: str, anatomy: str, pathology: str) -> tuple[dict, TokenMap]:
+    """Tokenise ``text`` once and locate the words; returns (tokens for encoding, token map).
+
+    Every tokenizer of the encoder (SDXL has 'l' and 'g') must agree on the positions: they pad to the same
+    77-token chunks, so a disagreement means a tokenizer this pack does not understand.
+    """
+    tokens = clip.tokenize(text)
+    maps = {}
+    for key, chunks in tokens.items():
+        ids = [[t[0] if isinstance(t[0], int) else -1 for t in chunk] for chunk in chunks]
+        tok = _tokenizer_for(clip, key)
+        maps[key] = build_token_map(ids, lambda w, tok=tok: _word_ids(tok, w), parse_anatomy(anatomy),
+                                    parse_words(pathology))
+    first = next(iter(maps.values()))
+    for key, other in maps.items():
+        if dict(other.positions) != dict(first.positions):
+            raise CXRInputError(f"tokenizers disagree on word positions ('{key}').", input_name="clip")
+    return tokens, first
+
+
+class CXRTextEncode(io.ComfyNode):
+    TITLE = "CXR Text Encode (with token map)"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CXRTextEncode",
+            display_name=cls.TITLE,
+            category=CATEGORY_TEXT,
+            description="Encodes the prompt like CLIP Text Encode and also finds where its anatomy words "
+            "('left lung', 'heart') and pathology words ('effusion') sit in the conditioning, so the gate and "
+            "boost nodes can act on exactly those tokens. Type the prompt once.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder (from the checkpoint loader)."),
+                io.String.Input(
+                    "text", multiline=True, default="chest x-ray, left lung with large pleural effusion, normal heart",
+                    tooltip="The prompt. Weights like (effusion:1.2) work; prompts over 75 tokens are fine.",
+                ),
+                io.String.Input(
+                    "anatomy", default="left lung, heart",
+                    tooltip="Anatomy words or phrases in the prompt, comma-separated, each tied to an organ: "
+                    "'left lung' → left_lung, 'lungs' → both lungs, or explicit 'lungs=right_lung+left_lung'.",
+                ),
+                io.String.Input(
+                    "pathology", default="effusion",
+                    tooltip="Pathology words in the prompt (e.g. effusion, consolidation, pneumothorax).",
+                ),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="conditioning", tooltip="The encoded prompt, as CLIP Text Encode."),
+                TokensType.Output(display_name="tokens", tooltip="Where each anatomy and pathology word sits."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, text: str, anatomy: str, pathology: str) -> io.NodeOutput:
+        if clip is None:
+            raise CXRInputError("no text encoder.", node=cls.TITLE, input_name="clip",
+                                fix="Connect the CLIP output of a checkpoint that has a text encoder.")
+        with user_errors(cls.TITLE, "text"):
+            tokens, token_map = locate_words(clip, text, anatomy, pathology)
+        return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens), token_map)
+
+
+NODES: list[type[io.ComfyNode]] = [CXRTextEncode]
