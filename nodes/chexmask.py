@@ -22,14 +22,14 @@ from ..imaging.chexmask import (
     DICE_MAX,
     DICE_MEAN,
     ID_COLUMNS,
-    CheXmaskIndex,
     CheXmaskRow,
     LoadedMasks,
+    Preprocessing,
     check_quality,
-    open_index,
     plan_native,
     row_masks,
 )
+from ..imaging.chexmask_index import CheXmaskIndex, open_index
 from .common import CATEGORY_MASKS, OrganMasksType, file_fingerprint, resolve_input_file, user_errors
 
 AUTO = "auto"
@@ -65,7 +65,9 @@ def _grey(image: torch.Tensor) -> np.ndarray:
     return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def describe(index: CheXmaskIndex, row: CheXmaskRow, loaded: LoadedMasks, min_dice: float) -> str:
+def describe(
+    index: CheXmaskIndex, row: CheXmaskRow, loaded: LoadedMasks, min_dice: float, native: Preprocessing | None
+) -> str:
     """The row's quality and how its masks were made, for a text preview."""
     scores = ", ".join(
         f"{c} {s:.3f}" for c in (DICE_MEAN, DICE_MAX) if (s := row.score(c)) is not None
@@ -81,6 +83,9 @@ def describe(index: CheXmaskIndex, row: CheXmaskRow, loaded: LoadedMasks, min_di
             f"mapped onto the radiograph's {loaded.grid[0]}×{loaded.grid[1]} by undoing CheXmask's "
             f"pad-to-square and resize to 1024, {loaded.mapping}"
         )
+    if loaded.mapping and native is not None and any(native.crop):
+        border = ", ".join(str(v) for v in native.crop)
+        lines.append(f"black border the dataset had cropped (left, top, right, bottom px): {border}")
     return "\n".join(lines)
 
 
@@ -190,7 +195,7 @@ class CXRLoadCheXmask(io.ComfyNode):
             check_quality(row, min_dice)
             native = None if image is None else plan_native(row, _grey(image), index.dataset, border_crop)
             loaded = row_masks(row, native)
-        return io.NodeOutput(loaded.masks, describe(index, row, loaded, min_dice))
+        return io.NodeOutput(loaded.masks, describe(index, row, loaded, min_dice, native))
 
 
 NODES: list[type[io.ComfyNode]] = [CXRLoadCheXmask]

@@ -157,6 +157,35 @@ def _prefixed(state: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -
     return out
 
 
+#: A full-size SD1.5 UNet (≈ 860 M parameters), for benchmarks on realistic layer shapes.
+SD15_FULL_UNET_CONFIG: dict[str, object] = {
+    **UNET_CONFIG,
+    "image_size": 64,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+}
+
+
+def random_unet_model(config: dict[str, object] = SD15_FULL_UNET_CONFIG, seed: int = 0):
+    """A ComfyUI MODEL (ModelPatcher) of an SD1.x-shaped UNet with seeded random weights, detected by
+    ComfyUI's own loader from the state dict (needs :func:`prepare_comfy_import` first)."""
+    import comfy.ops
+    import comfy.sd
+    import torch
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**config, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    _init_module_(unet, torch.Generator().manual_seed(seed))
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
+    del unet
+    model = comfy.sd.load_diffusion_model_state_dict(state)
+    if model is None:
+        raise RuntimeError("ComfyUI did not recognise the random UNet's layout")
+    return model
+
+
 def _unet_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The UNet's weights under ``model.diffusion_model.``, float16 (half the file, plenty for tests)."""
     import comfy.ops

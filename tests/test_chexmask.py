@@ -20,17 +20,16 @@ from cxr_counterfactual.errors import CXRInputError
 from cxr_counterfactual.imaging.chexmask import (
     LANDMARK_SLICES,
     ORGAN_COLUMNS,
-    CheXmaskIndex,
     CheXmaskRow,
     Preprocessing,
     check_quality,
     decode_rle,
     encode_rle,
-    open_index,
     parse_landmarks,
     plan_native,
     row_masks,
 )
+from cxr_counterfactual.imaging.chexmask_index import CheXmaskIndex, open_index
 
 # file → (id column, dataset the index names)
 REAL_FILES = {
@@ -268,9 +267,9 @@ def test_csv_without_the_expected_columns_is_refused(tmp_path, text, id_column, 
 
 
 def test_an_unclosed_quote_cannot_pull_a_whole_file_into_memory(tmp_path, monkeypatch):
-    from cxr_counterfactual.imaging import chexmask
+    from cxr_counterfactual.imaging import chexmask_index
 
-    monkeypatch.setattr(chexmask, "MAX_RECORD_BYTES", 4096)
+    monkeypatch.setattr(chexmask_index, "MAX_RECORD_BYTES", 4096)
     path = tmp_path / "unclosed.csv"
     path.write_text("image_id,Landmarks\n" + 'a,"1,2\n' + "b,3,4\n" * 2000)
     with pytest.raises(CXRInputError, match="unclosed quote") as err:
@@ -284,10 +283,11 @@ def test_quality_threshold_names_the_rows_score(rows_dir):
         check_quality(row, 0.7)
     assert "0.694" in str(err.value) and err.value.input_name == "min_dice" and "0.69" in err.value.fix
     check_quality(row, 0.69)
-    unscored = CheXmaskRow("x", "image_id", {"image_id": "x"})
-    check_quality(unscored, 0.0)
-    with pytest.raises(CXRInputError, match="no 'Dice RCA \\(Mean\\)' score"):
-        check_quality(unscored, 0.5)
+    for fields in ({"image_id": "x"}, {"image_id": "x", "Dice RCA (Mean)": "nan"}):
+        unscored = CheXmaskRow("x", "image_id", fields)
+        check_quality(unscored, 0.0)
+        with pytest.raises(CXRInputError, match="no 'Dice RCA \\(Mean\\)' score"):
+            check_quality(unscored, 0.5)
 
 
 def test_a_200_mb_csv_is_streamed_with_bounded_time_and_memory(tmp_path, rows_dir, pack_import_path):
@@ -298,7 +298,7 @@ def test_a_200_mb_csv_is_streamed_with_bounded_time_and_memory(tmp_path, rows_di
     # interpreter's and torch's import peak does not hide what indexing costs.
     script = (
         "import json, re, sys, time\nfrom pathlib import Path\n"
-        "from cxr_counterfactual.imaging.chexmask import open_index, row_masks\n"
+        "from cxr_counterfactual.imaging.chexmask import row_masks; from cxr_counterfactual.imaging.chexmask_index import open_index\n"
         "def kb(key): return int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
         "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS')\n"
         "t0 = time.perf_counter(); index = open_index(Path(sys.argv[1])); row_masks(index.row(sys.argv[2]))\n"
@@ -372,7 +372,8 @@ def test_node_undoes_mimic_border_crop(comfy, node_inputs, rows_dir):
     image = torch.full((1, 900, 800, 3), 0.5)
     image[:, :, :20] = 0  # a black border on the left, as remove_padding would crop
     common = {"csv_file": "chexmask/MIMIC-CXR-JPG.csv", "image_id": image_id, "image": image}
-    undone, _ = load(comfy, **common)
+    undone, quality = load(comfy, **common)
+    assert "cropped (left, top, right, bottom px): 20, 0, 0, 0" in quality
     ignored, _ = load(comfy, **common, border_crop="ignore")
 
     # side 900 either way; centring pad 60 (inner 780 wide) instead of 50, shifted by the 20 px crop.
