@@ -63,7 +63,7 @@ def transformer_keys(model) -> list[Key]:
                 if isinstance(module, SpatialTransformer):
                     keys.extend((name, i, j) for j in range(len(module.transformer_blocks)))
     if not keys:
-        kind = type(getattr(model, "model", model)).__name__
+        kind = type(dm).__name__
         raise CXRInputError(
             f"unsupported model: {kind} has no UNet SpatialTransformer blocks (a DiT or another architecture).",
             input_name="model",

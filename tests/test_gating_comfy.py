@@ -97,3 +97,18 @@ def test_bad_inputs_are_clear_errors(comfy, tiny_model, chest):
     patched = gate(comfy, tiny_model.model, chest, organ_masks=wrong, tokens=None)
     with pytest.raises(ValueError, match=r"\[CXR Anatomy Attention Gate\].*aspect.*Fit Radiograph"):
         sample(comfy, patched, chest)
+
+
+def test_a_dit_is_an_unsupported_model_error(comfy, chest):
+    import comfy.model_patcher as model_patcher  # aliases: the fixture is called comfy
+    import comfy.ops as ops
+    from comfy.ldm.flux.model import Flux
+
+    dit = Flux(in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=8, hidden_size=64, mlp_ratio=2.0,
+               num_heads=4, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], theta=10000, patch_size=2,
+               qkv_bias=True, guidance_embed=False, operations=ops.disable_weight_init)
+    holder = torch.nn.Module()
+    holder.diffusion_model = dit
+    patcher = model_patcher.ModelPatcher(holder, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"\[CXR Anatomy Attention Gate\] input 'model': unsupported model: Flux"):
+        gate(comfy, patcher, chest)

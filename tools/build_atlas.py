@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 LOG = logging.getLogger("build_atlas")
+ROOT = Path(__file__).resolve().parents[1]  # the project root (the package folder)
 N_POINTS = 120
 ORGANS = {"right_lung": [0, 44], "left_lung": [44, 94], "heart": [94, 120]}
 # The preprocessed grid CheXmask used when a row gives no Height/Width.
@@ -181,16 +183,14 @@ def build(csv_dir: Path, min_dice: float) -> dict:
 
 
 def _digest(ids: list[str]) -> str:
-    import hashlib
-
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_dir = Path(os.environ.get("CXR_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    default_dir = Path(os.environ.get("CXR_TEST_DATA", ROOT.parent / "shared" / "data"))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv_dir", nargs="?", type=Path, default=default_dir / "cxr" / "chexmask-rows")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "atlas_mean_shape.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "assets" / "atlas_mean_shape.json")
     parser.add_argument("--min-dice", type=float, default=0.7, help="drop rows with Dice RCA (Mean) below this")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
