@@ -17,10 +17,10 @@ What it does:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_patcher
@@ -29,10 +29,10 @@ import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..errors import CXRInputError
-from .gating import anatomy_token_bias, gated_self_attention, self_attention_bias, token_masked_cross_attention
+from .boosting import token_probabilities
+from .gating import gated_self_attention, self_attention_bias, token_masked_cross_attention
 from .kernels import sdpa, sdpa_with_lse, to_flat, to_heads
-from .organs import OrganMasks
-from .regions import RegionCache, coverage, partition
+from .stages import CaptureStage, GateStage, Stage
 
 logger = logging.getLogger("cxr_counterfactual")
 
@@ -73,67 +73,6 @@ def transformer_keys(model) -> list[Key]:
 
 
 # --------------------------------------------------------------------------------------------------
-# configuration (immutable; shared, not copied, when ComfyUI deep-copies model options)
-@dataclass(eq=False)
-class GateStage:
-    """One gate node's settings. ``token_words`` holds (positions, organs) per anatomy word."""
-
-    title: str
-    masks: OrganMasks
-    organs: tuple[str, ...]
-    self_leak: float
-    token_leak: float
-    background: str
-    margin_px: int
-    sigma_start: float
-    sigma_end: float
-    blocks: frozenset[str]
-    apply_to_uncond: bool
-    cond_len: int = 77
-    token_words: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...] = ()
-    cache: RegionCache = field(default_factory=RegionCache)
-
-    def __deepcopy__(self, memo: dict) -> GateStage:
-        return self
-
-    def active(self, sigma: float) -> bool:
-        return self.sigma_end <= sigma <= self.sigma_start
-
-    def covers(self, key: Key) -> bool:
-        return key[0] in self.blocks
-
-    def grid_error(self, h: int, w: int, err: CXRInputError) -> CXRInputError:
-        return err.located(
-            self.title, "organ_masks", "Use the organ masks of 'Fit Radiograph to Model' for this latent."
-        )
-
-    def partition(self, h: int, w: int, latent: tuple[int, int], device: torch.device):
-        def build():
-            try:
-                part = partition(self.masks, self.organs, h, w, margin_px=self.margin_px, latent=latent)
-            except CXRInputError as err:
-                raise self.grid_error(h, w, err) from None
-            if part.missing():
-                logger.info("%s: %s cover no token at the %dx%d grid (their cells go to neighbours)",
-                            self.title, ", ".join(part.missing()), h, w)
-            return part.to(device)
-        return self.cache.get(("part", h, w, latent, str(device)), build)
-
-    def token_bias(self, h: int, w: int, latent: tuple[int, int], context_len: int, device: torch.device):
-        def build():
-            try:
-                inside = torch.stack([
-                    coverage(self.masks, organs, h, w, margin_px=self.margin_px, latent=latent)
-                    for _, organs in self.token_words
-                ])
-            except CXRInputError as err:
-                raise self.grid_error(h, w, err) from None
-            positions = [pos for pos, _ in self.token_words]
-            return anatomy_token_bias(inside, positions, self.cond_len, context_len, self.token_leak).to(device)
-        return self.cache.get(("tok", h, w, latent, context_len, str(device)), build)
-
-
-# --------------------------------------------------------------------------------------------------
 # per-run state and results
 class ResultStore:
     """What runs produced, for nodes after the sampler. Model copies share it (deep copy returns self)."""
@@ -147,7 +86,7 @@ class ResultStore:
         return self
 
     def new_run(self) -> dict:
-        record: dict = {"trace": [], "conflicts": []}
+        record: dict = {"trace": [], "conflicts": [], "capture": {}, "latent": None}
         with self._lock:
             self.runs.append(record)
             del self.runs[: -self.keep]
@@ -155,6 +94,17 @@ class ResultStore:
 
     def latest(self) -> dict | None:
         return self.runs[-1] if self.runs else None
+
+    def for_latent(self, samples: torch.Tensor) -> dict | None:
+        """The newest run whose sampler returned exactly ``samples`` (so a preview never shows a stale run)."""
+        key = latent_fingerprint(samples)
+        return next((r for r in reversed(self.runs) if r.get("latent") == key), None)
+
+
+def latent_fingerprint(samples: torch.Tensor) -> str:
+    """A digest of a latent's values: identifies the run that produced it."""
+    data = samples.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha1(data.numpy().tobytes() + str(tuple(data.shape)).encode()).hexdigest()
 
 
 class RunState:
@@ -164,7 +114,7 @@ class RunState:
         self.store = store or ResultStore()
         self.trace_enabled = trace
         self.installed: dict[str, set[Key]] = {"attn1": set(), "attn2": set()}
-        self.record: dict = {"trace": [], "conflicts": []}
+        self.record: dict = {"trace": [], "conflicts": [], "capture": {}, "latent": None}
         self._reported: set[tuple] = set()
 
     def clone(self) -> RunState:
@@ -183,6 +133,18 @@ class RunState:
     def trace(self, kind: str, key: Key, sigma: float, gated: bool) -> None:
         if self.trace_enabled:
             self.record["trace"].append((kind, key, sigma, gated))
+
+    def capture(self, label: str, grid: tuple[int, int], sigma: float, maps: dict[str, torch.Tensor],
+                share: float | None) -> None:
+        """Add one layer's per-word maps (``[h, w]``) and in-target share at ``sigma`` (averaged later)."""
+        run = self.record["capture"].setdefault(label, {"grid": grid, "steps": {}})
+        step = run["steps"].setdefault(sigma, {"maps": {}, "layers": 0, "share_sum": 0.0, "share_layers": 0})
+        for word, m in maps.items():
+            step["maps"][word] = step["maps"].get(word, 0) + m
+        step["layers"] += 1
+        if share is not None:
+            step["share_sum"] += share
+            step["share_layers"] += 1
 
     def report(self, what: str, key: Key, message: str) -> None:
         if (what, key) in self._reported:
@@ -222,19 +184,19 @@ def _sub_options(extra: dict, rows: torch.Tensor | None, batch: int) -> dict:
 
 
 class CXRReplace:
-    """Our attention replace for one key: runs the gate stages, or stock attention outside them.
+    """Our attention replace for one key: runs the active stages, or stock attention outside them.
 
     ``inner`` is another pack's replace found at this key (or the block's 2-part key): it then serves as
     the attention kernel, so its effect and ours compose.
     """
 
-    def __init__(self, kind: str, key: Key, stages: tuple[GateStage, ...], inner: Callable | None = None):
+    def __init__(self, kind: str, key: Key, stages: tuple[Stage, ...], inner: Callable | None = None):
         self.kind, self.key, self.stages, self.inner = kind, key, stages, inner
 
     def with_inner(self, inner: Callable | None) -> CXRReplace:
         return CXRReplace(self.kind, self.key, self.stages, inner)
 
-    def with_stage(self, stage: GateStage) -> CXRReplace:
+    def with_stage(self, stage: Stage) -> CXRReplace:
         return CXRReplace(self.kind, self.key, (*self.stages, stage), self.inner)
 
     # stock path: exactly what ComfyUI would have run without us
@@ -249,50 +211,91 @@ class CXRReplace:
         state = _state(extra)
         sigmas = extra.get("sigmas")
         sigma = float(sigmas.max()) if sigmas is not None else 0.0
-        stage = next((s for s in self.stages if s.active(sigma)), None)
-        if stage is None or (self.kind == "attn2" and (not stage.token_words or stage.token_leak == 1.0)) or (
-            self.kind == "attn1" and stage.self_leak == 1.0
-        ):
+        active = [s for s in self.stages if s.active(sigma) and s.covers(self.key)]
+        h, w = (int(n) for n in extra["activations_shape"][-2:])
+        latent = tuple(int(n) for n in extra["original_shape"][-2:])
+        if self.kind == "attn1":
+            gate = next((s for s in active if isinstance(s, GateStage) and s.self_leak < 1.0), None)
+            work = None if gate is None else (lambda qq, kk, vv, sub: self._gate(gate, qq, kk, vv, sub, state))
+            include_uncond = gate is not None and gate.apply_to_uncond
+        else:
+            work = self._cross_work(active, h, w, latent, k.shape[1], q.device, sigma, state)
+            include_uncond = False  # token indices belong to the positive prompt
+        if work is None:
             if state is not None:
                 state.trace(self.kind, self.key, sigma, False)
             return self._stock(q, k, v, extra)
-        include_uncond = stage.apply_to_uncond and self.kind == "attn1"
-        rows = _rows(extra.get("cond_or_uncond") or [], q.shape[0], include_uncond)
-        if rows is not None and rows.numel() == 0:
-            return self._stock(q, k, v, extra)
-        sub = _sub_options(extra, rows, q.shape[0])
-        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows.to(t.device)))
-        regulated = self._regulate(stage, pick(q), pick(k), pick(v), sub, state)
         if state is not None:
             state.trace(self.kind, self.key, sigma, True)
+        return self._on_rows(q, k, v, extra, include_uncond, work)
+
+    def _on_rows(self, q, k, v, extra: dict, include_uncond: bool, work) -> torch.Tensor:
+        """Run ``work`` on the regulated rows and stock attention (once) on the others."""
+        rows = _rows(extra.get("cond_or_uncond") or [], q.shape[0], include_uncond)
         if rows is None:
-            return regulated
-        # The other rows (e.g. the uncond pass) run exactly as stock, and only once.
+            return work(q, k, v, extra)
+        if rows.numel() == 0:
+            return self._stock(q, k, v, extra)
         others = torch.tensor(sorted(set(range(q.shape[0])) - set(rows.tolist())), dtype=torch.long)
-        o = others.to(q.device)
+        r, o = rows.to(q.device), others.to(q.device)
+        regulated = work(q.index_select(0, r), k.index_select(0, r), v.index_select(0, r),
+                         _sub_options(extra, rows, q.shape[0]))
         stock = self._stock(q.index_select(0, o), k.index_select(0, o), v.index_select(0, o),
                             _sub_options(extra, others, q.shape[0]))
         out = torch.empty(q.shape[0], *stock.shape[1:], dtype=stock.dtype, device=stock.device)
         out[o] = stock
-        out[rows.to(q.device)] = regulated.to(stock.dtype)
+        out[r] = regulated.to(stock.dtype)
         return out
 
-    def _regulate(self, stage: GateStage, q, k, v, extra: dict, state: RunState | None):
+    def _cross_work(self, active, h, w, latent, context_len, device, sigma, state):
+        """Cross-attention: the sum of the active stages' biases, plus any captures; None = stock."""
+        biases = [b for b in (s.cross_bias(h, w, latent, context_len, device) for s in active) if b is not None]
+        captures = [s for s in active if isinstance(s, CaptureStage) and s.wants(h, w, latent)]
+        if not biases and not captures:
+            return None
+        bias = torch.stack(biases).sum(0) if biases else None
+        if bias is not None and (self.inner is not None) and state is not None:
+            state.report("token-mask", self.key, f"another attention patch at {self.key} cannot take a token bias; "
+                         "the CXR stages use torch attention for the positive prompt there.")
+
+        def work(q, k, v, extra):
+            heads = extra["n_heads"]
+            qh, kh, vh = to_heads(q, heads), to_heads(k, heads), to_heads(v, heads)
+            for cap in captures:
+                self._capture(cap, qh, kh, bias, h, w, latent, sigma, state)
+            if bias is None:
+                return self._stock(q, k, v, extra)
+            return to_flat(token_masked_cross_attention(qh, kh, vh, bias)).to(q.dtype)
+        return work
+
+    def _capture(self, cap: CaptureStage, qh, kh, bias, h, w, latent, sigma, state) -> None:
+        if state is None:
+            return
+        cols = cap.columns(kh.shape[2])
+        order = list(cols)
+        probs = token_probabilities(qh, kh, bias, torch.cat([cols[wd] for wd in order]).to(qh.device))
+        probs = probs.mean(dim=(0, 1))  # over batch and heads: [N, columns]
+        maps, start = {}, 0
+        for word in order:
+            n = cols[word].numel()
+            maps[word] = probs[:, start : start + n].sum(-1).reshape(h, w).cpu()
+            start += n
+        share = None
+        inside = cap.target_tokens(h, w, latent, qh.device)
+        if inside is not None and inside.any() and cap.pathology:
+            path = sum(maps[wd] for wd in cap.pathology if wd in maps).reshape(-1)
+            share = float(path[inside.cpu()].sum() / path.sum().clamp_min(1e-12))
+        state.capture(cap.label, (h, w), sigma, maps, share)
+
+    def _gate(self, stage: GateStage, q, k, v, extra: dict, state: RunState | None):
         heads = extra["n_heads"]
-        h, w = (int(s) for s in extra["activations_shape"][-2:])
-        latent = tuple(int(s) for s in extra["original_shape"][-2:])
+        h, w = (int(n) for n in extra["activations_shape"][-2:])
+        latent = tuple(int(n) for n in extra["original_shape"][-2:])
         precision = extra.get("attn_precision")
         dtype = q.dtype
         if precision == torch.float32 and dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()  # honour the model's attention precision
         qh, kh, vh = to_heads(q, heads), to_heads(k, heads), to_heads(v, heads)
-        if self.kind == "attn2":
-            bias = stage.token_bias(h, w, latent, k.shape[1], q.device)
-            if self.inner is not None or "optimized_attention_override" in extra:
-                if state is not None:
-                    state.report("token-mask", self.key, f"{stage.title}: another attention patch at {self.key} "
-                                 "cannot take a token mask; anatomy-token masking uses torch attention there.")
-            return to_flat(token_masked_cross_attention(qh, kh, vh, bias)).to(dtype)
         part = stage.partition(h, w, latent, q.device)
         kernel, lse_kernel = self._kernels(heads, extra)
         if lse_kernel is None and 0.0 < stage.self_leak < 1.0:
@@ -337,11 +340,15 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     to = guider.model_options["transformer_options"]
+    state = None
     if HOLDER_KEY in to:
-        to[HOLDER_KEY] = to[HOLDER_KEY].clone().reset()
+        state = to[HOLDER_KEY] = to[HOLDER_KEY].clone().reset()
         _check_ownership(to)
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        if state is not None and isinstance(out, torch.Tensor):
+            state.record["latent"] = latent_fingerprint(out)  # nodes after the sampler find their run by it
+        return out
     finally:
         guider.model_options = original
 
@@ -379,7 +386,7 @@ def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfor
 
 # --------------------------------------------------------------------------------------------------
 # installing
-def install_stage(model, stage: GateStage, kinds: Sequence[str] = ("attn1", "attn2")):
+def install_stage(model, stage: Stage, kinds: Sequence[str] = ("attn1", "attn2")):
     """A clone of ``model`` with ``stage`` on every transformer block it covers.
 
     A key already holding our replace gains the stage; a key holding another pack's replace (3-part, or
@@ -423,6 +430,6 @@ def run_state(model) -> RunState | None:
 
 
 __all__ = [
-    "CXRReplace", "GateStage", "HOLDER_KEY", "ResultStore", "RunState", "install_stage", "percent_window",
-    "run_state", "transformer_keys",
+    "CXRReplace", "GateStage", "HOLDER_KEY", "ResultStore", "RunState", "install_stage", "latent_fingerprint",
+    "percent_window", "run_state", "transformer_keys",
 ]

@@ -6,7 +6,20 @@ from comfy_api.latest import ComfyExtension, io
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
-    from . import atlas, chexmask, dicom, gating, geometry, mask_ops, masks, preview, segmentation, text
+    from . import (
+        atlas,
+        boosting,
+        chexmask,
+        dicom,
+        gating,
+        geometry,
+        inspect,
+        mask_ops,
+        masks,
+        preview,
+        segmentation,
+        text,
+    )
 
     return [
         *dicom.NODES,
@@ -19,6 +32,8 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         *geometry.NODES,
         *text.NODES,
         *gating.NODES,
+        *boosting.NODES,
+        *inspect.NODES,
     ]
 
 

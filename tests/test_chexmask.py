@@ -298,7 +298,8 @@ def test_a_200_mb_csv_is_streamed_with_bounded_time_and_memory(tmp_path, rows_di
     # interpreter's and torch's import peak does not hide what indexing costs.
     script = (
         "import json, re, sys, time\nfrom pathlib import Path\n"
-        "from cxr_counterfactual.imaging.chexmask import row_masks; from cxr_counterfactual.imaging.chexmask_index import open_index\n"
+        "from cxr_counterfactual.imaging.chexmask import row_masks\n"
+        "from cxr_counterfactual.imaging.chexmask_index import open_index\n"
         "def kb(key): return int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
         "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS')\n"
         "t0 = time.perf_counter(); index = open_index(Path(sys.argv[1])); row_masks(index.row(sys.argv[2]))\n"

@@ -37,11 +37,11 @@ def test_registry_metadata():
 
 
 def test_core_is_host_agnostic():
-    offenders = [
+    importers = [
         p.name for p in (PACK_ROOT / "attention").rglob("*.py")
         if re.search(r"^\s*(import comfy|from comfy)", p.read_text(), re.M)
     ]
-    assert offenders == []
+    assert importers == ["host_comfy.py"]  # the one adapter
     for p in (PACK_ROOT / "imaging").rglob("*.py"):
         assert not re.search(r"^\s*(import comfy|from comfy|import folder_paths)", p.read_text(), re.M), p.name
 

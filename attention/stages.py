@@ -1,0 +1,162 @@
+"""The regulation stages a node adds to a model: immutable settings plus per-grid caches.
+
+A stage acts inside its window of sigmas and on the UNet parts it covers. Hosts call:
+- ``partition`` (gate only) for self-attention regions;
+- ``cross_bias`` for an additive ``[N, T]`` cross-attention bias (gate: anatomy tokens; boost: pathology
+  tokens); biases of several active stages add up;
+- ``CaptureStage`` observes cross-attention (it never changes it).
+
+Stages are shared, not copied, when a host deep-copies model options: their settings never change and
+their caches derive from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import CXRInputError
+from .boosting import pathology_boost_bias
+from .gating import anatomy_token_bias
+from .organs import OrganMasks
+from .regions import RegionCache, coverage, partition
+
+logger = logging.getLogger("cxr_counterfactual")
+Key = tuple[str, int, int]
+Grid = tuple[int, int]
+
+
+@dataclass(eq=False)
+class Stage:
+    """What every stage has: the node title (for errors), a sigma window, the UNet parts covered."""
+
+    title: str
+    sigma_start: float
+    sigma_end: float
+    blocks: frozenset[str]
+    cache: RegionCache = field(default_factory=RegionCache, kw_only=True)
+
+    def __deepcopy__(self, memo: dict) -> Stage:
+        return self
+
+    def active(self, sigma: float) -> bool:
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def covers(self, key: Key) -> bool:
+        return key[0] in self.blocks
+
+    def located(self, err: CXRInputError, input_name: str) -> CXRInputError:
+        return err.located(self.title, input_name, "Use the organ masks of 'Fit Radiograph to Model' for this latent.")
+
+    def cross_bias(self, h: int, w: int, latent: Grid, context_len: int, device) -> torch.Tensor | None:
+        return None
+
+
+@dataclass(eq=False)
+class GateStage(Stage):
+    """Anatomy gating. ``token_words`` holds (positions, organs) per anatomy word."""
+
+    masks: OrganMasks = None  # type: ignore[assignment]
+    organs: tuple[str, ...] = ()
+    self_leak: float = 1.0
+    token_leak: float = 1.0
+    background: str = "free"
+    margin_px: int = 0
+    apply_to_uncond: bool = False
+    cond_len: int = 77
+    token_words: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...] = ()
+
+    def partition(self, h: int, w: int, latent: Grid, device):
+        def build():
+            try:
+                part = partition(self.masks, self.organs, h, w, margin_px=self.margin_px, latent=latent)
+            except CXRInputError as err:
+                raise self.located(err, "organ_masks") from None
+            if part.missing():
+                logger.info("%s: %s cover no token at the %dx%d grid (their cells go to neighbours)",
+                            self.title, ", ".join(part.missing()), h, w)
+            return part.to(device)
+        return self.cache.get(("part", h, w, latent, str(device)), build)
+
+    def cross_bias(self, h: int, w: int, latent: Grid, context_len: int, device) -> torch.Tensor | None:
+        if not self.token_words or self.token_leak == 1.0:
+            return None
+
+        def build():
+            try:
+                inside = torch.stack([
+                    coverage(self.masks, organs, h, w, margin_px=self.margin_px, latent=latent)
+                    for _, organs in self.token_words
+                ])
+            except CXRInputError as err:
+                raise self.located(err, "organ_masks") from None
+            positions = [pos for pos, _ in self.token_words]
+            return anatomy_token_bias(inside, positions, self.cond_len, context_len, self.token_leak).to(device)
+        return self.cache.get(("tok", h, w, latent, context_len, str(device)), build)
+
+
+def _target_tokens(stage: Stage, target: OrganMasks, h: int, w: int, latent: Grid) -> torch.Tensor:
+    """``[N]`` bool: tokens at least half inside the stage's one-region target."""
+    try:
+        inside = coverage(target, target.names, h, w, latent=latent)
+    except CXRInputError as err:
+        raise stage.located(err, "target") from None
+    return inside
+
+
+@dataclass(eq=False)
+class BoostStage(Stage):
+    """Pathology boosting: ``positions`` word → indices, ``factors`` word → f, ``damping`` outside."""
+
+    target: OrganMasks = None  # type: ignore[assignment]
+    positions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    factors: dict[str, float] = field(default_factory=dict)
+    damping: float = 1.0
+    cond_len: int = 77
+
+    def cross_bias(self, h: int, w: int, latent: Grid, context_len: int, device) -> torch.Tensor | None:
+        def build():
+            inside = _target_tokens(self, self.target, h, w, latent)
+            if not inside.any():
+                logger.info("%s: the target covers no token at the %dx%d grid: no boost there", self.title, h, w)
+            return pathology_boost_bias(inside, self.positions, self.factors, self.cond_len, context_len,
+                                        self.damping).to(device)
+        return self.cache.get(("boost", h, w, latent, context_len, str(device)), build)
+
+
+@dataclass(eq=False)
+class CaptureStage(Stage):
+    """Records per-word cross-attention maps at one grid (``latent // grid_factor``) and, with a target,
+    the pathology words' attention share inside it, per step."""
+
+    label: str = "capture"
+    positions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    pathology: tuple[str, ...] = ()
+    grid_factor: int = 2
+    target: OrganMasks | None = None
+    cond_len: int = 77
+
+    def wants(self, h: int, w: int, latent: Grid) -> bool:
+        return (-(-latent[0] // self.grid_factor), -(-latent[1] // self.grid_factor)) == (h, w)
+
+    def target_tokens(self, h: int, w: int, latent: Grid, device) -> torch.Tensor | None:
+        if self.target is None:
+            return None
+
+        def build():
+            inside = _target_tokens(self, self.target, h, w, latent)
+            if not inside.any():
+                raise CXRInputError(
+                    f"the target covers no token of the captured {h}×{w} grid.", node=self.title,
+                    input_name="target_organs", fix="Use a larger target, or a smaller grid_factor (finer grid).",
+                )
+            return inside.to(device)
+        return self.cache.get(("target", h, w, latent, str(device)), build)
+
+    def columns(self, context_len: int) -> dict[str, torch.Tensor]:
+        """Word → its key columns (repeated every ``cond_len`` up to ``context_len``)."""
+        reps = context_len // self.cond_len
+        return {w: torch.tensor([p + self.cond_len * j for p in idx for j in range(reps)], dtype=torch.long)
+                for w, idx in self.positions.items()}

@@ -1,0 +1,169 @@
+"""Pathology-token boosting and attention capture: two MODEL patch nodes."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from comfy_api.latest import io
+
+from ..attention.host_comfy import install_stage, percent_window, transformer_keys
+from ..attention.organs import OrganMasks, parse_names
+from ..attention.stages import BoostStage, CaptureStage
+from ..attention.tokens import TokenMap
+from ..errors import CXRInputError
+from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, require_choice, user_errors
+from .gating import _WINDOW_TIP, BLOCK_CHOICES
+
+GRID_FACTORS = ("2", "1", "4", "8")
+
+
+def _target(title: str, organ_masks: OrganMasks | None, organs: str, mask: torch.Tensor | None) -> OrganMasks:
+    """The one-region target: a MASK when connected, else the union of organs from ORGAN_MASKS."""
+    if mask is not None:
+        m = mask.reshape(-1, *mask.shape[-2:])[0].float().cpu()
+        if float(m.max()) <= 0:
+            raise CXRInputError("the target mask is empty.", node=title, input_name="target_mask",
+                                fix="Connect a mask that marks the target region (1 = inside).")
+        return OrganMasks(("target",), m.clamp(0, 1)[None])
+    if organ_masks is None:
+        raise CXRInputError("no target region.", node=title, input_name="organ_masks",
+                            fix="Connect the fitted organ masks (and name target organs) or a target MASK.")
+    with user_errors(title, "target_organs"):
+        return OrganMasks(("target",), organ_masks.union(parse_names(organs))[None])
+
+
+def _factors(title: str, spec: str, tokens: TokenMap, default: float) -> dict[str, float]:
+    """``"effusion=3, consolidation"`` → per-word factors; empty = every pathology word at ``default``."""
+    words: dict[str, float] = {}
+    for part in re.split(r"[,;\n]+", spec):
+        if not part.strip():
+            continue
+        word, _, value = part.partition("=")
+        try:
+            words[word.strip()] = float(value) if value.strip() else default
+        except ValueError:
+            raise CXRInputError(f"'{value.strip()}' is not a number.", node=title, input_name="words",
+                                fix="Write word=factor, e.g. effusion=3.") from None
+    if not words:
+        words = {w: default for w in tokens.pathology}
+    if not words:
+        raise CXRInputError("no pathology word to boost.", node=title, input_name="words",
+                            fix="List pathology words in CXR Text Encode (e.g. effusion).")
+    for w, f in words.items():
+        if f <= 0:
+            raise CXRInputError(f"factor {f} for '{w}' is not positive.", node=title, input_name="words",
+                                fix="Use a factor above 0 (1 = unchanged, 2–5 = boost).")
+    return words
+
+
+def _window(title: str, model, start: float, end: float) -> tuple[float, float]:
+    if start > end:
+        raise CXRInputError(f"start {start} is after end {end}.", node=title, input_name="start_percent",
+                            fix="Use start_percent ≤ end_percent.")
+    with user_errors(title, "model"):
+        transformer_keys(model)
+    return percent_window(model, start, end)
+
+
+class CXRPathologyBoost(io.ComfyNode):
+    TITLE = "CXR Pathology Boost"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CXRPathologyBoost", display_name=cls.TITLE, category=CATEGORY_ATTENTION, is_experimental=True,
+            description="Stage 3 of the method: strengthens the cross-attention of pathology words ('effusion') "
+            "inside the target region (e.g. the left lung) during early denoising, and optionally damps them "
+            "outside, so the lesion appears where asked. A query's pathology share P becomes fP / (fP + 1 − P). "
+            "Composes with the gate in either order.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model (plain or already gated)."),
+                TokensType.Input("tokens", tooltip="From CXR Text Encode: where the pathology words sit."),
+                OrganMasksType.Input("organ_masks", optional=True,
+                                     tooltip="Fitted organ masks; the target is the union of 'target_organs'."),
+                io.String.Input("target_organs", default="left_lung", tooltip="Organs forming the target region."),
+                io.Mask.Input("target_mask", optional=True,
+                              tooltip="A target MASK on the latent's field of view (overrides target_organs)."),
+                io.Float.Input("factor", default=3.0, min=0.05, max=50.0, step=0.05,
+                               tooltip="Boost inside the target (1 = no change)."),
+                io.String.Input("words", default="",
+                                tooltip="Per-word factors 'effusion=3, consolidation=2'; empty = every pathology "
+                                "word of the token map at 'factor'."),
+                io.Float.Input("outside_damping", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Multiplier for the same words outside the target (1 = leave, 0 = hide)."),
+                io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="all",
+                               tooltip="Which UNet parts are boosted."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Boosting starts here." + _WINDOW_TIP),
+                io.Float.Input("end_percent", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="Boosting ends here (default: the early, layout-forming steps)." + _WINDOW_TIP),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="A patched copy of the model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, tokens: TokenMap, target_organs: str, factor: float, words: str,
+                outside_damping: float, blocks: str, start_percent: float, end_percent: float,
+                organ_masks: OrganMasks | None = None, target_mask: torch.Tensor | None = None) -> io.NodeOutput:
+        require_choice(cls.TITLE, "blocks", blocks, tuple(BLOCK_CHOICES))
+        factors = _factors(cls.TITLE, words, tokens, factor)
+        if all(f == 1.0 for f in factors.values()) and outside_damping == 1.0:
+            return io.NodeOutput(model)  # nothing to do: exactly the unpatched model
+        with user_errors(cls.TITLE, "words"):
+            positions = {w: tokens.indices(w) for w in factors}
+        target = _target(cls.TITLE, organ_masks, target_organs, target_mask)
+        sigma_start, sigma_end = _window(cls.TITLE, model, start_percent, end_percent)
+        stage = BoostStage(cls.TITLE, sigma_start, sigma_end, frozenset(BLOCK_CHOICES[blocks]),
+                           target=target, positions=positions, factors=factors, damping=outside_damping,
+                           cond_len=tokens.cond_len)
+        return io.NodeOutput(install_stage(model, stage, ["attn2"]))
+
+
+class CXRCaptureAttention(io.ComfyNode):
+    TITLE = "CXR Capture Attention"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CXRCaptureAttention", display_name=cls.TITLE, category=CATEGORY_ATTENTION,
+            description="Records, while the sampler runs, each word's cross-attention map (mean over heads and "
+            "over the layers at one resolution) and the pathology words' attention share inside the target, per "
+            "step. Never changes the result. Put it last, after gate/boost, and view it with CXR Attention "
+            "Preview wired to the sampler's LATENT.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to observe (stock, gated or boosted)."),
+                TokensType.Input("tokens", tooltip="From CXR Text Encode: the words to map."),
+                io.String.Input("label", default="run", tooltip="A name for this capture (shown in previews)."),
+                io.Combo.Input("grid_factor", options=list(GRID_FACTORS), default="2",
+                               tooltip="Capture the layers whose grid is the latent's size ÷ this (2 = half)."),
+                OrganMasksType.Input("organ_masks", optional=True,
+                                     tooltip="Fitted organ masks, for the in-target share."),
+                io.String.Input("target_organs", default="left_lung", tooltip="Organs forming the target region."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Capture from here." + _WINDOW_TIP),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Capture until here." + _WINDOW_TIP),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with capture on (same output).")],
+        )
+
+    @classmethod
+    def execute(cls, model, tokens: TokenMap, label: str, grid_factor: str, target_organs: str,
+                start_percent: float, end_percent: float, organ_masks: OrganMasks | None = None) -> io.NodeOutput:
+        if grid_factor not in GRID_FACTORS:
+            raise CXRInputError(f"'{grid_factor}' is not one of {', '.join(GRID_FACTORS)}.", node=cls.TITLE,
+                                input_name="grid_factor", fix="Pick a value from the list.")
+        positions = dict(tokens.positions)
+        if not positions:
+            raise CXRInputError("the token map has no words.", node=cls.TITLE, input_name="tokens",
+                                fix="List anatomy or pathology words in CXR Text Encode.")
+        target = _target(cls.TITLE, organ_masks, target_organs, None) if organ_masks is not None else None
+        sigma_start, sigma_end = _window(cls.TITLE, model, start_percent, end_percent)
+        stage = CaptureStage(cls.TITLE, sigma_start, sigma_end, frozenset(("input", "middle", "output")),
+                             label=label or "run", positions=positions, pathology=tuple(tokens.pathology),
+                             grid_factor=int(grid_factor), target=target, cond_len=tokens.cond_len)
+        return io.NodeOutput(install_stage(model, stage, ["attn2"]))
+
+
+NODES: list[type[io.ComfyNode]] = [CXRPathologyBoost, CXRCaptureAttention]
