@@ -158,6 +158,13 @@ def _state(options: dict) -> RunState | None:
     return options.get(HOLDER_KEY)
 
 
+def _grids(extra: dict) -> tuple[int, int, tuple[int, int]]:
+    """This layer's token grid ``h, w`` (from its activations, never guessed) and the latent's ``(H, W)``."""
+    h, w = (int(n) for n in extra["activations_shape"][-2:])
+    lh, lw = (int(n) for n in extra["original_shape"][-2:])
+    return h, w, (lh, lw)
+
+
 # --------------------------------------------------------------------------------------------------
 # the replace patch
 def _rows(cond_or_uncond: Sequence[int], batch: int, include_uncond: bool) -> torch.Tensor | None:
@@ -212,8 +219,7 @@ class CXRReplace:
         sigmas = extra.get("sigmas")
         sigma = float(sigmas.max()) if sigmas is not None else 0.0
         active = [s for s in self.stages if s.active(sigma) and s.covers(self.key)]
-        h, w = (int(n) for n in extra["activations_shape"][-2:])
-        latent = tuple(int(n) for n in extra["original_shape"][-2:])
+        h, w, latent = _grids(extra)
         if self.kind == "attn1":
             gate = next((s for s in active if isinstance(s, GateStage) and s.self_leak < 1.0), None)
             work = None if gate is None else (lambda qq, kk, vv, sub: self._gate(gate, qq, kk, vv, sub, state))
@@ -289,8 +295,7 @@ class CXRReplace:
 
     def _gate(self, stage: GateStage, q, k, v, extra: dict, state: RunState | None):
         heads = extra["n_heads"]
-        h, w = (int(n) for n in extra["activations_shape"][-2:])
-        latent = tuple(int(n) for n in extra["original_shape"][-2:])
+        h, w, latent = _grids(extra)
         precision = extra.get("attn_precision")
         dtype = q.dtype
         if precision == torch.float32 and dtype != torch.float32:
@@ -343,7 +348,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     state = None
     if HOLDER_KEY in to:
         state = to[HOLDER_KEY] = to[HOLDER_KEY].clone().reset()
-        _check_ownership(to)
+        _check_ownership(state, to)
     try:
         out = executor(*args, **kwargs)
         if state is not None and isinstance(out, torch.Tensor):
@@ -353,9 +358,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original
 
 
-def _check_ownership(to: dict) -> None:
+def _check_ownership(state: RunState, to: dict) -> None:
     """Report keys where a node applied after ours replaced our patch (as SAG does)."""
-    state = _state(to)
     replace = to.get("patches_replace", {})
     for kind, keys in state.installed.items():
         for key in sorted(keys):

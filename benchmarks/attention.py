@@ -6,7 +6,7 @@ Cases: N = 1024, 4096, 16384 tokens (grids 32², 64², 128²), batch 2, 8 heads,
 from ``cxr/chexmask-example`` (background ≈ 48 %, lungs ≈ 21 % + 19 %, heart ≈ 12 %). "Stock" is torch SDPA
 without a mask, the strongest baseline; ComfyUI's default attention backend is printed too when ComfyUI
 is found. Times are medians of ``--repeats`` runs, interleaved case by case in one process; memory is
-measured per case in a fresh subprocess (peak RSS growth on CPU, ``max_memory_allocated`` on CUDA).
+measured per case in a fresh subprocess (peak RSS growth over the call on CPU, Linux, ``max_memory_allocated`` on CUDA).
 Prints one line per case: ``case=... n=... d=... ratio_vs_stock=... floor=... extra_mem_mb=...``.
 """
 
@@ -101,9 +101,15 @@ def measure_memory(case: str, n: int, d: int, device: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"]
 
 
-def memory_probe(case: str, n: int, d: int, device: str) -> None:
-    import resource
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
+
+def memory_probe(case: str, n: int, d: int, device: str) -> None:
     if case == "comfy_default":
         _import_comfy()
 
@@ -115,9 +121,12 @@ def memory_probe(case: str, n: int, d: int, device: str) -> None:
         _sync(device)
         extra = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # Reset the process's peak RSS (Linux: clear_refs 5) so the peak is this call's, not the imports'.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kb("VmRSS")
         fn()
-        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        extra = (_status_kb("VmHWM") - before) / 1024
     print(json.dumps({"extra_mb": round(extra, 1)}))
 
 
