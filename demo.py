@@ -1,8 +1,9 @@
 """The README's first command: one masked counterfactual edit of a real radiograph, run headless.
 
 Runs the shipped API workflow ``workflows/api/cxr_dicom_masked_edit.json`` in a private headless ComfyUI
-(started here, stopped at the end) on pydicom-data's real PA chest radiograph ``RG1_UNCR.dcm`` with the
-organ outlines we drew for it (``assets/rg1_uncr_organs.json``). With ``--checkpoint`` it uses your SD1.5
+(started here, stopped at the end) on pydicom-data's real PA chest radiograph ``RG1_UNCR.dcm``, with organ
+masks from the weight-free atlas (the default) or, with ``--masks outlines``, the outlines we drew for that
+image (``assets/rg1_uncr_organs.json``). With ``--checkpoint`` it uses your SD1.5
 CXR checkpoint; otherwise it builds the tiny random-weight test checkpoint and says so: that one shows the
 mechanics (masks, regions, keep region, native size), not realistic anatomy.
 
@@ -82,11 +83,13 @@ def tiny_checkpoint(cache: Path, comfyui: Path) -> Path:
     return path
 
 
-def build_prompt(checkpoint: str, masks: dict[str, str], *, tiny: bool, seed: int, prompt: str) -> dict:
+def build_prompt(checkpoint: str, masks: dict[str, str] | None, *, tiny: bool, seed: int, prompt: str) -> dict:
+    """The shipped workflow with this run's inputs; ``masks`` (organ → file) replaces the atlas."""
     graph = json.loads(WORKFLOW.read_text())
     graph["1"]["inputs"]["dicom_file"] = SAMPLE_DICOM
-    for organ, name in masks.items():
-        graph["2"]["inputs"][organ] = name
+    if masks is not None:
+        graph["2"] = {"class_type": "CXRLoadOrganMasks", "_meta": {"title": "Organ masks (our outlines)"},
+                      "inputs": {**masks, "threshold": 0.5}}
     graph["6"]["inputs"]["ckpt_name"] = checkpoint
     graph["7"]["inputs"]["text"] = prompt
     graph["11"]["inputs"]["seed"] = seed
@@ -109,7 +112,8 @@ def unique_dir(parent: Path) -> Path:
     raise SystemExit(f"could not create a new run folder in {parent}")
 
 
-def run_demo(out: Path, checkpoint: Path | None, comfyui: Path | None, seed: int, prompt: str) -> Path:
+def run_demo(out: Path, checkpoint: Path | None, comfyui: Path | None, seed: int, prompt: str,
+             mask_source: str = "atlas") -> Path:
     from .testing.server import ComfyServer
 
     comfy_path = comfyui or find_comfyui()
@@ -134,7 +138,7 @@ def run_demo(out: Path, checkpoint: Path | None, comfyui: Path | None, seed: int
     try:
         with ComfyServer(comfy_path, checkpoints=[ckpt], base_dir=base) as server:
             server.upload_input(sample_dicom(), SAMPLE_DICOM)
-            masks = write_mask_files(server.folders["input"])
+            masks = write_mask_files(server.folders["input"]) if mask_source == "outlines" else None
             graph = build_prompt(ckpt.name, masks, tiny=tiny, seed=seed, prompt=prompt)
             result = server.run(graph, on_progress=_log_progress)
             copied = []
@@ -145,7 +149,8 @@ def run_demo(out: Path, checkpoint: Path | None, comfyui: Path | None, seed: int
                     copied.append(f.name)
         (run_dir / "README.txt").write_text(
             f"checkpoint: {'tiny random-weight test checkpoint (mechanics only, not anatomy)' if tiny else ckpt.name}\n"
-            f"radiograph: pydicom-data {SAMPLE_DICOM}; masks: our outlines (assets/rg1_uncr_organs.json)\n"
+            f"radiograph: pydicom-data {SAMPLE_DICOM}; masks: "
+            f"{'our outlines (assets/rg1_uncr_organs.json)' if mask_source == 'outlines' else 'weight-free atlas'}\n"
             f"prompt: {prompt}\nseed: {seed}\nfiles: {', '.join(sorted(copied))}\n"
         )
     finally:
@@ -168,10 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=Path("cxr-demo-output"), help="results go to a new run-* folder here"
     )
+    parser.add_argument("--masks", choices=("atlas", "outlines"), default="atlas",
+                        help="organ masks: the weight-free atlas (default) or the outlines we drew for RG1_UNCR")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--prompt", default="chest x-ray, large left pleural effusion")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    run_dir = run_demo(args.out, args.checkpoint, args.comfyui, args.seed, args.prompt)
+    run_dir = run_demo(args.out, args.checkpoint, args.comfyui, args.seed, args.prompt, args.masks)
     sys.stdout.write(f"{run_dir}\n")
     return 0

@@ -118,6 +118,26 @@ def gated(nodes, model, masks, tokens):
                   margin_px=0, blocks="all", start_percent=0.0, end_percent=1.0, apply_to_uncond=True)[0]
 
 
+def boosted(nodes, model, masks, tokens):
+    return run_v3(nodes, "CXRPathologyBoost", model=model, tokens=tokens, organ_masks=masks, target_organs="left_lung",
+                  factor=3.0, words="", outside_damping=1.0, blocks="all", start_percent=0.0, end_percent=0.4)[0]
+
+
+def captured(nodes, model, masks, tokens):
+    return run_v3(nodes, "CXRCaptureAttention", model=model, tokens=tokens, label="bench", grid_factor="2",
+                  organ_masks=masks, target_organs="left_lung", start_percent=0.0, end_percent=1.0)[0]
+
+
+def cases(nodes, model, masks, tokens) -> dict:
+    """stock, and each stage alone on the same model (the targets are per stage)."""
+    return {
+        "stock": model,
+        "gated": gated(nodes, model, masks, tokens),
+        "boosted": boosted(nodes, model, masks, tokens),
+        "captured": captured(nodes, model, masks, tokens),
+    }
+
+
 def bench(nodes, label, px, models: dict, latent, positive, negative, steps, repeats):
     import torch
 
@@ -144,6 +164,52 @@ def bench(nodes, label, px, models: dict, latent, positive, negative, steps, rep
               f"median_s={statistics.median(times[case]):.2f} extra_mem_mb={extra:.0f}", flush=True)
 
 
+# Refined cases (CXR Refinement Sampler vs plain Euler through SamplerCustom, same sigmas and noise).
+# Fixed settings: 1 iteration per step over the first half (A&E-like), step 0.1.
+REFINE = dict(target_organs="left_lung", iterations=1, step_size=0.1, start_percent=0.0, end_percent=0.5,
+              thresholds="", smoothing=0.5, extent_weight=0.0, extent_threshold=0.5)
+
+
+def bench_refined(nodes, label, px, model, masks, tokens, latent, positive, negative, steps, repeats,
+                  grid_factor: str) -> None:
+    """``case=refined-gN``: time and peak-RSS ratio of the refinement sampler vs SamplerCustom + euler."""
+    import torch
+
+    with torch.inference_mode():
+        sigmas = node(nodes, "BasicScheduler")().get_sigmas(model, "normal", steps, 1.0)[0]
+    samplers = {
+        "stock-euler": node(nodes, "KSamplerSelect")().get_sampler("euler")[0],
+        f"refined-g{grid_factor}": run_v3(nodes, "CXRRefinementSampler", tokens=tokens, organ_masks=masks,
+                                          grid_factor=grid_factor, **REFINE)[0],
+    }
+
+    def sample(sampler):
+        with torch.inference_mode():
+            node(nodes, "SamplerCustom")().sample(model, True, 7, 7.0, positive, negative, sampler, sigmas, latent)
+
+    times = {c: [] for c in samplers}
+    mems = {c: [] for c in samplers}
+    for s in samplers.values():
+        sample(s)  # warm-up
+    for _ in range(repeats):
+        for case, s in samplers.items():
+            with PeakRss() as rss:
+                t = time.perf_counter()
+                sample(s)
+                times[case].append(time.perf_counter() - t)
+            mems[case].append(rss.growth_mb)
+    stock_t, stock_m = statistics.median(times["stock-euler"]), statistics.median(mems["stock-euler"])
+    refined = samplers[f"refined-g{grid_factor}"].sampler_function.store.latest()
+    copied = refined.get("weights_copied_mb", 0.0)
+    gain = [f"{st['before']:.3f}->{st['after']:.3f}" for st in refined["refine"]]
+    for case in samplers:
+        ratio = statistics.median(times[case]) / stock_t
+        extra = statistics.median(mems[case]) - stock_m
+        tail = f" weights_copied_mb={copied:.0f} energies={','.join(gain)}" if case != "stock-euler" else ""
+        print(f"case={case} model={label} px={px} steps={steps} ratio_vs_stock={ratio:.3f} "
+              f"median_s={statistics.median(times[case]):.2f} extra_mem_mb={extra:.0f}{tail}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -160,13 +226,14 @@ def main() -> None:
     print(f"# ComfyUI attention backend: {attention.optimized_attention.__name__}; threads={torch.get_num_threads()}")
     for px in (256,) if args.quick else (256, 512):
         model, masks, latent, pos, neg, tokens = prepare(nodes, ckpt, px)
-        bench(nodes, "tiny", px, {"stock": model, "gated": gated(nodes, model, masks, tokens)}, latent, pos, neg,
-              args.steps, args.repeats)
+        bench(nodes, "tiny", px, cases(nodes, model, masks, tokens), latent, pos, neg, args.steps, args.repeats)
+        bench_refined(nodes, "tiny", px, model, masks, tokens, latent, pos, neg, args.steps, args.repeats, "2")
     if not args.quick:
         model, masks, latent, pos, neg, tokens = prepare(nodes, ckpt, 256)
         full = random_unet_model()
-        bench(nodes, "sd15-full", 256, {"stock": full, "gated": gated(nodes, full, masks, tokens)}, latent, pos,
-              neg, args.steps, args.repeats)
+        bench(nodes, "sd15-full", 256, cases(nodes, full, masks, tokens), latent, pos, neg, args.steps, args.repeats)
+        for gf in ("2", "4"):
+            bench_refined(nodes, "sd15-full", 256, full, masks, tokens, latent, pos, neg, args.steps, args.repeats, gf)
 
 
 if __name__ == "__main__":

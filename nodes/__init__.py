@@ -17,6 +17,7 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         mask_ops,
         masks,
         preview,
+        refinement,
         segmentation,
         text,
     )
@@ -34,6 +35,7 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         *gating.NODES,
         *boosting.NODES,
         *inspect.NODES,
+        *refinement.NODES,
     ]
 
 

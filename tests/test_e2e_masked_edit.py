@@ -48,7 +48,8 @@ def test_masked_edit_of_the_chexmask_radiograph(comfy_server, chexmask_example, 
     # PNG/JPEG radiographs come in through ComfyUI's own LoadImage.
     graph["1"] = {"class_type": "LoadImage", "inputs": {"image": "utils_example1.jpg"}}
     del graph["4"]["inputs"]["geometry"]
-    graph["2"]["inputs"].update(right_lung="RL_mask.png", left_lung="LL_mask.png", heart="H_mask.png")
+    graph["2"] = {"class_type": "CXRLoadOrganMasks", "inputs": {"right_lung": "RL_mask.png", "left_lung": "LL_mask.png",
+                                                                 "heart": "H_mask.png", "threshold": 0.5}}
     graph["4"]["inputs"]["max_side"] = 256
     graph["6"]["inputs"]["ckpt_name"] = tiny_checkpoint.name
     graph["11"]["inputs"].update(steps=6, seed=3)
@@ -126,7 +127,8 @@ def test_readme_demo_runs_on_the_real_dicom(tmp_path, tiny_checkpoint, comfyui_p
     # The DICOM is MONOCHROME1: after inversion the lungs are darker than the mediastinum.
     s = png_to_array(source)
     assert s[500:1100, 300:700].mean() + 0.1 < s[400:1000, 850:1000].mean()
-    assert (run_dir / "README.txt").read_text().startswith("checkpoint: tiny random-weight")
+    notes = (run_dir / "README.txt").read_text()
+    assert notes.startswith("checkpoint: tiny random-weight") and "masks: weight-free atlas" in notes
 
 
 def test_demo_run_folders_never_overwrite(tmp_path):

@@ -1,0 +1,258 @@
+"""Latent refinement by attention-concentration energy: the core energy, and the sampler inside ComfyUI.
+
+Host tests run everything under ``torch.inference_mode()`` (as ComfyUI runs nodes) on the tiny checkpoint
+and the real CheXmask radiograph fitted to 128 px (latent 16×14; the energy grid at factor 2 is 8×7).
+The energy is checked by an independent capture pass: CXR's own CaptureStage on the encoder layers,
+run by a separate 1-step SamplerCustom at the recorded latent and sigma.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from cxr_helpers import PROMPT, run
+
+from cxr_counterfactual.attention.refinement import (
+    concentration_energy,
+    parse_thresholds,
+    refinement_step,
+    smooth_maps,
+)
+from cxr_counterfactual.errors import CXRInputError
+
+# Fixed benchmark settings of the proof (constants of the test, not tunable defaults).
+STEPS, CFG, SEED = 8, 5.0, 3
+ITERATIONS, STEP_SIZE, END_PERCENT, GRID, SMOOTHING = 5, 0.5, 0.5, "2", 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# core, tiny tensors
+def _target() -> torch.Tensor:
+    inside = torch.zeros(6, 5, dtype=torch.bool)
+    inside[1:5, 1:4] = True
+    return inside
+
+
+def test_energy_is_zero_when_all_mass_is_inside_and_one_when_outside():
+    inside = _target()
+    m = torch.zeros(1, 6, 5)
+    m[0, 2:4, 2] = 1.0  # one cell inside the border: smoothing keeps it inside
+    assert float(concentration_energy(m, inside)) == pytest.approx(0.0, abs=1e-7)
+    assert float(concentration_energy(m, inside, smoothing=0)) == 0.0
+    out = torch.zeros(1, 6, 5)
+    out[0, 0, 0] = 1.0
+    assert float(concentration_energy(out, inside, smoothing=0)) == 1.0
+
+
+def test_energy_range_and_extent_term():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(16, 6, 5, generator=g) ** 3
+    for lam in (0.0, 0.5, 1.0):
+        e = concentration_energy(maps, _target(), extent_weight=lam)
+        assert e.shape == (16,) and bool((e >= 0).all() and (e <= 1).all())
+    # a map covering exactly the target has no extent mismatch; a single spike has a large one
+    exact = _target().float()[None]
+    spike = torch.zeros(1, 6, 5)
+    spike[0, 2, 2] = 1.0
+    e_exact = concentration_energy(exact, _target(), smoothing=0, extent_weight=1.0)
+    e_spike = concentration_energy(spike, _target(), smoothing=0, extent_weight=1.0)
+    assert float(e_exact) < 0.05 < float(e_spike)
+
+
+def test_energy_gradient_points_mass_into_the_target():
+    maps = torch.rand(2, 6, 5, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    e = concentration_energy(maps, _target(), smoothing=0)
+    (grad,) = torch.autograd.grad(e.sum(), maps)
+    inside = _target()
+    assert bool((grad[:, inside] < 0).all()) and bool((grad[:, ~inside] > 0).all())
+    stepped = (maps - 0.01 * grad.sign()).detach()
+    assert bool((concentration_energy(stepped, inside, smoothing=0) < e.detach()).all())
+
+
+def test_smoothing_keeps_mass_roughly_and_refinement_step_is_normalised():
+    m = torch.rand(3, 7, 5)
+    s = smooth_maps(m, 0.5)
+    assert s.shape == m.shape and torch.allclose(s.sum(), m.sum(), rtol=0.1)
+    x, g = torch.zeros(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    g[1] = 0
+    moved = refinement_step(x, g, 2.0, 0.5)
+    assert float(moved[0].pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-5)  # step·σ RMS
+    assert torch.equal(moved[1], x[1])
+
+
+def test_thresholds_parse_and_reject_bad_pairs():
+    assert parse_thresholds(" 0.2:0.5, 0:0.95;0.4:0.2") == ((0.0, 0.95), (0.2, 0.5), (0.4, 0.2))
+    assert parse_thresholds("") == ()
+    for bad in ("0.2", "a:b", "0.2:1.5"):
+        with pytest.raises(CXRInputError, match="thresholds"):
+            parse_thresholds(bad)
+    with pytest.raises(CXRInputError, match="target_organs"):
+        concentration_energy(torch.rand(1, 3, 3), torch.zeros(3, 3, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# inside ComfyUI
+@pytest.fixture(scope="module")
+def chest128(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
+    """The radiograph fitted to 128 px (latent 16×14), masks, conditioning (as the ``chest`` fixture)."""
+    import numpy as np
+    from PIL import Image
+
+    from cxr_counterfactual.attention.organs import OrganMasks
+    from cxr_counterfactual.imaging.mask_files import read_mask_image
+
+    img = Image.open(chexmask_example / "utils_example1.jpg").convert("RGB")
+    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    files = (("right_lung", "RL_mask.png"), ("left_lung", "LL_mask.png"), ("heart", "H_mask.png"))
+    masks = OrganMasks.from_dict({n: read_mask_image(chexmask_example / f) for n, f in files})
+    with torch.inference_mode():
+        fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=128, organ_masks=masks)
+        latent = comfy.node("VAEEncode")().encode(tiny_model.vae, fitted)[0]
+        positive, tokens = run(comfy.node("CXRTextEncode"), clip=tiny_model.clip, text=PROMPT,
+                               anatomy="left lung, heart", pathology="effusion")
+        negative = comfy.node("CLIPTextEncode")().encode(tiny_model.clip, "")[0]
+        sigmas = comfy.node("BasicScheduler")().get_sigmas(tiny_model.model, "normal", STEPS, 1.0)[0]
+    assert latent["samples"].shape[-2:] == (16, 14)
+    return SimpleNamespace(masks=fitted_masks, latent=latent, positive=positive, negative=negative, tokens=tokens,
+                           sigmas=sigmas)
+
+
+def refiner(comfy, c, **overrides):
+    inputs = dict(tokens=c.tokens, organ_masks=c.masks, target_organs="left_lung", iterations=ITERATIONS,
+                  step_size=STEP_SIZE, start_percent=0.0, end_percent=END_PERCENT, thresholds="", grid_factor=GRID,
+                  smoothing=SMOOTHING, extent_weight=0.0, extent_threshold=0.5)
+    inputs.update(overrides)
+    return run(comfy.node("CXRRefinementSampler"), **inputs)[0]
+
+
+def sample(comfy, model, c, sampler, sigmas=None, add_noise=True, latent=None, cfg=CFG):
+    with torch.inference_mode():
+        out = comfy.node("SamplerCustom")().sample(model, add_noise, SEED, cfg, c.positive, c.negative, sampler,
+                                                   c.sigmas if sigmas is None else sigmas, latent or c.latent)[0]
+    return out
+
+
+def trajectory(comfy, model, c, sampler) -> list[torch.Tensor]:
+    """The latent the sampler carries at each step (as its callback sees it)."""
+    import latent_preview
+
+    seen: list[torch.Tensor] = []
+    original = latent_preview.prepare_callback
+
+    def prepare(*args, **kwargs):
+        inner = original(*args, **kwargs)
+
+        def cb(step, x0, x, total):
+            seen.append(x.detach().clone())
+            return inner(step, x0, x, total)
+        return cb
+    latent_preview.prepare_callback = prepare
+    try:
+        sample(comfy, model, c, sampler)
+    finally:
+        latent_preview.prepare_callback = original
+    return seen
+
+
+def record_of(sampler, out) -> dict:
+    return sampler.sampler_function.store.for_latent(out["samples"])
+
+
+def capture_energy(comfy, model, c, x: torch.Tensor, sigma: float) -> float:
+    """An independent pass: CaptureStage on the encoder layers of the energy grid, one SamplerCustom step."""
+    from cxr_counterfactual.attention.host_comfy import install_stage, run_state
+    from cxr_counterfactual.attention.organs import OrganMasks
+    from cxr_counterfactual.attention.regions import coverage
+    from cxr_counterfactual.attention.stages import CaptureStage
+
+    target = OrganMasks(("target",), c.masks.union(["left_lung"])[None])
+    stage = CaptureStage("probe", 1e9, 0.0, frozenset({"input"}), label="probe",
+                         positions={"effusion": c.tokens.indices("effusion")}, pathology=("effusion",),
+                         grid_factor=int(GRID), target=target, cond_len=c.tokens.cond_len)
+    m = install_stage(model, stage, ["attn2"])
+    scale = model.model.latent_format.scale_factor
+    sample(comfy, m, c, comfy.node("KSamplerSelect")().get_sampler("euler")[0], sigmas=torch.tensor([sigma, 0.0]),
+           add_noise=False, latent={"samples": x / scale}, cfg=1.0)
+    cap = run_state(m).store.latest()["capture"]["probe"]
+    (step,) = cap["steps"].values()
+    h, w = cap["grid"]
+    maps = (step["maps"]["effusion"] / step["layers"])[None]
+    inside = coverage(target, target.names, h, w, latent=(16, 14))
+    return float(concentration_energy(maps, inside, smoothing=SMOOTHING))
+
+
+def test_zero_iterations_is_plain_euler(comfy, tiny_model, chest128):
+    euler = comfy.node("KSamplerSelect")().get_sampler("euler")[0]
+    plain = sample(comfy, tiny_model.model, chest128, euler)["samples"]
+    ours = sample(comfy, tiny_model.model, chest128, refiner(comfy, chest128, iterations=0))["samples"]
+    assert torch.equal(plain, ours)
+
+
+def test_refinement_lowers_the_independently_measured_energy(comfy, tiny_model, chest128):
+    c, model = chest128, tiny_model.model
+    refined_s, plain_s = refiner(comfy, c), refiner(comfy, c, iterations=0)
+    out = sample(comfy, model, c, refined_s)
+    refined, plain = record_of(refined_s, out)["refine"], record_of(plain_s, sample(comfy, model, c, plain_s))["refine"]
+    assert len(refined) == len(plain) >= 2
+    for st in refined:
+        assert st["iterations"] == ITERATIONS
+        before = capture_energy(comfy, model, c, st["latent_before"], st["sigma"])
+        after = capture_energy(comfy, model, c, st["latent_after"], st["sigma"])
+        assert before == pytest.approx(st["before"], abs=1e-3) and after == pytest.approx(st["after"], abs=1e-3)
+        assert after < before, (st["step"], before, after)
+    last_refined = capture_energy(comfy, model, c, refined[-1]["latent_after"], refined[-1]["sigma"])
+    last_plain = capture_energy(comfy, model, c, plain[-1]["latent_before"], plain[-1]["sigma"])
+    assert last_refined <= 0.9 * last_plain, (last_refined, last_plain)
+    euler = comfy.node("KSamplerSelect")().get_sampler("euler")[0]
+    assert not torch.equal(out["samples"], sample(comfy, model, c, euler)["samples"])
+
+
+def test_trajectory_changes_only_from_the_first_refined_step(comfy, tiny_model, chest128):
+    c, model = chest128, tiny_model.model
+    late = refiner(comfy, c, iterations=1, start_percent=0.3, end_percent=0.6)
+    ref = trajectory(comfy, model, c, refiner(comfy, c, iterations=0))
+    seen = trajectory(comfy, model, c, late)
+    steps = [st["step"] for st in late.sampler_function.store.latest()["refine"]]
+    k = steps[0]
+    assert k > 0 and steps == list(range(k, steps[-1] + 1)) and steps[-1] < STEPS - 1
+    for i in range(k):
+        assert torch.equal(seen[i], ref[i]), i
+    assert not torch.equal(seen[k], ref[k]) and not torch.equal(seen[-1], ref[-1])
+
+
+def test_preview_plots_the_run_that_made_the_latent(comfy, tiny_model, chest128):
+    refined_s, plain_s = refiner(comfy, chest128, iterations=1), refiner(comfy, chest128, iterations=0)
+    out = sample(comfy, tiny_model.model, chest128, refined_s)
+    ref = sample(comfy, tiny_model.model, chest128, plain_s)
+    preview = comfy.node("CXRRefinementPreview")
+    plot = run(preview, sampler=refined_s, latent=out, reference_sampler=plain_s, reference_latent=ref)[0]
+    assert plot.shape == (1, 360, 640, 3)
+    with pytest.raises(ValueError, match=r"\[CXR Refinement Preview\].*'latent'"):
+        run(preview, sampler=refined_s, latent=ref)
+
+
+def test_bad_inputs(comfy, tiny_model, chest128):
+    from cxr_counterfactual.attention.organs import OrganMasks
+
+    c = chest128
+    dot = torch.zeros(128, 112)
+    dot[60, 50] = 1
+    small = OrganMasks.from_dict({"left_lung": dot, "right_lung": dot, "heart": dot})
+    with pytest.raises(ValueError, match=r"\[CXR Refinement Sampler \(Euler\)\].*'target_organs'.*covers no cell"):
+        sample(comfy, tiny_model.model, c, refiner(comfy, c, organ_masks=small))
+    with pytest.raises(ValueError, match=r"'grid_factor'.*no cross-attention"):
+        sample(comfy, tiny_model.model, c, refiner(comfy, c, grid_factor="8"))
+    with pytest.raises(ValueError, match=r"'thresholds'"):
+        refiner(comfy, c, thresholds="half:0.5")
+    # another pack's patch that feeds an inference tensor into the graph: the weights cannot be differentiated
+    with torch.inference_mode():
+        frozen = torch.ones(1)
+
+    def patch(h, transformer_options):
+        return h * frozen
+    m = tiny_model.model.clone()
+    m.set_model_input_block_patch(patch)
+    with pytest.raises(ValueError, match=r"\[CXR Refinement Sampler \(Euler\)\].*'model'.*cannot be differentiated"):
+        sample(comfy, m, c, refiner(comfy, c))
