@@ -443,9 +443,12 @@ class ComfyServer:
         prompt_id = str(uuid.uuid4())
         started = time.monotonic()
         # Connect before queueing, so no message of this run can be sent before we listen.
+        # The handshake gets a generous timeout (a busy 2-core machine can take seconds to answer); reads
+        # then poll every second so the run's own deadline is checked.
         ws = websocket.create_connection(
-            f"ws://{HOST}:{self.port}/ws?clientId={client_id}", timeout=1.0, http_no_proxy=[HOST]
+            f"ws://{HOST}:{self.port}/ws?clientId={client_id}", timeout=60.0, http_no_proxy=[HOST]
         )
+        ws.settimeout(1.0)
         try:
             self._submit(prompt, prompt_id, client_id)
             result = RunResult(prompt_id=prompt_id, outputs={}, folders=self.folders)
@@ -530,7 +533,7 @@ class ComfyServer:
             logger.warning("could not interrupt run %s", prompt_id)
         raise TimeoutError(f"run {prompt_id} did not finish in time; it was interrupted")
 
-    def _wait_history(self, prompt_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    def _wait_history(self, prompt_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """The history entry of a finished run (written just before ``executing`` None is sent)."""
         deadline = time.monotonic() + timeout
         while True:
