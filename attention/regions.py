@@ -145,7 +145,11 @@ class RegionCache:
             with self._lock:
                 item = self._items.get(key)
                 if item is None:
-                    item = build()
+                    # Built as plain tensors even under ComfyUI's inference mode: the refinement sampler's
+                    # gradient pass reuses them (index_select saves its index), and autograd refuses to save
+                    # inference tensors.
+                    with torch.inference_mode(False):
+                        item = build()
                     self._items[key] = item
         return item
 

@@ -14,6 +14,8 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         gating,
         geometry,
         inspect,
+        inversion,
+        keep,
         mask_ops,
         masks,
         preview,
@@ -36,6 +38,8 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         *boosting.NODES,
         *inspect.NODES,
         *refinement.NODES,
+        *keep.NODES,
+        *inversion.NODES,
     ]
 
 

@@ -170,7 +170,11 @@ class RefinementSampler:
             s = sigma.detach().clone() * x.new_ones([x.shape[0]])
             xin = xg
             if mask is not None:  # what KSamplerX0Inpaint feeds the model: the kept region from the source
-                src = base.scale_latent_inpaint(x=xg, sigma=s, noise=model_k.noise, latent_image=model_k.latent_image)
+                # The mask, noise and source come from the sampler's inference-mode setup: autograd may not save
+                # inference tensors, so it gets plain copies (latent-sized, freed with this call).
+                mask = mask.clone()
+                src = base.scale_latent_inpaint(x=xg, sigma=s, noise=model_k.noise.clone(),
+                                                latent_image=model_k.latent_image.clone())
                 xin = xg * mask + src * (1 - mask)
 
             def run():
