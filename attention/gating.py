@@ -8,10 +8,12 @@ Self-attention with leak ``λ ∈ [0, 1]``: a query in region ``r`` weighs keys 
 
 ``λ = 1`` is stock attention; ``λ = 0`` (hard) confines each query to its own region. Hard gating runs
 one mask-free attention per region on tokens sorted by region, so its cost follows Σ nᵣ² and no N×N mask
-exists. Soft gating composes exactly from two mask-free passes, the full one and the in-region one, with
-their log-sum-exps ``L_all``, ``L_in``: with ``a = exp(L_in − L_all)``::
+exists. Soft gating composes exactly from two mask-free passes per region, over its own keys and over the
+other regions' keys, with their log-sum-exps ``L_in``, ``L_out``::
 
-    out = ((1 − λ)·a·out_in + λ·out_all) / ((1 − λ)·a + λ)
+    out = (exp(L_in)·out_in + λ·exp(L_out)·out_out) / (exp(L_in) + λ·exp(L_out))
+
+so its work is Σ nᵣ·N = N², the same as stock attention, cut into pieces (no N×N mask either).
 
 Background policy: ``"confined"`` treats background as one more region; ``"free"`` lets background
 queries see every key (stock attention for them).
@@ -39,24 +41,18 @@ def _check_leak(leak: float) -> None:
         raise ValueError(f"leak must be in [0, 1], got {leak}")
 
 
-def _grouped(q, k, v, part: RegionPartition, background: str, kernel, with_lse: bool):
-    """One attention per region over tokens sorted by region; returns sorted outputs (and LSEs)."""
+def _grouped(q, k, v, part: RegionPartition, background: str, kernel) -> torch.Tensor:
+    """Hard gating: one attention per region over tokens sorted by region; returns the sorted outputs."""
     perm = part.perm
     qs, ks, vs = q.index_select(2, perm), k.index_select(2, perm), v.index_select(2, perm)
-    outs, lses = [], []
+    outs = []
     for label, s, e in part.slices:
         if label == 0 and background == "free":
             kk, vv = k, v  # background queries see every key
         else:
             kk, vv = ks[:, :, s:e], vs[:, :, s:e]
-        result = kernel(qs[:, :, s:e], kk, vv)
-        if with_lse:
-            outs.append(result[0])
-            lses.append(result[1])
-        else:
-            outs.append(result)
-    out = torch.cat(outs, dim=2)
-    return (out, torch.cat(lses, dim=2)) if with_lse else (out, None)
+        outs.append(kernel(qs[:, :, s:e], kk, vv))
+    return torch.cat(outs, dim=2)
 
 
 def gated_self_attention(
@@ -91,18 +87,36 @@ def gated_self_attention(
     if leak == 1.0:
         return kernel(q, k, v)
     if leak == 0.0:
-        out_sorted, _ = _grouped(q, k, v, part, background, kernel, with_lse=False)
-        return out_sorted.index_select(2, part.inv)
-    out_all, lse_all = lse_kernel(q, k, v)
-    out_in_s, lse_in_s = _grouped(q, k, v, part, background, lse_kernel, with_lse=True)
-    out_in, lse_in = out_in_s.index_select(2, part.inv), lse_in_s.index_select(2, part.inv)
-    a = torch.exp((lse_in - lse_all).clamp(max=0.0))  # in-region share of the softmax mass, ≤ 1
-    w_in = (1.0 - leak) * a
-    out = (w_in[..., None] * out_in.float() + leak * out_all.float()) / (w_in + leak)[..., None]
-    if background == "free":
-        free = (part.labels == 0).to(q.device)
-        out[:, :, free] = out_all[:, :, free].float()
-    return out.to(q.dtype)
+        return _grouped(q, k, v, part, background, kernel).index_select(2, part.inv)
+    return _soft_grouped(q, k, v, part, leak, background, kernel, lse_kernel).index_select(2, part.inv)
+
+
+def _soft_grouped(q, k, v, part: RegionPartition, leak: float, background: str, kernel, lse_kernel) -> torch.Tensor:
+    """Soft gating per region on sorted tokens: own keys and the other keys in two passes, merged by their LSEs.
+
+    (An earlier form ran the full attention plus the in-region one: N² + Σ nᵣ² work, 1.33–1.65× stock.)
+    """
+    perm, n = part.perm, q.shape[2]
+    # Keys sorted by region, twice over: the other regions' keys of region [s, e) are then the one contiguous
+    # slice [e, s + n), a view, instead of a copy per region.
+    twice = torch.cat((perm, perm))
+    qs, ks, vs = q.index_select(2, perm), k.index_select(2, twice), v.index_select(2, twice)
+    log_leak = math.log(leak)
+    outs = []
+    for label, s, e in part.slices:
+        qr = qs[:, :, s:e]
+        if label == 0 and background == "free":
+            outs.append(kernel(qr, k, v))  # background queries see every key at full weight
+            continue
+        out_in, lse_in = lse_kernel(qr, ks[:, :, s:e], vs[:, :, s:e])
+        if s == 0 and e == n:  # a single region: nothing to leak from
+            outs.append(out_in)
+            continue
+        out_out, lse_out = lse_kernel(qr, ks[:, :, e:s + n], vs[:, :, e:s + n])
+        # Softmax over the two parts with weights 1 and λ, computed stably from the log-sum-exps.
+        w_out = torch.sigmoid(lse_out + log_leak - lse_in)[..., None]  # λ·Z_out / (Z_in + λ·Z_out)
+        outs.append(torch.lerp(out_in.float(), out_out.float(), w_out).to(q.dtype))
+    return torch.cat(outs, dim=2)
 
 
 def self_attention_bias(part: RegionPartition, leak: float, background: str = "confined") -> torch.Tensor:

@@ -233,6 +233,8 @@ class CXRReplace:
             return self._stock(q, k, v, extra)
         if state is not None:
             state.trace(self.kind, self.key, sigma, True)
+        if getattr(work, "whole_batch", False):
+            return work(q, k, v, extra)
         return self._on_rows(q, k, v, extra, include_uncond, work)
 
     def _on_rows(self, q, k, v, extra: dict, include_uncond: bool, work) -> torch.Tensor:
@@ -264,14 +266,30 @@ class CXRReplace:
             state.report("token-mask", self.key, f"another attention patch at {self.key} cannot take a token bias; "
                          "the CXR stages use torch attention for the positive prompt there.")
 
-        def work(q, k, v, extra):
+        def capture(q, k, extra):
             heads = extra["n_heads"]
-            qh, kh, vh = to_heads(q, heads), to_heads(k, heads), to_heads(v, heads)
+            qh, kh = to_heads(q, heads), to_heads(k, heads)
             for cap in captures:
                 self._capture(cap, qh, kh, bias, h, w, latent, sigma, state)
-            if bias is None:
+            return qh, kh
+
+        if bias is None:
+            def observe(q, k, v, extra):
+                # Capture alone must not change the result: the positive rows are only observed, and the whole
+                # batch runs through the stock kernel exactly as without us (a sub-batch can round differently).
+                rows = _rows(extra.get("cond_or_uncond") or [], q.shape[0], False)
+                if rows is None:
+                    capture(q, k, extra)
+                elif rows.numel():
+                    r = rows.to(q.device)
+                    capture(q.index_select(0, r), k.index_select(0, r), _sub_options(extra, rows, q.shape[0]))
                 return self._stock(q, k, v, extra)
-            return to_flat(token_masked_cross_attention(qh, kh, vh, bias)).to(q.dtype)
+            observe.whole_batch = True  # type: ignore[attr-defined]
+            return observe
+
+        def work(q, k, v, extra):
+            qh, kh = capture(q, k, extra)
+            return to_flat(token_masked_cross_attention(qh, kh, to_heads(v, extra["n_heads"]), bias)).to(q.dtype)
         return work
 
     def _capture(self, cap: CaptureStage, qh, kh, bias, h, w, latent, sigma, state) -> None:

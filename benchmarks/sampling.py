@@ -189,6 +189,7 @@ def bench_refined(nodes, label, px, model, masks, tokens, latent, positive, nega
 
     times = {c: [] for c in samplers}
     mems = {c: [] for c in samplers}
+    peaks = []  # stock's whole peak RSS (weights included): the base of the +50 % memory target
     for s in samplers.values():
         sample(s)  # warm-up
     for _ in range(repeats):
@@ -198,6 +199,8 @@ def bench_refined(nodes, label, px, model, masks, tokens, latent, positive, nega
                 sample(s)
                 times[case].append(time.perf_counter() - t)
             mems[case].append(rss.growth_mb)
+            if case == "stock-euler":
+                peaks.append(rss.peak / 2**20)
     stock_t, stock_m = statistics.median(times["stock-euler"]), statistics.median(mems["stock-euler"])
     refined = samplers[f"refined-g{grid_factor}"].sampler_function.store.latest()
     copied = refined.get("weights_copied_mb", 0.0)
@@ -205,7 +208,9 @@ def bench_refined(nodes, label, px, model, masks, tokens, latent, positive, nega
     for case in samplers:
         ratio = statistics.median(times[case]) / stock_t
         extra = statistics.median(mems[case]) - stock_m
-        tail = f" weights_copied_mb={copied:.0f} energies={','.join(gain)}" if case != "stock-euler" else ""
+        stock_peak = statistics.median(peaks)
+        tail = (f" extra_mem_pct={100 * extra / stock_peak:.1f} weights_copied_mb={copied:.0f} "
+                f"energies={','.join(gain)}" if case != "stock-euler" else f" stock_peak_mb={stock_peak:.0f}")
         print(f"case={case} model={label} px={px} steps={steps} ratio_vs_stock={ratio:.3f} "
               f"median_s={statistics.median(times[case]):.2f} extra_mem_mb={extra:.0f}{tail}", flush=True)
 
@@ -215,6 +220,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny model at 256 px only")
+    parser.add_argument("--refined-only", action="store_true", help="only the refinement sampler's cases")
     args = parser.parse_args()
     nodes, ckpt = load_host()
     import comfy.ldm.modules.attention as attention
@@ -226,12 +232,15 @@ def main() -> None:
     print(f"# ComfyUI attention backend: {attention.optimized_attention.__name__}; threads={torch.get_num_threads()}")
     for px in (256,) if args.quick else (256, 512):
         model, masks, latent, pos, neg, tokens = prepare(nodes, ckpt, px)
-        bench(nodes, "tiny", px, cases(nodes, model, masks, tokens), latent, pos, neg, args.steps, args.repeats)
+        if not args.refined_only:
+            bench(nodes, "tiny", px, cases(nodes, model, masks, tokens), latent, pos, neg, args.steps, args.repeats)
         bench_refined(nodes, "tiny", px, model, masks, tokens, latent, pos, neg, args.steps, args.repeats, "2")
     if not args.quick:
         model, masks, latent, pos, neg, tokens = prepare(nodes, ckpt, 256)
         full = random_unet_model()
-        bench(nodes, "sd15-full", 256, cases(nodes, full, masks, tokens), latent, pos, neg, args.steps, args.repeats)
+        if not args.refined_only:
+            bench(nodes, "sd15-full", 256, cases(nodes, full, masks, tokens), latent, pos, neg, args.steps,
+                  args.repeats)
         for gf in ("2", "4"):
             bench_refined(nodes, "sd15-full", 256, full, masks, tokens, latent, pos, neg, args.steps, args.repeats, gf)
 
