@@ -7,16 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from .overlay import sized_font
 
 PLOT_COLOURS = [(230, 80, 60), (60, 160, 230), (80, 200, 90), (240, 180, 40), (180, 90, 220)]
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
 
 
 def heat_colours(x: torch.Tensor) -> torch.Tensor:
@@ -45,9 +40,9 @@ def labelled_grid(panels: Sequence[Sequence[torch.Tensor]], row_labels: Sequence
     canvas = Image.new("RGB", (left + w * len(col_labels), top + h * len(row_labels)), (20, 20, 20))
     draw = ImageDraw.Draw(canvas)
     for c, label in enumerate(col_labels):
-        draw.text((left + c * w + 4, 2), label, fill=(240, 240, 240), font=_font(size))
+        draw.text((left + c * w + 4, 2), label, fill=(240, 240, 240), font=sized_font(size))
     for r, row in enumerate(panels):
-        draw.text((4, top + r * h + 4), row_labels[r], fill=(240, 240, 240), font=_font(size))
+        draw.text((4, top + r * h + 4), row_labels[r], fill=(240, 240, 240), font=sized_font(size))
         for c, panel in enumerate(row):
             img = Image.fromarray((panel.numpy() * 255).round().astype(np.uint8))
             canvas.paste(img, (left + c * w, top + r * h))
@@ -60,12 +55,12 @@ def share_plot(series: dict[str, list[float]], width: int = 640, height: int = 3
     draw = ImageDraw.Draw(canvas)
     x0, r, t, b = 56, width - 16, 28, height - 40
     draw.rectangle([x0, t, r, b], outline=(60, 60, 60))
-    font = _font(13)
+    font = sized_font(13)
     for v in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = b - v * (b - t)
         draw.line([x0 - 4, y, x0, y], fill=(60, 60, 60))
         draw.text((8, y - 7), f"{v:.2f}", fill=(40, 40, 40), font=font)
-    draw.text((x0, height - 22), "captured step (early → late)", fill=(40, 40, 40), font=font)
+    draw.text((x0, height - 22), "captured step (early to late)", fill=(40, 40, 40), font=font)
     draw.text((x0, 6), "pathology attention share inside the target", fill=(40, 40, 40), font=font)
     longest = max((len(v) for v in series.values()), default=1)
     for i, (name, values) in enumerate(series.items()):

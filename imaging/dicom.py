@@ -129,6 +129,7 @@ def read_dicom(path: str | os.PathLike[str], window: str = "auto") -> DicomRadio
         bits_stored=int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16),
         photometric=photometric,
         source="dicom",
+        source_path=str(Path(path).resolve()),
     )
     pixels = torch.from_numpy(np.clip(grey, 0.0, 1.0).astype(np.float32))
     logger.debug(

@@ -7,7 +7,7 @@ and the padding so an edit, a mask or a metric map can be brought back to native
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ class NativeGeometry:
         photometric: DICOM photometric interpretation of the source ("MONOCHROME1"/"MONOCHROME2"), or
             None for an ordinary image file.
         source: "dicom" or "image".
+        source_path: the DICOM file the radiograph was read from, so an export can copy its header; left
+            out of comparisons and of the repr (a file name may name the patient).
     """
 
     height: int
@@ -36,6 +38,7 @@ class NativeGeometry:
     bits_stored: int = 8
     photometric: str | None = None
     source: str = "image"
+    source_path: str | None = field(default=None, compare=False, repr=False)
 
     def with_size(self, height: int, width: int) -> NativeGeometry:
         return replace(self, height=height, width=width)
@@ -129,3 +132,41 @@ def undo_fit(y: torch.Tensor, fit: FitRecord, mode: str = "image") -> torch.Tens
         )
     crop = y[..., fit.pad_top : fit.pad_top + fit.resized_height, fit.pad_left : fit.pad_left + fit.resized_width]
     return _resize(crop, fit.native_height, fit.native_width, mode)
+
+
+def composite_native(source: torch.Tensor, edited: torch.Tensor, edit_region: torch.Tensor,
+                     fit: FitRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend the decoded edit into the native radiograph inside the (feathered) edit region only.
+
+    The VAE round trip changes every pixel a little (and a random-weight test VAE changes them completely),
+    and the model works on a downscaled grid: outside the edit region the result is the source's own native
+    pixels, bit for bit; inside, the edit (scaled back with :func:`undo_fit`) is blended by the region's
+    weight, so the feather stays seamless.
+
+    Args:
+        source: ``[B, H, W, C]`` the radiograph at native size (``fit``'s native size).
+        edited: ``[B, h, w, C]`` the decoded edit on the fitted grid.
+        edit_region: ``[B, h, w]`` or ``[h, w]`` weights in [0, 1] on the fitted grid.
+        fit: the plan the edit was made with.
+
+    Returns:
+        ``(image [B, H, W, C], region [B, H, W])`` at native size; a grey source (equal channels) gets the
+        edit's channel mean, so the result stays grey.
+    """
+    if source.shape[1:3] != (fit.native_height, fit.native_width):
+        raise CXRInputError(
+            f"the source is {source.shape[2]}×{source.shape[1]} px, not the radiograph the fit was made for "
+            f"({fit.native_width}×{fit.native_height}).", input_name="source",
+            fix="Connect the radiograph at native size (Load Chest X-ray (DICOM) or Load Image), the same one "
+            "that went into Fit Radiograph to Model.")
+    with_region = edit_region.reshape(-1, 1, *edit_region.shape[-2:]).float()
+    region = undo_fit(with_region.to(edited.device), fit).clamp(0, 1)[:, 0]
+    native = undo_fit(edited.movedim(-1, 1).float(), fit).movedim(1, -1)
+    src = source.float().to(native.device)
+    if src.shape[-1] == native.shape[-1] and bool((src == src[..., :1]).all()):
+        native = native.mean(-1, keepdim=True).expand_as(native)
+    b = max(src.shape[0], native.shape[0], region.shape[0])
+    src, native, region = (t.expand(b, *t.shape[1:]) for t in (src, native, region))
+    weight = region[..., None]
+    out = torch.where(weight > 0, torch.lerp(src, native, weight), src)
+    return out.clamp(0, 1), region

@@ -54,15 +54,20 @@ def overlay_organs(image: torch.Tensor, masks: OrganMasks, opacity: float = 0.35
     return out.clamp(0, 1)
 
 
+def sized_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at ``size`` px (no font file needed); the fixed small one on Pillow < 10.1."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
 def _draw_legend(image: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
     h, w = image.shape[:2]
     pil = Image.fromarray((image.numpy() * 255).round().astype(np.uint8))
     draw = ImageDraw.Draw(pil)
     size = max(10, min(h, w) // 40)
-    try:
-        font: ImageFont.ImageFont | ImageFont.FreeTypeFont = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        font = ImageFont.load_default()
+    font = sized_font(size)
     pad = size // 2
     for i, name in enumerate(names):
         y = pad + i * (size + pad)

@@ -11,6 +11,8 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         boosting,
         chexmask,
         dicom,
+        evaluate,
+        export,
         gating,
         geometry,
         inspect,
@@ -40,6 +42,8 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         *refinement.NODES,
         *keep.NODES,
         *inversion.NODES,
+        *evaluate.NODES,
+        *export.NODES,
     ]
 
 

@@ -39,7 +39,8 @@ from ..attention.refinement import RefineConfig, concentration_energy, grid_at, 
 from ..attention.regions import coverage
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
-from ..imaging.attention_view import PLOT_COLOURS, _font
+from ..imaging.attention_view import PLOT_COLOURS
+from ..imaging.overlay import sized_font
 from .boosting import GRID_FACTORS, _target
 from .common import CATEGORY_ATTENTION, CATEGORY_ROOT, OrganMasksType, TokensType, user_errors
 from .gating import _WINDOW_TIP
@@ -274,11 +275,11 @@ def energy_plot(series: dict[str, list[float]], width: int = 640, height: int = 
     """A line plot of energies (0–1) per refined step, one line per series."""
     canvas = Image.new("RGB", (width, height), (250, 250, 250))
     draw = ImageDraw.Draw(canvas)
-    x0, r, t, b, font = 56, width - 16, 28, height - 40, _font(13)
+    x0, r, t, b, font = 56, width - 16, 28, height - 40, sized_font(13)
     draw.rectangle([x0, t, r, b], outline=(60, 60, 60))
     for v in (0.0, 0.25, 0.5, 0.75, 1.0):
         draw.text((8, b - v * (b - t) - 7), f"{v:.2f}", fill=(40, 40, 40), font=font)
-    draw.text((x0, height - 22), "refined step (early → late)", fill=(40, 40, 40), font=font)
+    draw.text((x0, height - 22), "refined step (early to late)", fill=(40, 40, 40), font=font)
     draw.text((x0, 6), "attention-concentration energy (lower = more inside the target)", fill=(40, 40, 40), font=font)
     longest = max((len(v) for v in series.values()), default=1)
     for n, (name, values) in enumerate(series.items()):

@@ -24,3 +24,18 @@ def sample(comfy, model, chest, seed=1, steps=4, cfg=7.0, denoise=1.0, latent=No
         out = comfy.node("KSampler")().sample(model, seed, steps, cfg, "euler", "normal", chest.positive,
                                               chest.negative, latent or chest.latent, denoise=denoise)[0]
     return out["samples"].clone()
+
+
+def chexmask_radiograph(folder):
+    """The CheXmask example radiograph as a ComfyUI IMAGE ``[1, H, W, 3]`` and its human organ masks."""
+    import numpy as np
+    from PIL import Image
+
+    from cxr_counterfactual.attention.organs import OrganMasks
+    from cxr_counterfactual.imaging.mask_files import read_mask_image
+
+    img = Image.open(folder / "utils_example1.jpg").convert("RGB")
+    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    masks = OrganMasks.from_dict({name: read_mask_image(folder / f"{key}_mask.png")
+                                  for name, key in (("right_lung", "RL"), ("left_lung", "LL"), ("heart", "H"))})
+    return image, masks

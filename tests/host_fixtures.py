@@ -70,21 +70,10 @@ def tiny_model(comfy, tiny_checkpoint: Path):
 @pytest.fixture(scope="session")
 def chest(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
     """The real radiograph fitted to 64 px (latent 8×7: an odd side), its masks, and conditioning."""
-    import numpy as np
     import torch
-    from cxr_helpers import PROMPT, run
-    from PIL import Image
+    from cxr_helpers import PROMPT, chexmask_radiograph, run
 
-    from cxr_counterfactual.attention.organs import OrganMasks
-    from cxr_counterfactual.imaging.mask_files import read_mask_image
-
-    img = Image.open(chexmask_example / "utils_example1.jpg").convert("RGB")
-    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
-    masks = OrganMasks.from_dict({
-        "right_lung": read_mask_image(chexmask_example / "RL_mask.png"),
-        "left_lung": read_mask_image(chexmask_example / "LL_mask.png"),
-        "heart": read_mask_image(chexmask_example / "H_mask.png"),
-    })
+    image, masks = chexmask_radiograph(chexmask_example)
     with torch.inference_mode():
         fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=64, organ_masks=masks)
         latent = comfy.node("VAEEncode")().encode(tiny_model.vae, fitted)[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from cxr_helpers import PROMPT, gate, run
+from cxr_helpers import PROMPT, chexmask_radiograph, gate, run
 
 from cxr_counterfactual.attention.inversion import check_schedule, ddim_invert, euler_sample, invert_step
 from cxr_counterfactual.errors import CXRInputError
@@ -200,17 +200,9 @@ def seam_ratio(image: torch.Tensor, edit: torch.Tensor, width: int) -> float:
 
 def test_feathered_border_leaves_no_seam_and_the_preview_shows_the_regions(comfy, tiny_model, chest,
                                                                            chexmask_example):
-    import numpy as np
     from comfy.utils import reshape_mask
-    from PIL import Image
 
-    from cxr_counterfactual.attention.organs import OrganMasks
-    from cxr_counterfactual.imaging.mask_files import read_mask_image
-
-    image = torch.from_numpy(np.asarray(Image.open(chexmask_example / "utils_example1.jpg").convert("RGB"),
-                                        dtype=np.float32) / 255.0)[None]
-    masks = OrganMasks.from_dict({name: read_mask_image(chexmask_example / f"{key}_mask.png")
-                                  for name, key in (("right_lung", "RL"), ("left_lung", "LL"), ("heart", "H"))})
+    image, masks = chexmask_radiograph(chexmask_example)
     with torch.inference_mode():
         image, masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=128, organ_masks=masks)
         source = comfy.node("VAEEncode")().encode(tiny_model.vae, image)[0]

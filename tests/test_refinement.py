@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cxr_helpers import PROMPT, run
+from cxr_helpers import PROMPT, chexmask_radiograph, run
 
 from cxr_counterfactual.attention.refinement import (
     concentration_energy,
@@ -97,16 +97,7 @@ def test_thresholds_parse_and_reject_bad_pairs():
 @pytest.fixture(scope="module")
 def chest128(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
     """The radiograph fitted to 128 px (latent 16×14), masks, conditioning (as the ``chest`` fixture)."""
-    import numpy as np
-    from PIL import Image
-
-    from cxr_counterfactual.attention.organs import OrganMasks
-    from cxr_counterfactual.imaging.mask_files import read_mask_image
-
-    img = Image.open(chexmask_example / "utils_example1.jpg").convert("RGB")
-    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
-    files = (("right_lung", "RL_mask.png"), ("left_lung", "LL_mask.png"), ("heart", "H_mask.png"))
-    masks = OrganMasks.from_dict({n: read_mask_image(chexmask_example / f) for n, f in files})
+    image, masks = chexmask_radiograph(chexmask_example)
     with torch.inference_mode():
         fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=128, organ_masks=masks)
         latent = comfy.node("VAEEncode")().encode(tiny_model.vae, fitted)[0]

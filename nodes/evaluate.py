@@ -1,0 +1,180 @@
+"""Evaluation nodes: how well an edit kept the patient and placed the change, and saving those metrics."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..attention.host_comfy import run_state
+from ..attention.organs import OrganMasks
+from ..attention.tokens import TokenMap
+from ..errors import CXRInputError
+from ..imaging.export import exclusive_paths, write_new
+from ..imaging.metrics import MetricsReport, attention_iou, dice_per_organ, evaluate_pair, grey, region_on
+from ..imaging.metrics_report import difference_heat_map, format_table, to_csv, to_json
+from .common import OrganMasksType, TokensType, user_errors
+from .export import CATEGORY_OUTPUT, output_location
+from .inspect import CATEGORY_INSPECT, mean_maps
+
+MetricsType = io.Custom("CXR_METRICS")
+
+
+def _pair_batches(title: str, source: torch.Tensor, edited: torch.Tensor) -> int:
+    """The number of pairs: equal batches, or one side of batch 1 used for every image of the other."""
+    if tuple(source.shape[1:3]) != tuple(edited.shape[1:3]):
+        raise CXRInputError(
+            f"the edited image is {edited.shape[1]}×{edited.shape[2]} but the source is "
+            f"{source.shape[1]}×{source.shape[2]}.", node=title, input_name="edited",
+            fix="Compare images on one grid: both fitted (the fitted source and the decoded edit), or both at "
+            "native size (Restore Native Size on the edit).")
+    b1, b2 = source.shape[0], edited.shape[0]
+    if b1 != b2 and 1 not in (b1, b2):
+        raise CXRInputError(f"batch sizes {b1} (source) and {b2} (edited) do not pair up.", node=title,
+                            input_name="edited", fix="Use one source image, or as many sources as edits.")
+    return max(b1, b2)
+
+
+class CXREvaluateEdit(io.ComfyNode):
+    TITLE = "CXR Evaluate Edit"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CXREvaluateEdit", display_name=cls.TITLE, category=CATEGORY_INSPECT, is_output_node=True,
+            description="Measures an edit against its source: preservation outside the edit region (SSIM, PSNR and "
+            "mean |difference| over keep pixels, from kornia), how much of the change lies inside the edit region, "
+            "per-organ change, organ Dice against masks of the edit, and the IoU of the pathology words' attention "
+            "with the edit region when a capture exists. Shows a table and a difference heat map.",
+            inputs=[
+                io.Image.Input("source", tooltip="The source radiograph (same grid as the edit: fitted or native)."),
+                io.Image.Input("edited", tooltip="The edited radiograph (e.g. VAE Decode of the sampler's LATENT)."),
+                io.Mask.Input("edit_region", tooltip="'edit_region' of Edit / Keep Regions (resampled to the images "
+                              "when it has their aspect ratio); keep = the pixels where it is below 0.5."),
+                OrganMasksType.Input("organ_masks", optional=True,
+                                     tooltip="The source's organ masks: change per organ, and the Dice reference."),
+                OrganMasksType.Input("edit_organ_masks", optional=True,
+                                     tooltip="Organ masks of the edited image (e.g. the atlas or segmentation node run "
+                                     "on it): Dice per organ against 'organ_masks'."),
+                io.Model.Input("model", optional=True,
+                               tooltip="The model with CXR Capture Attention, for the attention–target IoU."),
+                io.Latent.Input("latent", optional=True, tooltip="The LATENT of the sampler that used 'model'."),
+                TokensType.Input("tokens", optional=True, tooltip="From CXR Text Encode: the pathology words whose "
+                                 "attention is measured."),
+                io.Float.Input("attention_threshold", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="A token counts as attended when its pathology attention is at least this "
+                               "fraction of the map's maximum."),
+                io.Float.Input("heat_scale", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="|difference| drawn at full colour; 0 = each pair's largest difference."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="heat_map", tooltip="edited − source over the dimmed source (red "
+                                "brighter, blue darker), the edit region outlined in yellow."),
+                MetricsType.Output(display_name="metrics", tooltip="The metrics, for CXR Save Metrics."),
+                io.String.Output(display_name="json", tooltip="The metrics and their definitions as JSON text."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, source: torch.Tensor, edited: torch.Tensor, edit_region: torch.Tensor,
+                attention_threshold: float = 0.5, heat_scale: float = 0.0, organ_masks: OrganMasks | None = None,
+                edit_organ_masks: OrganMasks | None = None, model=None, latent: dict | None = None,
+                tokens: TokenMap | None = None) -> io.NodeOutput:
+        n = _pair_batches(cls.TITLE, source, edited)
+        if edit_organ_masks is not None and organ_masks is None:
+            raise CXRInputError("Dice needs the source's masks too.", node=cls.TITLE, input_name="organ_masks",
+                                fix="Connect the source's organ masks, or disconnect 'edit_organ_masks'.")
+        h, w = int(source.shape[1]), int(source.shape[2])
+        with user_errors(cls.TITLE, "edit_region"):
+            regions = region_on(edit_region, h, w)
+        if regions.shape[0] not in (1, n):
+            raise CXRInputError(f"{regions.shape[0]} edit regions for {n} image pairs.", node=cls.TITLE,
+                                input_name="edit_region", fix="Use one edit region, or one per image.")
+        src, edt = grey(source), grey(edited)
+        dice = None
+        if organ_masks is not None and edit_organ_masks is not None:
+            with user_errors(cls.TITLE, "organ_masks"):
+                organ_masks.resampled(h, w)  # a field-of-view mismatch is the source masks' fault, not the edit's
+            with user_errors(cls.TITLE, "edit_organ_masks"):
+                dice = dice_per_organ(organ_masks, edit_organ_masks, h, w)
+        pairs, maps = [], []
+        for i in range(n):
+            s, e = src[min(i, len(src) - 1)][None], edt[min(i, len(edt) - 1)][None]
+            r = regions[min(i, len(regions) - 1)]
+            with user_errors(cls.TITLE, "organ_masks"):
+                pair = evaluate_pair(s, e, r, organ_masks)
+            pairs.append(replace(pair, organ_dice=dice) if dice is not None else pair)
+            maps.append(difference_heat_map(s, e, r, heat_scale))
+        ious = cls._attention(model, latent, tokens, edit_region, attention_threshold)
+        report = MetricsReport(tuple(pairs), ious, attention_threshold if ious else None)
+        heat = torch.stack(maps)
+        table = format_table(report)
+        ui_out = {**ui.PreviewImage(heat, cls=cls).as_dict(), "text": (table,)}
+        return io.NodeOutput(heat, report, to_json(report), ui=ui_out)
+
+    @classmethod
+    def _attention(cls, model, latent: dict | None, tokens: TokenMap | None, edit_region: torch.Tensor,
+                   threshold: float) -> dict[str, float]:
+        """Capture label → IoU of the pathology words' mean attention and the edit region ({} without a run)."""
+        if model is None and latent is None:
+            return {}
+        if model is None or latent is None:
+            raise CXRInputError("the attention IoU needs both the model and its sampler's LATENT.", node=cls.TITLE,
+                                input_name="model" if model is None else "latent", fix="Connect both, or neither.")
+        if tokens is None or not tokens.pathology:
+            raise CXRInputError("no pathology word to measure.", node=cls.TITLE, input_name="tokens",
+                                fix="Connect CXR Text Encode's tokens with pathology words (e.g. effusion).")
+        state = run_state(model)
+        record = state.store.for_latent(latent["samples"]) if state is not None else None
+        if record is None or not record.get("capture"):
+            raise CXRInputError("the model and LATENT are of a run that captured no attention.", node=cls.TITLE,
+                                input_name="latent", fix="Put CXR Capture Attention on the model the sampler used "
+                                "and wire that sampler's LATENT (or disconnect both).")
+        lat = tuple(int(v) for v in latent["samples"].shape[-2:])
+        region = edit_region.reshape(-1, *edit_region.shape[-2:])[0]
+        ious: dict[str, float] = {}
+        for label, capture in record["capture"].items():
+            word_maps, _ = mean_maps(capture)
+            found = [word_maps[wd] for wd in tokens.pathology if wd in word_maps]
+            if not found:
+                raise CXRInputError(f"the capture '{label}' holds no map of {', '.join(tokens.pathology)}.",
+                                    node=cls.TITLE, input_name="tokens",
+                                    fix="Connect the same tokens to CXR Capture Attention and to this node.")
+            with user_errors(cls.TITLE, "edit_region"):
+                ious[label] = attention_iou(sum(found), region, (lat[0], lat[1]), threshold)
+        return ious
+
+
+class CXRSaveMetrics(io.ComfyNode):
+    TITLE = "CXR Save Metrics"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CXRSaveMetrics", display_name=cls.TITLE, category=CATEGORY_OUTPUT, is_output_node=True,
+            description="Saves the metrics of CXR Evaluate Edit as JSON (with every metric's definition) and CSV (one "
+            "row per image pair) in ComfyUI's output folder, numbered like Save Image; never overwrites a file.",
+            inputs=[
+                MetricsType.Input("metrics", tooltip="From CXR Evaluate Edit."),
+                io.String.Input("filename_prefix", default="cxr_counterfactual/metrics",
+                                tooltip="Subfolder and file prefix in ComfyUI's output folder (as in Save Image)."),
+            ],
+            outputs=[io.String.Output(display_name="files",
+                                      tooltip="The files written, relative to the output folder.")],
+        )
+
+    @classmethod
+    def execute(cls, metrics: MetricsReport, filename_prefix: str) -> io.NodeOutput:
+        if not isinstance(metrics, MetricsReport):
+            raise CXRInputError("this is not a metrics report.", node=cls.TITLE, input_name="metrics",
+                                fix="Connect the 'metrics' output of CXR Evaluate Edit.")
+        folder, stem, counter, subfolder = output_location(cls.TITLE, filename_prefix, 0, 0)
+        _, paths = exclusive_paths(folder, stem, counter, (".json", ".csv"))
+        write_new(paths[".json"], to_json(metrics).encode("utf-8"))
+        write_new(paths[".csv"], to_csv(metrics).encode("utf-8"))
+        files = "\n".join(f"{subfolder}/{p.name}" if subfolder else p.name for p in paths.values())
+        return io.NodeOutput(files, ui={"text": (files,)})
+
+
+NODES: list[type[io.ComfyNode]] = [CXREvaluateEdit, CXRSaveMetrics]
