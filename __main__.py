@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "demo": "run one masked counterfactual edit of a real radiograph in a headless ComfyUI",
+    "run": "run an API workflow, or a manifest of rows (resumable; several servers or Ray), headless",
     "tiny-checkpoint": "build the tiny random-weight SD1.5-shaped test checkpoint (needs ComfyUI)",
 }
 
@@ -22,6 +23,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
+    if command == "run":
+        try:
+            from .runner.cli import main as run_main
+        except ModuleNotFoundError as err:  # websocket-client: the runner's one dependency beyond the pack's
+            sys.stderr.write(f"{err.name} is not installed: pip install 'cxr-counterfactual[run]'\n")
+            return 2
+        return run_main(rest)
     from .testing.tiny_checkpoint import main as tiny_main
 
     return tiny_main(rest)

@@ -6,14 +6,18 @@ Models: the tiny random-weight SD1.5-shaped checkpoint at 256 and 512 px, and a 
 random-weight UNet (with the tiny checkpoint's full-size CLIP-L) at 256 px. Same seed, same prompt, same
 ComfyUI attention backend flags (the defaults) for every case; the radiograph and organ masks are
 ``cxr/chexmask-example``. Each case's time is the median of ``--repeats`` runs, interleaved with the stock
-runs; memory is the peak RSS growth during a run (sampled every 5 ms) minus stock's. Prints
-``case=... model=... px=... ratio_vs_stock=... extra_mem_mb=...`` per case.
+runs; memory is the peak RSS growth during a run (sampled every 5 ms) minus stock's, except for the refined
+cases: their peak RSS is measured in fresh processes (one sampling run each, stock Euler vs refinement), because
+memory freed by earlier runs stays resident and would hide the refinement's weight copies. Prints
+``case=... model=... px=... ratio_vs_stock=... extra_mem_mb=...`` per case (refined: ``extra_mem_pct=`` too).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -189,7 +193,6 @@ def bench_refined(nodes, label, px, model, masks, tokens, latent, positive, nega
 
     times = {c: [] for c in samplers}
     mems = {c: [] for c in samplers}
-    peaks = []  # stock's whole peak RSS (weights included): the base of the +50 % memory target
     for s in samplers.values():
         sample(s)  # warm-up
     for _ in range(repeats):
@@ -199,20 +202,56 @@ def bench_refined(nodes, label, px, model, masks, tokens, latent, positive, nega
                 sample(s)
                 times[case].append(time.perf_counter() - t)
             mems[case].append(rss.growth_mb)
-            if case == "stock-euler":
-                peaks.append(rss.peak / 2**20)
-    stock_t, stock_m = statistics.median(times["stock-euler"]), statistics.median(mems["stock-euler"])
+    stock_t = statistics.median(times["stock-euler"])
     refined = samplers[f"refined-g{grid_factor}"].sampler_function.store.latest()
     copied = refined.get("weights_copied_mb", 0.0)
     gain = [f"{st['before']:.3f}->{st['after']:.3f}" for st in refined["refine"]]
+    # Peak memory from fresh processes: in this one, memory freed by earlier runs stays resident (glibc keeps
+    # freed chunks below its mmap threshold), which hides the weight copies in any later run's RSS growth.
+    peaks = {case: peak_in_fresh_process(label, px, steps, case) for case in samplers}
     for case in samplers:
         ratio = statistics.median(times[case]) / stock_t
-        extra = statistics.median(mems[case]) - stock_m
-        stock_peak = statistics.median(peaks)
-        tail = (f" extra_mem_pct={100 * extra / stock_peak:.1f} weights_copied_mb={copied:.0f} "
-                f"energies={','.join(gain)}" if case != "stock-euler" else f" stock_peak_mb={stock_peak:.0f}")
+        extra = peaks[case] - peaks["stock-euler"]
+        tail = (f" extra_mem_mb={extra:.0f} extra_mem_pct={100 * extra / peaks['stock-euler']:.1f} "
+                f"weights_copied_mb={copied:.0f} energies={','.join(gain)}" if case != "stock-euler"
+                else f" peak_mem_mb={peaks[case]:.0f}")
         print(f"case={case} model={label} px={px} steps={steps} ratio_vs_stock={ratio:.3f} "
-              f"median_s={statistics.median(times[case]):.2f} extra_mem_mb={extra:.0f}{tail}", flush=True)
+              f"median_s={statistics.median(times[case]):.2f}{tail}", flush=True)
+
+
+def peak_in_fresh_process(label: str, px: int, steps: int, case: str) -> float:
+    """Peak RSS (MiB, ``VmHWM``) of a fresh process that loads the model and samples once with ``case``."""
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", label, str(px), str(steps), case],
+                         capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def memory_probe(label: str, px: int, steps: int, case: str) -> None:
+    """One sampling run in this (fresh) process, weights already resident; prints the run's peak RSS as JSON."""
+    import torch
+
+    nodes, ckpt = load_host()
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    model, masks, latent, positive, negative, tokens = prepare(nodes, ckpt, px)
+    if label == "sd15-full":
+        model = random_unet_model()
+    with torch.inference_mode():
+        sigmas = node(nodes, "BasicScheduler")().get_sigmas(model, "normal", steps, 1.0)[0]
+    sampler = (node(nodes, "KSamplerSelect")().get_sampler("euler")[0] if case == "stock-euler" else
+               run_v3(nodes, "CXRRefinementSampler", tokens=tokens, organ_masks=masks,
+                      grid_factor=case.removeprefix("refined-g"), **REFINE)[0])
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])  # weights resident first: loading peaks higher than sampling
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    with torch.inference_mode():
+        node(nodes, "SamplerCustom")().sample(model, True, 7, 7.0, positive, negative, sampler, sigmas, latent)
+    with open("/proc/self/status") as f:
+        peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_mb": peak_kb / 1024}))
 
 
 def main() -> None:
@@ -221,7 +260,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny model at 256 px only")
     parser.add_argument("--refined-only", action="store_true", help="only the refinement sampler's cases")
+    parser.add_argument("--memory-probe", nargs=4, metavar=("MODEL", "PX", "STEPS", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        label, px, steps, case = args.memory_probe
+        memory_probe(label, int(px), int(steps), case)
+        return
     nodes, ckpt = load_host()
     import comfy.ldm.modules.attention as attention
     import comfy.utils

@@ -1,0 +1,184 @@
+"""A manifest's rows over several servers: one thread per server, one prompt in flight on each.
+
+One prompt per server because a ComfyUI runs its queue one prompt at a time anyway: queueing more would
+only hide rows from idle servers. A failed row goes back to the queue until it has had ``1 + retries``
+attempts; a graph the server rejects is not retried (it would be rejected again). A server that stops
+answering loses its thread, and its row goes back to the queue for the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .client import ComfyServerError, PromptRejected, ServerUnreachable
+from .manifest import RowJob
+from .results import ResultsBook
+from .worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchSummary:
+    """How a batch ended. ``ok`` is True when every manifest row has a finished result."""
+
+    total: int
+    done: int
+    skipped: int
+    failed: dict[str, str] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
+    aborted: str = ""
+    results: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.pending and not self.aborted
+
+    def lines(self) -> list[str]:
+        """What the CLI prints at the end."""
+        out = [f"rows: {self.total}; finished now: {self.done}; finished before: {self.skipped}; "
+               f"failed: {len(self.failed)}; not run: {len(self.pending)}", f"results: {self.results}"]
+        out += [f"FAILED {key}: {error}" for key, error in self.failed.items()]
+        if self.aborted:
+            out.append(f"STOPPED: {self.aborted}")
+        if not self.ok:
+            out.append("Finished rows are kept; run the same command again to retry the rest.")
+        return out
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` for the whole batch: two runs on one folder would clear each other's partial rows.
+
+    A ``flock`` is released by the kernel when its holder dies, even by SIGKILL, so a killed run never
+    blocks the next one.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another run is writing into {out}; wait for it or use another --out") from None
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+class Progress:
+    """A tqdm bar over rows when tqdm is installed (ComfyUI requires it), plain log lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.count, self.failed = total, 0, 0
+        self._bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="row", desc="rows", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def step(self, key: str, ok: bool, server: str) -> None:
+        self.count += 1
+        self.failed += 0 if ok else 1
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(failed=self.failed, refresh=False)
+        else:
+            logger.info("row %d/%d %s %s on %s", self.count, self.total, key, "done" if ok else "FAILED", server)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run_batch(jobs: Sequence[RowJob], book: ResultsBook, workers: Sequence[Worker], *, retries: int = 1,
+              timeout: float = 3600.0, progress: bool = True) -> BatchSummary:
+    """Run every job not yet done in ``book`` on ``workers``; see the module docstring."""
+    todo = deque(job for job in jobs if not book.is_done(job.key))
+    before = sum(1 for key in book.keys if book.is_done(key))
+    summary = BatchSummary(total=len(book.keys), done=0, skipped=before, results=book.out)
+    bar = Progress(len(todo), progress)
+    cond = threading.Condition()
+    state = {"in_flight": 0}
+    dead: list[str] = []
+
+    def next_job() -> RowJob | None:
+        with cond:
+            while not todo and state["in_flight"]:
+                cond.wait()  # a row in flight elsewhere may come back for a retry
+            if not todo:
+                return None
+            state["in_flight"] += 1
+            return todo.popleft()
+
+    def finish(job: RowJob | None = None) -> None:
+        with cond:
+            if job is not None:
+                todo.appendleft(job)
+            state["in_flight"] -= 1
+            cond.notify_all()
+
+    def attempt(worker: Worker, job: RowJob) -> tuple[RowJob | None, bool]:
+        """Run one row; returns (the row again if it should be retried, whether this server is down)."""
+        try:
+            outcome = worker.run(job, timeout=timeout)
+        except PromptRejected as err:  # the same graph would be rejected again: no retry
+            book.add_failure(job.key, str(err))
+            bar.step(job.key, False, worker.client.url)
+            return None, False
+        except (ComfyServerError, TimeoutError, OSError) as err:
+            down = isinstance(err, ServerUnreachable) or not worker.client.is_running()
+            book.add_failure(job.key, f"{type(err).__name__}: {err}")
+            if down or book.attempts[job.key] <= retries:
+                logger.warning("row %s failed on %s (attempt %d): %s", job.key, worker.client.url,
+                               book.attempts[job.key], err)
+                return job, down
+            bar.step(job.key, False, worker.client.url)
+            return None, False
+        folder = book.add_success(job, outcome)
+        logger.debug("row %s done in %.1f s on %s -> %s", job.key, outcome.elapsed_s, outcome.server, folder)
+        bar.step(job.key, True, outcome.server)
+        return None, False
+
+    def serve(worker: Worker) -> None:
+        while (job := next_job()) is not None:
+            requeue: RowJob | None = job  # what an unexpected error (a bug, a full disk) leaves behind
+            down = True
+            try:
+                requeue, down = attempt(worker, job)
+            except BaseException as err:  # noqa: BLE001 - reported, and this thread stops taking rows
+                logger.exception("row %s: unexpected error on %s", job.key, worker.client.url)
+                dead.append(f"{worker.client.url}: {type(err).__name__}: {err}")
+            finally:
+                finish(requeue)
+            if down:
+                logger.error("server %s is down; its rows go to the other servers", worker.client.url)
+                if not dead or not dead[-1].startswith(worker.client.url):
+                    dead.append(f"{worker.client.url}: {book.failed.get(job.key, 'down')}")
+                return
+
+    threads = [threading.Thread(target=serve, args=(w,), name=f"server-{i}", daemon=True)
+               for i, w in enumerate(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bar.close()
+    book.write()
+    if todo:
+        summary.aborted = "no server is left to run the remaining rows: " + "; ".join(dead)
+        summary.pending = [job.key for job in todo]
+    summary.done = sum(1 for key in book.keys if book.is_done(key)) - before
+    summary.failed = {k: v for k, v in book.failed.items() if not book.is_done(k) and k not in summary.pending}
+    summary.results = book.out / "results.csv"
+    return summary

@@ -1,0 +1,235 @@
+"""``python -m cxr_counterfactual run``: one API workflow, or a manifest of rows, on headless ComfyUI servers.
+
+    run cxr_dicom_masked_edit --input RG1_UNCR.dcm --set "Sampler.steps=8" --out runs
+    run cxr_chexmask_edit --manifest rows.csv --out dataset --server http://127.0.0.1:8188 --server ...
+    run cxr_chexmask_edit --manifest rows.csv --out dataset --ray auto
+
+Without ``--server`` it starts its own headless ComfyUI(s) with this pack (ComfyUI found like the tests
+find it: ``--comfyui``, ``COMFYUI_PATH``, the ComfyUI holding the pack, ``~/comfy/ComfyUI``).
+Exit status: 0 when everything finished, 1 when a run or a row failed (finished rows are kept), 2 for a
+usage error (bad workflow, override or manifest; unreachable server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import graph as g
+from .client import ComfyClient, ComfyServerError, ProgressEvent
+from .manifest import ManifestError, build_job, prepare, read_manifest, row_key
+from .results import ResultsBook, commit, record_of, unique_name
+from .worker import Worker
+
+logger = logging.getLogger("cxr_counterfactual.runner")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cxr_counterfactual run", description=__doc__.split("\n")[0])
+    p.add_argument("workflow", help="API workflow file, or a shipped one by name (e.g. cxr_dicom_masked_edit)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="'TITLE.INPUT=VALUE'",
+                   help="set a widget value of the node with that title (repeatable)")
+    p.add_argument("--manifest", type=Path, help="batch mode: a CSV with one edit per row (see the README)")
+    p.add_argument("--out", type=Path, default=Path("cxr-runs"), help="output folder (never overwritten)")
+    one = p.add_argument_group("single run")
+    one.add_argument("--input", action="append", default=[], type=Path, metavar="FILE",
+                     help="copy/upload a file into the server's input folder under its own name (repeatable)")
+    one.add_argument("--radiograph", type=Path, help="radiograph (PNG/JPEG or DICOM) for the workflow's loader")
+    one.add_argument("--prompt", help="edit prompt")
+    one.add_argument("--pathology", help="pathology words (CXR Text Encode)")
+    one.add_argument("--seed", help="seed of every sampler")
+    batch = p.add_argument_group("batch")
+    batch.add_argument("--retries", type=int, default=1, help="extra attempts for a failed row (default 1)")
+    batch.add_argument("--timeout", type=float, default=3600.0, help="seconds one row may run (default 3600)")
+    batch.add_argument("--ray", metavar="ADDRESS", help="run on Ray: 'auto' (a cluster) or 'local' (this machine)")
+    batch.add_argument("--ray-actors", type=int, help="Ray actors (default: one per GPU, else 1)")
+    servers = p.add_argument_group("servers")
+    servers.add_argument("--server", action="append", default=[], metavar="URL",
+                         help="a running ComfyUI with this pack (repeatable: rows are spread over them)")
+    servers.add_argument("--comfyui", type=Path, help="ComfyUI folder for the servers started here")
+    servers.add_argument("--checkpoint", action="append", default=[], type=Path, metavar="FILE",
+                         help="checkpoint linked into the servers started here; with one, every ckpt_name uses it")
+    servers.add_argument("--servers", type=int, default=1, help="how many servers to start here (default 1)")
+    servers.add_argument("--gpu", action="store_true", help="servers started here use the GPU (default: CPU)")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+@contextlib.contextmanager
+def open_servers(args: argparse.Namespace) -> Iterator[list[ComfyClient]]:
+    """The ``--server`` clients, or ``--servers`` headless ComfyUIs started here (stopped on exit)."""
+    if args.server:
+        yield [ComfyClient(url) for url in args.server]
+        return
+    from ..testing.paths import find_comfyui
+    from ..testing.server import ComfyServer
+
+    comfyui = args.comfyui or find_comfyui()
+    if comfyui is None:
+        raise SystemExit("error: ComfyUI not found: pass --comfyui, set COMFYUI_PATH, or give --server URL")
+    started: list[ComfyServer] = []
+    bases: list[Path] = []
+    try:
+        for _ in range(max(args.servers, 1)):  # from this thread: a server dies with the thread that started it
+            bases.append(Path(tempfile.mkdtemp(prefix="cxr-run-comfy-")))
+            server = ComfyServer(comfyui, checkpoints=args.checkpoint, base_dir=bases[-1], cpu=not args.gpu)
+            started.append(server.start())
+        yield list(started)
+    finally:
+        for server in started:
+            server.stop()
+        for base in bases:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def base_graph(args: argparse.Namespace, object_info: dict[str, Any] | None) -> g.Graph:
+    """The workflow with ``--checkpoint`` and ``--set`` applied (every error names the titles)."""
+    graph = g.load_workflow(args.workflow)
+    if len(args.checkpoint) == 1 and not args.server:
+        for node in graph.values():
+            if "ckpt_name" in node["inputs"]:
+                node["inputs"]["ckpt_name"] = args.checkpoint[0].name
+    graph = g.apply_overrides(graph, args.overrides, object_info)
+    g.add_metrics_saver(graph)
+    return graph
+
+
+def check_servers(clients: Sequence[ComfyClient], graph: g.Graph) -> dict[str, Any]:
+    """Every server answers and knows the workflow's node types; returns the first one's node definitions."""
+    infos = []
+    for client in clients:
+        try:
+            infos.append(client.object_info())
+        except ComfyServerError as err:
+            raise SystemExit(f"error: {err}. Is ComfyUI running there?") from None
+        g.check_types(graph, infos[-1], client.url)
+    return infos[0]
+
+
+class StepBar:
+    """Sampling steps of one run as a tqdm bar (log lines without tqdm)."""
+
+    def __init__(self, enabled: bool):
+        self.bar: Any = None
+        self.enabled = enabled
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if not self.enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            logger.info("step %d/%d", event.value, event.max)
+            return
+        if self.bar is None or self.bar.total != event.max or event.value < self.bar.n:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=event.max, unit="step", desc=f"node {event.node}", dynamic_ncols=True)
+        self.bar.update(event.value - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_single(args: argparse.Namespace, client: ComfyClient, base: g.Graph, info: dict[str, Any]) -> int:
+    row = {k: str(v) for k, v in (("radiograph", args.radiograph), ("prompt", args.prompt),
+                                   ("pathology", args.pathology), ("seed", args.seed)) if v is not None}
+    job = build_job(base, row, 1, Path.cwd(), _plain_namer, info)
+    worker = Worker(client)
+    for path in args.input:
+        if not path.is_file():
+            raise ManifestError(f"--input {path} does not exist")
+        client.upload_bytes(path.name, path.read_bytes())
+    bar = StepBar(not args.no_progress)
+    try:
+        outcome = worker.run(job, timeout=args.timeout, on_progress=bar)
+    finally:
+        bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = unique_name(args.out, f"{Path(args.workflow).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = commit(args.out, name, outcome.files, record_of(job, outcome, 1))
+    sys.stdout.write(f"{folder}\n")
+    for key, value in outcome.metrics.items():
+        sys.stdout.write(f"  {key}: {value}\n")
+    return 0
+
+
+def _plain_namer(path: Path) -> Any:
+    """A single run's files keep their own names (the graph may already name them)."""
+    from .manifest import Upload
+
+    if not path.is_file():
+        raise ManifestError(f"{path} does not exist")
+    return Upload(path.name, path)
+
+
+def run_manifest(args: argparse.Namespace, base: g.Graph, info: dict[str, Any] | None,
+                 clients: Sequence[ComfyClient]) -> int:
+    from .batch import output_lock, run_batch
+
+    rows = read_manifest(args.manifest)
+    keys = [row_key(row, i, base) for i, row in enumerate(rows, start=1)]
+    with output_lock(args.out):
+        book = ResultsBook(args.out, rows, keys)
+        jobs, problems = prepare(base, rows, args.manifest.resolve().parent, info, skip=book.is_done)
+        for index, reason in problems.items():
+            logger.error("%s", reason)
+            book.add_failure(keys[index - 1], reason, attempt=False)
+        if args.ray:
+            from .ray_backend import init_ray, run_batch_ray
+
+            init_ray(args.ray)  # before anything imports ray: it sets Ray's environment
+            import ray
+
+            try:
+                summary = run_batch_ray(jobs, book, actors=args.ray_actors, comfyui=args.comfyui,
+                                        checkpoints=args.checkpoint, retries=args.retries, timeout=args.timeout,
+                                        progress=not args.no_progress)
+            finally:
+                ray.shutdown()
+        else:
+            workers = [Worker(c) for c in clients]
+            summary = run_batch(jobs, book, workers, retries=args.retries, timeout=args.timeout,
+                                progress=not args.no_progress)
+    sys.stdout.write("\n".join(summary.lines()) + "\n")
+    return 0 if summary.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if args.ray and not args.manifest:
+        raise SystemExit("error: --ray runs a --manifest batch")
+    if args.ray and args.server:
+        raise SystemExit("error: --ray starts a ComfyUI in every actor; it takes no --server")
+    try:
+        if args.ray:
+            graph = base_graph(args, None)  # actors check their own servers when they start
+            return run_manifest(args, graph, None, [])
+        g.load_workflow(args.workflow)  # a wrong name fails before any server starts
+        with open_servers(args) as clients:
+            info = check_servers(clients, g.load_workflow(args.workflow))
+            graph = base_graph(args, info)
+            g.check_types(graph, info, clients[0].url)
+            if args.manifest:
+                return run_manifest(args, graph, info, clients)
+            return run_single(args, clients[0], graph, info)
+    except (g.GraphError, ManifestError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    except ComfyServerError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("stopped; finished rows are kept: run the same command again to resume\n")
+        return 130

@@ -1,0 +1,131 @@
+"""Run one job on one server and bring back what its output nodes wrote (shared by every backend).
+
+The outcome holds the files' bytes, not paths: the server may be on another machine (``--server``) or in
+another process (a Ray actor), and only the driver writes into the output folder, so resume semantics
+are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import urllib.error
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import graph as g
+from .client import ComfyClient, ProgressEvent
+from .manifest import RowJob, Upload
+
+logger = logging.getLogger(__name__)
+
+# A line of a node's UI text that names a file it wrote (CXR Save Metrics, CXR Export list theirs so).
+_FILE_LINE = re.compile(r"^[\w.\-/]+\.(json|csv|dcm|png|jpe?g|tiff?|npz|latent|txt)$", re.I)
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+@dataclass
+class RowOutcome:
+    """What a finished row produced.
+
+    Attributes:
+        files: ``{name in the row folder: bytes}``, named after the output node's title.
+        outputs: The run's UI outputs (``GET /history``), with ``saved_as`` added to each file item.
+        metrics: The first image pair's metrics when the workflow evaluates the edit ({} otherwise).
+        server: The server that ran it.
+        prompt_id: The id it ran under there.
+        elapsed_s: Wall time of the run, uploads and downloads included.
+    """
+
+    files: dict[str, bytes]
+    outputs: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    server: str = ""
+    prompt_id: str = ""
+    elapsed_s: float = 0.0
+
+
+def slug(text: str) -> str:
+    return _SLUG.sub("-", text.lower()).strip("-") or "output"
+
+
+class Worker:
+    """One server, and the inputs already uploaded to it (each file goes over once per server)."""
+
+    def __init__(self, client: ComfyClient, read: Callable[[Upload], bytes] | None = None):
+        self.client = client
+        self.read = read or (lambda upload: upload.path.read_bytes())
+        self._uploaded: set[str] = set()
+
+    def run(self, job: RowJob, timeout: float = 3600.0,
+            on_progress: Callable[[ProgressEvent], None] | None = None) -> RowOutcome:
+        """Upload the job's inputs, run its graph, and collect its output files.
+
+        Raises:
+            ComfyServerError (and subclasses): see :meth:`ComfyClient.run`.
+        """
+        started = time.monotonic()
+        for upload in job.uploads:
+            if upload.name not in self._uploaded:
+                self.client.upload_bytes(upload.name, self.read(upload))
+                self._uploaded.add(upload.name)
+        result = self.client.run(job.graph, timeout=timeout, on_progress=on_progress)
+        files, outputs, metrics = collect(self.client, job.graph, result.outputs)
+        return RowOutcome(files=files, outputs=outputs, metrics=metrics, server=self.client.url,
+                          prompt_id=result.prompt_id, elapsed_s=time.monotonic() - started)
+
+
+def _free_name(files: Mapping[str, bytes], stem: str, suffix: str) -> str:
+    name, i = f"{stem}{suffix}", 1
+    while name in files:
+        name, i = f"{stem}_{i}{suffix}", i + 1
+    return name
+
+
+def collect(client: ComfyClient, graph: Mapping[str, Any],
+            outputs: Mapping[str, Any]) -> tuple[dict[str, bytes], dict[str, Any], dict[str, Any]]:
+    """Fetch every file the output nodes list (images, latents, previews, files named in their text).
+
+    Files are renamed after their node's title (``save-counterfactual.png``): a dataset's rows then hold the
+    same names, while the server's own names carry per-server counters.
+    """
+    files: dict[str, bytes] = {}
+    metrics: dict[str, Any] = {}
+    annotated: dict[str, Any] = json.loads(json.dumps(outputs))  # the caller's copy stays as the server sent it
+    for node_id, ui in annotated.items():
+        stem = slug(g.title(graph, node_id)) if node_id in graph else f"node-{node_id}"
+        for items in ui.values():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, dict) and "filename" in item:
+                    data = client.fetch(item["filename"], item.get("subfolder", ""), item.get("type", "output"))
+                    item["saved_as"] = _free_name(files, stem, Path(item["filename"]).suffix)
+                    files[item["saved_as"]] = data
+                elif isinstance(item, str):
+                    for line in (ln.strip() for ln in item.splitlines()):
+                        if not _FILE_LINE.match(line):
+                            continue
+                        folder, _, name = line.rpartition("/")
+                        try:
+                            data = client.fetch(name, folder, "output")
+                        except urllib.error.HTTPError:
+                            continue  # text that only looks like a file name
+                        saved = _free_name(files, stem, Path(name).suffix)
+                        files[saved] = data
+                        if saved.endswith(".json") and graph.get(node_id, {}).get("class_type") == "CXRSaveMetrics":
+                            metrics = _first_metrics(data)
+    return files, annotated, metrics
+
+
+def _first_metrics(data: bytes) -> dict[str, Any]:
+    """The first image pair's metrics from a CXR Save Metrics JSON (one pair per row in a batch)."""
+    try:
+        rows = json.loads(data).get("images") or []
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    return {k: v for k, v in rows[0].items() if isinstance(v, (int, float, str))} if rows else {}
