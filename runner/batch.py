@@ -43,6 +43,18 @@ class BatchSummary:
     def ok(self) -> bool:
         return not self.failed and not self.pending and not self.aborted
 
+    def close(self, book: ResultsBook, todo: Sequence[RowJob], dead: Sequence[str], before: int,
+              runner: str) -> BatchSummary:
+        """Fill in how the batch ended (rows left in ``todo`` had no ``runner`` left) and write the results."""
+        book.write()
+        if todo:
+            self.aborted = f"no {runner} is left to run the remaining rows: " + "; ".join(dead)
+            self.pending = [job.key for job in todo]
+        self.done = sum(1 for key in book.keys if book.is_done(key)) - before
+        self.failed = {k: v for k, v in book.failed.items() if not book.is_done(k) and k not in self.pending}
+        self.results = book.out / "results.csv"
+        return self
+
     def lines(self) -> list[str]:
         """What the CLI prints at the end."""
         out = [f"rows: {self.total}; finished now: {self.done}; finished before: {self.skipped}; "
@@ -174,11 +186,4 @@ def run_batch(jobs: Sequence[RowJob], book: ResultsBook, workers: Sequence[Worke
     for t in threads:
         t.join()
     bar.close()
-    book.write()
-    if todo:
-        summary.aborted = "no server is left to run the remaining rows: " + "; ".join(dead)
-        summary.pending = [job.key for job in todo]
-    summary.done = sum(1 for key in book.keys if book.is_done(key)) - before
-    summary.failed = {k: v for k, v in book.failed.items() if not book.is_done(k) and k not in summary.pending}
-    summary.results = book.out / "results.csv"
-    return summary
+    return summary.close(book, todo, dead, before, "server")

@@ -8,6 +8,7 @@ talks only to the servers it is given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -178,7 +179,16 @@ class ComfyClient:
     def _submit(self, prompt: Mapping[str, Any], prompt_id: str, client_id: str) -> None:
         body = {"prompt": prompt, "client_id": client_id, "prompt_id": prompt_id}
         try:
-            self._request("POST", "/prompt", body)
+            answer = self._request("POST", "/prompt", body) or {}
+            if answer.get("node_errors"):
+                # ComfyUI queues a graph when at least one output node is valid and runs only those: for us a
+                # graph with an invalid node is a broken graph. Take it back off the queue (or stop it) and
+                # report it as refused.
+                with contextlib.suppress(urllib.error.URLError, OSError):
+                    self._request("POST", "/queue", {"delete": [prompt_id]})
+                    self.interrupt(prompt_id)
+                raise PromptRejected({"message": "some nodes failed validation (the rest would have run)"},
+                                     answer["node_errors"])
         except urllib.error.HTTPError as err:
             text = err.read().decode("utf-8", errors="replace")
             if err.code != 400:

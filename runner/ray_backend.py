@@ -176,11 +176,4 @@ def run_batch_ray(jobs: list[RowJob], book: ResultsBook, *, actors: int | None, 
             except Exception:  # noqa: BLE001 - a dead actor has nothing left to stop
                 pass
             ray.kill(actor)
-    book.write()
-    if todo:
-        summary.aborted = "no Ray actor is left to run the remaining rows: " + "; ".join(dead)
-        summary.pending = [job.key for job in todo]
-    summary.done = sum(1 for key in book.keys if book.is_done(key)) - before
-    summary.failed = {k: v for k, v in book.failed.items() if not book.is_done(k) and k not in summary.pending}
-    summary.results = book.out / "results.csv"
-    return summary
+    return summary.close(book, todo, dead, before, "Ray actor")

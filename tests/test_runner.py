@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pydicom.data
 import pytest
+from test_runner_graph import write_manifest as write_rows
 
 from conftest import need
 
@@ -59,14 +60,7 @@ def write_manifest(path: Path, data_dir: Path, example: Path, seeds: list[int], 
                          "mask_heart": str(example / "H_mask.png"), "seed": str(seed),
                          "prompt": "chest x-ray, large left pleural effusion, left lung, normal heart"})
     rows += list(extra)
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_rows(path, rows)
 
 
 def results(out: Path) -> list[dict[str, str]]:
