@@ -12,14 +12,12 @@ What it does:
   honoured (hard gating calls it per group; soft gating gives it a dense float mask).
 - keeps per-run state in one holder under ``transformer_options["cxr_counterfactual"]``, replaced by a
   fresh copy at the start of every run by an OUTER_SAMPLE wrapper; what a run produces for nodes after
-  the sampler goes to a :class:`ResultStore` that model copies share.
+  the sampler goes to a :class:`ResultStore` that model copies share (both in :mod:`.run_state`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
 from collections.abc import Callable, Sequence
 
 import comfy.ldm.modules.attention as comfy_attention
@@ -32,13 +30,13 @@ from ..errors import CXRInputError
 from .boosting import token_probabilities
 from .gating import gated_self_attention, self_attention_bias, token_masked_cross_attention
 from .kernels import sdpa, sdpa_with_lse, to_flat, to_heads
+from .run_state import Key, ResultStore, RunState, latent_fingerprint
 from .stages import CaptureStage, GateStage, Stage
 
 logger = logging.getLogger("cxr_counterfactual")
 
 HOLDER_KEY = "cxr_counterfactual"
 COND, UNCOND = 0, 1
-Key = tuple[str, int, int]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,86 +72,6 @@ def transformer_keys(model) -> list[Key]:
 
 # --------------------------------------------------------------------------------------------------
 # per-run state and results
-class ResultStore:
-    """What runs produced, for nodes after the sampler. Model copies share it (deep copy returns self)."""
-
-    def __init__(self, keep: int = 8) -> None:
-        self.keep = keep
-        self.runs: list[dict] = []
-        self._lock = threading.Lock()
-
-    def __deepcopy__(self, memo: dict) -> ResultStore:
-        return self
-
-    def new_run(self) -> dict:
-        record: dict = {"trace": [], "conflicts": [], "capture": {}, "latent": None}
-        with self._lock:
-            self.runs.append(record)
-            del self.runs[: -self.keep]
-        return record
-
-    def latest(self) -> dict | None:
-        return self.runs[-1] if self.runs else None
-
-    def for_latent(self, samples: torch.Tensor) -> dict | None:
-        """The newest run whose sampler returned exactly ``samples`` (so a preview never shows a stale run)."""
-        key = latent_fingerprint(samples)
-        return next((r for r in reversed(self.runs) if r.get("latent") == key), None)
-
-
-def latent_fingerprint(samples: torch.Tensor) -> str:
-    """A digest of a latent's values: identifies the run that produced it."""
-    data = samples.detach().to("cpu", torch.float32).contiguous()
-    return hashlib.sha1(data.numpy().tobytes() + str(tuple(data.shape)).encode()).hexdigest()
-
-
-class RunState:
-    """The one per-run holder: options, the current run's record, the shared result store."""
-
-    def __init__(self, store: ResultStore | None = None, trace: bool = False) -> None:
-        self.store = store or ResultStore()
-        self.trace_enabled = trace
-        self.installed: dict[str, set[Key]] = {"attn1": set(), "attn2": set()}
-        self.record: dict = {"trace": [], "conflicts": [], "capture": {}, "latent": None}
-        self._reported: set[tuple] = set()
-
-    def clone(self) -> RunState:
-        new = RunState(self.store, self.trace_enabled)
-        new.installed = {k: set(v) for k, v in self.installed.items()}
-        return new
-
-    def reset(self) -> RunState:
-        self.record = self.store.new_run()
-        self._reported = set()
-        return self
-
-    def to(self, device: torch.device) -> RunState:
-        return self  # nothing device-bound: region tensors live in the stages' caches, per device
-
-    def trace(self, kind: str, key: Key, sigma: float, gated: bool) -> None:
-        if self.trace_enabled:
-            self.record["trace"].append((kind, key, sigma, gated))
-
-    def capture(self, label: str, grid: tuple[int, int], sigma: float, maps: dict[str, torch.Tensor],
-                share: float | None) -> None:
-        """Add one layer's per-word maps (``[h, w]``) and in-target share at ``sigma`` (averaged later)."""
-        run = self.record["capture"].setdefault(label, {"grid": grid, "steps": {}})
-        step = run["steps"].setdefault(sigma, {"maps": {}, "layers": 0, "share_sum": 0.0, "share_layers": 0})
-        for word, m in maps.items():
-            step["maps"][word] = step["maps"].get(word, 0) + m
-        step["layers"] += 1
-        if share is not None:
-            step["share_sum"] += share
-            step["share_layers"] += 1
-
-    def report(self, what: str, key: Key, message: str) -> None:
-        if (what, key) in self._reported:
-            return
-        self._reported.add((what, key))
-        self.record["conflicts"].append({"kind": what, "key": key, "message": message})
-        logger.warning("CXR Counterfactual: %s", message)
-
-
 def _state(options: dict) -> RunState | None:
     return options.get(HOLDER_KEY)
 
