@@ -85,13 +85,25 @@ def _grids(extra: dict) -> tuple[int, int, tuple[int, int]]:
 
 # --------------------------------------------------------------------------------------------------
 # the replace patch
-def _rows(cond_or_uncond: Sequence[int], batch: int, include_uncond: bool) -> torch.Tensor | None:
-    """Batch rows to regulate (None = all). Each entry of cond_or_uncond is one chunk of equal size."""
-    if not cond_or_uncond:
+def _rows(extra: dict, batch: int, include_uncond: bool) -> torch.Tensor | None:
+    """Batch rows to regulate (None = all): the chunks of the positive prompt (all chunks with
+    ``include_uncond``). Each entry of ``cond_or_uncond`` is one chunk of equal size.
+
+    ``cond_or_uncond`` numbers the conditionings by their place in the call, not by what they are: SAG's
+    extra pass on the negative prompt alone is labelled 0 ("cond"). So where the run knows the positive
+    prompt's conditioning ids (``uuids``, one per chunk), they decide.
+    """
+    cou = extra.get("cond_or_uncond") or []
+    if not cou:
         return None
-    per = batch // len(cond_or_uncond)
-    chosen = [i for i, c in enumerate(cond_or_uncond) if c == COND or include_uncond]
-    if len(chosen) == len(cond_or_uncond):
+    per = batch // len(cou)
+    state = _state(extra)
+    uuids = extra.get("uuids")
+    if state is not None and state.positive is not None and uuids is not None and len(uuids) == len(cou):
+        chosen = [i for i, u in enumerate(uuids) if u in state.positive or include_uncond]
+    else:
+        chosen = [i for i, c in enumerate(cou) if c == COND or include_uncond]
+    if len(chosen) == len(cou):
         return None
     return torch.tensor([c * per + r for c in chosen for r in range(per)], dtype=torch.long)
 
@@ -106,6 +118,10 @@ def _sub_options(extra: dict, rows: torch.Tensor | None, batch: int) -> dict:
     sub = dict(extra)
     sub["cond_or_uncond"] = [cou[c] for c in chunks]
     return sub
+
+
+class _NotAttention(Exception):
+    """Another pack's replace returned one row per key, not per query (PAG's identity): it cannot be gated."""
 
 
 class CXRReplace:
@@ -134,6 +150,8 @@ class CXRReplace:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
         state = _state(extra)
+        if state is not None:
+            state.reach(self.kind, self.key)
         sigmas = extra.get("sigmas")
         sigma = float(sigmas.max()) if sigmas is not None else 0.0
         active = [s for s in self.stages if s.active(sigma) and s.covers(self.key)]
@@ -142,6 +160,13 @@ class CXRReplace:
             gate = next((s for s in active if isinstance(s, GateStage) and s.self_leak < 1.0), None)
             work = None if gate is None else (lambda qq, kk, vv, sub: self._gate(gate, qq, kk, vv, sub, state))
             include_uncond = gate is not None and gate.apply_to_uncond
+            if gate is not None and include_uncond and self.inner is not None:
+                # Region-by-region calls would show another pack pieces of the negative prompt's attention, and
+                # SAG reads that attention whole: the negative rows keep the other pack's full-layer call.
+                if state is not None:
+                    state.report("uncond-kernel", self.key, f"{gate.title}: another pack's replace at {self.key} "
+                                 "gets the negative prompt's rows ungated (apply_to_uncond is off in this layer).")
+                include_uncond = False
         else:
             work = self._cross_work(active, h, w, latent, k.shape[1], q.device, sigma, state)
             include_uncond = False  # token indices belong to the positive prompt
@@ -157,7 +182,7 @@ class CXRReplace:
 
     def _on_rows(self, q, k, v, extra: dict, include_uncond: bool, work) -> torch.Tensor:
         """Run ``work`` on the regulated rows and stock attention (once) on the others."""
-        rows = _rows(extra.get("cond_or_uncond") or [], q.shape[0], include_uncond)
+        rows = _rows(extra, q.shape[0], include_uncond)
         if rows is None:
             return work(q, k, v, extra)
         if rows.numel() == 0:
@@ -195,7 +220,7 @@ class CXRReplace:
             def observe(q, k, v, extra):
                 # Capture alone must not change the result: the positive rows are only observed, and the whole
                 # batch runs through the stock kernel exactly as without us (a sub-batch can round differently).
-                rows = _rows(extra.get("cond_or_uncond") or [], q.shape[0], False)
+                rows = _rows(extra, q.shape[0], False)
                 if rows is None:
                     capture(q, k, extra)
                 elif rows.numel():
@@ -239,6 +264,15 @@ class CXRReplace:
         qh, kh, vh = to_heads(q, heads), to_heads(k, heads), to_heads(v, heads)
         part = stage.partition(h, w, latent, q.device)
         kernel, lse_kernel = self._kernels(heads, extra)
+        if self.inner is not None and stage.self_leak == 0.0:
+            try:
+                return to_flat(gated_self_attention(qh, kh, vh, part, 0.0, stage.background, kernel)).to(dtype)
+            except _NotAttention:
+                # PAG's perturbation (self-attention → identity) returns the values it is given: no attention to
+                # confine, each token already sees only itself. It replaces this layer ungated, as without us.
+                logger.debug("%s: the replace at %s is not an attention over its keys; it runs ungated",
+                             stage.title, self.key)
+                return self.inner(to_flat(qh).to(dtype), to_flat(kh).to(dtype), to_flat(vh).to(dtype), extra)
         if lse_kernel is None and 0.0 < stage.self_leak < 1.0:
             if self.inner is not None:
                 if state is not None:
@@ -261,7 +295,10 @@ class CXRReplace:
             inner = self.inner
 
             def via_inner(q, k, v):
-                return to_heads(inner(to_flat(q), to_flat(k), to_flat(v), extra), heads)
+                out = inner(to_flat(q), to_flat(k), to_flat(v), extra)
+                if out.shape[1] != q.shape[2]:  # one output per key, not per query: not an attention
+                    raise _NotAttention
+                return to_heads(out, heads)
             return via_inner, None
         if "optimized_attention_override" in extra:
             def via_override(q, k, v):
@@ -284,23 +321,31 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     state = None
     if HOLDER_KEY in to:
         state = to[HOLDER_KEY] = to[HOLDER_KEY].clone().reset()
-        _check_ownership(state, to)
+        conds = getattr(guider, "conds", None) or {}
+        if "positive" in conds:  # CFGGuider and ours; other guiders fall back to cond_or_uncond
+            state.positive = frozenset(c["uuid"] for c in conds["positive"] if "uuid" in c)
     try:
         out = executor(*args, **kwargs)
-        if state is not None and isinstance(out, torch.Tensor):
-            state.record["latent"] = latent_fingerprint(out)  # nodes after the sampler find their run by it
+        if state is not None:
+            _check_ownership(state, to)
+            if isinstance(out, torch.Tensor):
+                state.record["latent"] = latent_fingerprint(out)  # nodes after the sampler find their run by it
         return out
     finally:
         guider.model_options = original
 
 
 def _check_ownership(state: RunState, to: dict) -> None:
-    """Report keys where a node applied after ours replaced our patch (as SAG does)."""
+    """After a run: report keys where a node applied after ours replaced our patch (as SAG does).
+
+    A replace that wraps ours and calls it (a cooperative pack) is no conflict: only keys where ours never
+    ran are reported.
+    """
     replace = to.get("patches_replace", {})
     for kind, keys in state.installed.items():
         for key in sorted(keys):
             fn = replace.get(kind, {}).get(key)
-            if not isinstance(fn, CXRReplace):
+            if not isinstance(fn, CXRReplace) and (kind, key) not in state.reached:
                 name = getattr(fn, "__qualname__", type(fn).__name__)
                 state.report("overwritten", key, f"{kind} {key} was replaced by a later node ({name}); anatomy "
                              "gating is off in that layer. Apply the CXR nodes after that node to compose them.")

@@ -67,6 +67,8 @@ class RunState:
         self.trace_enabled = trace
         self.installed: dict[str, set[Key]] = {"attn1": set(), "attn2": set()}
         self.record: dict = empty_record()
+        self.reached: set[tuple[str, Key]] = set()  # (kind, key) of our replaces that ran in this run
+        self.positive: frozenset | None = None  # conditioning ids of the positive prompt in this run
         self._reported: set[tuple] = set()
 
     def clone(self) -> RunState:
@@ -76,11 +78,16 @@ class RunState:
 
     def reset(self) -> RunState:
         self.record = self.store.new_run()
+        self.reached = set()
         self._reported = set()
         return self
 
     def to(self, device: torch.device) -> RunState:
         return self  # nothing device-bound: region tensors live in the stages' caches, per device
+
+    def reach(self, kind: str, key: Key) -> None:
+        """Our replace at ``key`` ran (directly, or called by a pack that wraps it)."""
+        self.reached.add((kind, key))
 
     def trace(self, kind: str, key: Key, sigma: float, gated: bool) -> None:
         if self.trace_enabled:

@@ -123,14 +123,19 @@ def test_attention_override_is_honoured(comfy, tiny_model, chest):
         calls.append(kwargs.get("mask") is not None)
         return func(*args, **kwargs)
 
+    def with_override(model):
+        m = model.clone()
+        m.model_options["transformer_options"]["optimized_attention_override"] = override
+        return m
+
     for strength in (1.0, 0.5):
-        patched = gate(comfy, tiny_model.model, chest, strength=strength, token_strength=0.0)
-        reference = sample(comfy, patched, chest)
-        overridden = patched.clone()
-        overridden.model_options["transformer_options"]["optimized_attention_override"] = override
-        calls.clear()
-        out = sample(comfy, overridden, chest)
-        assert calls, "the override was bypassed"
-        if strength < 1.0:
-            assert any(calls), "soft gating should hand the override a float mask"
-        assert float((out - reference).abs().max()) < 1e-3 * float(reference.abs().max())
+        reference = sample(comfy, gate(comfy, tiny_model.model, chest, strength=strength, token_strength=0.0), chest)
+        after = with_override(gate(comfy, tiny_model.model, chest, strength=strength, token_strength=0.0))
+        before = gate(comfy, with_override(tiny_model.model), chest, strength=strength, token_strength=0.0)
+        for overridden in (after, before):
+            calls.clear()
+            out = sample(comfy, overridden, chest)
+            assert calls, "the override was bypassed"
+            if strength < 1.0:
+                assert any(calls), "soft gating should hand the override a float mask"
+            assert float((out - reference).abs().max()) < 1e-3 * float(reference.abs().max())
