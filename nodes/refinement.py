@@ -157,6 +157,10 @@ class RefinementSampler:
         keys, grid = energy_layers(dm, tuple(x.shape[-2:]), self.grid_factor)
         opts = comfy.model_patcher.create_model_options_clone(extra_args.get("model_options", {}))
         to = opts.setdefault("transformer_options", {})
+        # A probe, not a model call of the run: without the per-run holder, the stages still regulate attention
+        # but captures and the trace do not record it (a capture under grad would also keep this pass's graph,
+        # and with it the weight clones, alive in the run's record).
+        to.pop(HOLDER_KEY, None)
         replace = dict(to.get("patches_replace", {}))
         attn2 = dict(replace.get("attn2", {}))
         maps: list[torch.Tensor] = []

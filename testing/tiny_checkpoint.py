@@ -227,6 +227,31 @@ def _vae_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return _prefixed(taesd.state_dict(), _VAE_PREFIX, torch.float32)
 
 
+def save_checkpoint(state: dict[str, torch.Tensor], path: Path, description: str) -> Path:
+    """Write ``state`` to ``path`` (safetensors) with the one metadata entry ``{METADATA_KEY: description}``.
+
+    The file is written under a temporary name in the same folder and moved into place with
+    :func:`os.replace`, so a reader never sees a half-written file and concurrent builders do not clash.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One metadata key: safetensors writes several in hash order, which would make same-seed files differ
+    # byte-wise. Not "config": ComfyUI reads that key as a model config.
+    metadata = {METADATA_KEY: description}
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp_name, metadata=metadata)
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the file is no secret
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     """Build the tiny SD1.5-shaped checkpoint and write it to ``path`` (safetensors).
 
@@ -242,29 +267,15 @@ def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
         ``path``.
     """
     import torch
-    from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     state.update(_unet_state(generator))
     state.update(_clip_state(generator))
     state.update(_vae_state(generator))
-    # One metadata key: safetensors writes several in hash order, which would make same-seed files differ
-    # byte-wise. Not "config": ComfyUI reads that key as a model config.
-    metadata = {METADATA_KEY: f"tiny-sd15 v{RECIPE_VERSION} seed {seed}"}
-
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp_name, metadata=metadata)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the file is no secret
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    save_checkpoint(state, path, f"tiny-sd15 v{RECIPE_VERSION} seed {seed}")
     logger.info(
         "built tiny SD1.5 checkpoint %s (%d tensors, %.1f MB) in %.1f s",
         path,

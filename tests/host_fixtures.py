@@ -3,6 +3,9 @@
 - ``tiny_checkpoint``: the random-weight SD1.5-shaped checkpoint (``testing/tiny_checkpoint.py``), built
   once per test run, in this process (the weights are drawn with ComfyUI's own modules, so ComfyUI is
   imported on the CPU, exactly as the ``comfy`` fixture does).
+- ``tiny_sd2_checkpoint`` / ``tiny_sdxl_checkpoint``: the SD2.x v-prediction and SDXL-family (Segmind Vega)
+  checkpoints of ``testing/tiny_models.py``, built once per test run on first use (≈ 8 s / 13 s, 0.6 / 1.0 GB);
+  :func:`load_checkpoint` loads one through ``CheckpointLoaderSimple``.
 - ``comfy_server``: one real headless ComfyUI for the whole session, with this pack and the tiny
   checkpoint linked into its private base directory; stopped at the end of the session.
 """
@@ -19,6 +22,7 @@ import pytest
 
 from conftest import need
 from cxr_counterfactual.testing.tiny_checkpoint import ensure_tiny_checkpoint, prepare_comfy_import
+from cxr_counterfactual.testing.tiny_models import ensure_tiny_model_checkpoint
 
 if TYPE_CHECKING:
     from cxr_counterfactual.testing.server import ComfyServer
@@ -34,6 +38,42 @@ def tiny_checkpoint(comfyui_path: Path, tmp_path_factory: pytest.TempPathFactory
     need(importlib.util.find_spec("safetensors") is not None, "safetensors is not installed")
     prepare_comfy_import(comfyui_path)
     return ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(comfyui_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The folder the SD2 and SDXL tiny checkpoints are built into (once per run, each on first use); their
+    1.6 GB are deleted when the session ends (pytest keeps the last runs' temporary folders)."""
+    need(importlib.util.find_spec("safetensors") is not None, "safetensors is not installed")
+    prepare_comfy_import(comfyui_path)
+    folder = tmp_path_factory.mktemp("tiny-models")
+    yield folder
+    for built in folder.glob("*.safetensors"):
+        built.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_checkpoint(tiny_models_dir: Path) -> Path:
+    """Path of the tiny SD2.x v-prediction checkpoint (``tiny-sd2-v*.safetensors``), built once per run."""
+    return ensure_tiny_model_checkpoint("sd2", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tiny_models_dir: Path) -> Path:
+    """Path of the tiny SDXL-family (Segmind Vega) checkpoint (``tiny-sdxl-v*.safetensors``), built once per run."""
+    return ensure_tiny_model_checkpoint("sdxl", tiny_models_dir)
+
+
+def load_checkpoint(comfy, path: Path) -> SimpleNamespace:
+    """MODEL, CLIP and VAE of the checkpoint at ``path``, loaded by ComfyUI's ``CheckpointLoaderSimple`` by name."""
+    import folder_paths
+    import torch
+
+    # Registering the folder is how a user's extra_model_paths.yaml makes a checkpoint visible.
+    folder_paths.add_model_folder_path("checkpoints", str(path.parent))
+    with torch.inference_mode():
+        model, clip, vae = comfy.node("CheckpointLoaderSimple")().load_checkpoint(path.name)[:3]
+    return SimpleNamespace(model=model, clip=clip, vae=vae)
 
 
 @pytest.fixture(scope="session")
@@ -57,14 +97,7 @@ def comfy_server(
 @pytest.fixture(scope="session")
 def tiny_model(comfy, tiny_checkpoint: Path):
     """MODEL, CLIP and VAE of the tiny checkpoint, loaded once per session by ``CheckpointLoaderSimple``."""
-    import folder_paths
-    import torch
-
-    # Registering the folder is how a user's extra_model_paths.yaml makes a checkpoint visible.
-    folder_paths.add_model_folder_path("checkpoints", str(tiny_checkpoint.parent))
-    with torch.inference_mode():
-        model, clip, vae = comfy.node("CheckpointLoaderSimple")().load_checkpoint(tiny_checkpoint.name)[:3]
-    return SimpleNamespace(model=model, clip=clip, vae=vae)
+    return load_checkpoint(comfy, tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")

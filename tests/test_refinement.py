@@ -247,3 +247,28 @@ def test_bad_inputs(comfy, tiny_model, chest128):
     m.set_model_input_block_patch(patch)
     with pytest.raises(ValueError, match=r"\[CXR Refinement Sampler \(Euler\)\].*'model'.*cannot be differentiated"):
         sample(comfy, m, c, refiner(comfy, c))
+
+
+def test_refinement_probe_passes_leave_capture_and_trace_alone(comfy, tiny_model, chest128):
+    """The energy passes are probes, not model calls of the run: a capture on a layer they run through (the 16×14
+    one, before the 8×7 energy layer) records the same layers per step as under plain Euler and keeps no autograd
+    graph (which would hold the weight clones after sampling); the trace sees only the run's model calls."""
+    from cxr_counterfactual.attention.host_comfy import run_state
+
+    c = chest128
+    model = run(comfy.node("CXRCaptureAttention"), model=tiny_model.model, tokens=c.tokens, label="probe",
+                grid_factor="1", organ_masks=c.masks, target_organs="left_lung", start_percent=0.0,
+                end_percent=1.0)[0]
+    run_state(model).trace_enabled = True
+    euler = comfy.node("KSamplerSelect")().get_sampler("euler")[0]
+    records = {}
+    for name, sampler in (("euler", euler), ("refined", refiner(comfy, c, iterations=2))):
+        sample(comfy, model, c, sampler)
+        records[name] = run_state(model).store.latest()
+    assert len(records["refined"]["refine"]) >= 2
+    steps = {name: r["capture"]["probe"]["steps"] for name, r in records.items()}
+    assert {s: st["layers"] for s, st in steps["refined"].items()} == {s: st["layers"] for s, st in
+                                                                      steps["euler"].items()}
+    assert len(records["refined"]["trace"]) == len(records["euler"]["trace"])
+    for st in steps["refined"].values():
+        assert all(m.grad_fn is None and not m.requires_grad for m in st["maps"].values())
