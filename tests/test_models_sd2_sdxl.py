@@ -262,9 +262,10 @@ def test_probe_every_transformer_block_regulated_at_every_step(comfy, family) ->
 
 @pytest.mark.slow
 def test_hard_gate_confines_self_attention_to_regions_in_every_layer(comfy, family) -> None:
-    """Another pack's attn1 replace under the gate becomes its kernel: with hard gating, confined background and
-    every row gated, each layer calls it once per region with that region's tokens only (sizes summing to N).
-    (At 2×2, SD2's middle block, the partition has one region: one call with every token.)"""
+    """Another pack's attn1 replace under the gate becomes its kernel: with hard gating and confined background,
+    each layer calls it once per region with that region's tokens only (sizes summing to N) for the positive
+    rows, then once with every token for the negative rows, which stay the other pack's own call (it may read
+    their whole attention, as SAG does). (At 2×2, SD2's middle block, the partition has one region.)"""
     import comfy.ldm.modules.attention as comfy_attention
 
     from cxr_counterfactual.attention.host_comfy import transformer_keys
@@ -283,7 +284,7 @@ def test_hard_gate_confines_self_attention_to_regions_in_every_layer(comfy, fami
     for block, number, index in keys:
         m.set_model_attn1_replace(foreign, block, number, index)
     organs = "right_lung, left_lung, heart"
-    gated = gate(comfy, m, family, organs=organs, background="confined", apply_to_uncond=True, token_strength=0.0)
+    gated = gate(comfy, m, family, organs=organs, background="confined", apply_to_uncond=False, token_strength=0.0)
     out = sample(comfy, gated, family)["samples"]
     assert torch.isfinite(out).all()
     assert {c[0] for c in calls} == set(keys)
@@ -297,7 +298,8 @@ def test_hard_gate_confines_self_attention_to_regions_in_every_layer(comfy, fami
         assert [c[3] for c in group] == counts, (key, h, w)  # one kernel call per region, its tokens only
         assert all(c[0] == key and c[3] == c[4] for c in group), key  # keys from the same region
         assert len(counts) >= 2 or h * w <= 4, (key, h, w)  # split wherever the grid can hold two regions
-        i += len(counts)
+        assert calls[i + len(counts)][:5] == (key, h, w, h * w, h * w)  # the negative rows: one whole call
+        i += len(counts) + 1
 
 
 @pytest.mark.slow
