@@ -107,7 +107,10 @@ class OrganMasks:
             )
         for name, t in zip(names, tensors, strict=True):
             if not torch.isfinite(t).all():
-                raise CXRInputError(f"the mask of '{name}' contains NaN or infinite values.", fix="Re-export it.")
+                raise CXRInputError(
+                    f"the mask of '{name}' contains NaN or infinite values.",
+                    fix="Re-export the mask file, or fix the node that made the MASK (values must be 0 to 1).",
+                )
             if not allow_empty and float(t.max()) <= 0:
                 raise CXRInputError(
                     f"the mask of '{name}' is empty (all zero).",

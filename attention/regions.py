@@ -67,6 +67,22 @@ class RegionPartition:
         )
 
 
+def cells_per_token(latent: tuple[int, int], grid: tuple[int, int]) -> int:
+    """Latent cells per token side of a layer's ``grid``: ``2^L`` for the fewest stride-2 levels ``L`` (each
+    rounding up, ``ceil(n / 2^L)``) that turn the latent into the grid.
+
+    The grid alone fixes ``L`` (a latent side ``n`` gives ``ceil(n / 2^L)`` tokens), where rounding the size
+    ratio does not: a 3×9 latent's level-3 grid is 1×2 (ratio 3 and 4.5, rounded to 4, not 8). A grid that no
+    level of this latent makes (another architecture) falls back to that rounded ratio.
+    """
+    lh, lw = latent
+    for level in range(16):
+        f = 2**level
+        if (-(-lh // f), -(-lw // f)) == grid:
+            return f
+    return 2 ** max(0, round(math.log2(max(lh / grid[0], lw / grid[1]))))
+
+
 def fit_to_layer(masks: OrganMasks, height: int, width: int, latent: tuple[int, int] | None) -> OrganMasks:
     """The masks over exactly the field of view of an ``height×width`` token grid of a latent.
 
@@ -84,13 +100,17 @@ def fit_to_layer(masks: OrganMasks, height: int, width: int, latent: tuple[int, 
             "ratios differ, so the masks do not cover the image's field of view.",
             fix="Use the organ masks output of 'Fit Radiograph to Model' for the same image.",
         )
-    factor = 2 ** max(0, round(math.log2(max(lh / height, lw / width))))
+    factor = cells_per_token((lh, lw), (height, width))
     extra_h, extra_w = height * factor - lh, width * factor - lw
     if extra_h <= 0 and extra_w <= 0:
         return masks
-    pad_h = round(max(0, extra_h) * masks.height / lh)
-    pad_w = round(max(0, extra_w) * masks.width / lw)
-    return OrganMasks(masks.names, F.pad(masks.data, (0, pad_w, 0, pad_h)))
+    # Pad by whole pixels per latent cell, so the padded masks show exactly the grid's field of view: padding
+    # masks of any size by a rounded number of pixels can leave them off the grid's aspect ratio (e.g. 31×91 for
+    # a 1×3 grid), which resampling would then refuse. Masks already on whole pixels per cell (those of Fit
+    # Radiograph to Model: 8 per cell) are not resampled.
+    scale = max(1, -(-masks.height // lh), -(-masks.width // lw))
+    exact = masks.resampled(lh * scale, lw * scale)
+    return OrganMasks(masks.names, F.pad(exact.data, (0, max(0, extra_w) * scale, 0, max(0, extra_h) * scale)))
 
 
 def partition(masks: OrganMasks, organs: Sequence[str], height: int, width: int, *,

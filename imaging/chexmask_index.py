@@ -152,8 +152,15 @@ class CheXmaskIndex:
         return CheXmaskRow(key, self.id_column, dict(zip(self.header, values, strict=True)))
 
 
+def _shown_columns(header: list[str]) -> str:
+    """The header's first columns for a message: short, and never the raw bytes of a binary file."""
+    if not all(ch.isprintable() for ch in "".join(header)):
+        return "not readable text (a binary or damaged file?)"
+    return ", ".join(f"'{c[:40]}…'" if len(c) > 40 else f"'{c}'" for c in header[:12]) or "none"
+
+
 def _id_column(header: list[str], wanted: str, name: str) -> str:
-    columns = ", ".join(f"'{c}'" for c in header[:12]) or "none"
+    columns = _shown_columns(header)
     found = next((c for c in ID_COLUMNS if c in header), None) if wanted == "auto" else wanted
     if found not in header:
         which = f"column '{wanted}'" if wanted != "auto" else "image id column (" + ", ".join(ID_COLUMNS) + ")"

@@ -160,12 +160,20 @@ def composite_native(source: torch.Tensor, edited: torch.Tensor, edit_region: to
             fix="Connect the radiograph at native size (Load Chest X-ray (DICOM) or Load Image), the same one "
             "that went into Fit Radiograph to Model.")
     with_region = edit_region.reshape(-1, 1, *edit_region.shape[-2:]).float()
+    if not bool(torch.isfinite(with_region).all()):
+        raise CXRInputError("the edit region contains NaN or infinite values.", input_name="edit_region",
+                            fix="Connect Edit / Keep Regions' edit_region (values 0 to 1).")
+    sizes = {"source": source.shape[0], "edited": edited.shape[0], "edit_region": with_region.shape[0]}
+    b = max(sizes.values())
+    odd = next((name for name, n in sizes.items() if n not in (1, b)), None)
+    if odd is not None:
+        raise CXRInputError(f"batch sizes {', '.join(f'{k} {v}' for k, v in sizes.items())} do not pair up.",
+                            input_name=odd, fix="Use batch 1 or the same batch size on every input.")
     region = undo_fit(with_region.to(edited.device), fit).clamp(0, 1)[:, 0]
     native = undo_fit(edited.movedim(-1, 1).float(), fit).movedim(1, -1)
     src = source.float().to(native.device)
     if src.shape[-1] == native.shape[-1] and bool((src == src[..., :1]).all()):
         native = native.mean(-1, keepdim=True).expand_as(native)
-    b = max(src.shape[0], native.shape[0], region.shape[0])
     src, native, region = (t.expand(b, *t.shape[1:]) for t in (src, native, region))
     weight = region[..., None]
     out = torch.where(weight > 0, torch.lerp(src, native, weight), src)

@@ -79,7 +79,11 @@ def parse_label_spec(spec: str) -> dict[str, int | tuple[int, int, int]]:
 def read_label_map(path: Path, spec: str) -> OrganMasks:
     """Organs from one label map (grey values) or colour map (``#rrggbb``), per ``spec``."""
     mapping = parse_label_spec(spec)
-    img = _open(path)
+    try:
+        img = _open(path)
+    except CXRInputError as err:  # the file is at fault, not the mapping
+        raise CXRInputError(err.problem, input_name="label_map",
+                            fix="Use a lossless label or colour map image (PNG).") from None
     rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
     grey = np.asarray(img.convert("I"), dtype=np.int64) if img.mode not in ("RGB", "RGBA", "P") else None
     masks: dict[str, torch.Tensor] = {}

@@ -115,6 +115,9 @@ def region_on(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
         CXRInputError: the mask shows another field of view (aspect ratio differs).
     """
     m = mask.reshape(-1, *mask.shape[-2:]).float().cpu()
+    if not bool(torch.isfinite(m).all()):
+        raise CXRInputError("the mask contains NaN or infinite values.",
+                            fix="Fix the node that made the MASK (values must be 0 to 1).")
     mh, mw = int(m.shape[-2]), int(m.shape[-1])
     if (mh, mw) != (height, width):
         if not aspect_matches(mh, mw, height, width):

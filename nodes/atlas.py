@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 from ..errors import CXRInputError
 from ..imaging.atlas import DEFAULT_MIN_QUALITY, atlas_organ_masks
 from ..imaging.overlay import overlay_organs
-from .common import CATEGORY_MASKS, OrganMasksType, user_errors
+from .common import CATEGORY_MASKS, OrganMasksType, check_numbers, user_errors
 
 
 class CXRAtlasOrgans(io.ComfyNode):
@@ -52,6 +52,7 @@ class CXRAtlasOrgans(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: torch.Tensor, min_quality: float) -> io.NodeOutput:
+        check_numbers(cls, min_quality=min_quality)
         if image.shape[0] != 1:
             raise CXRInputError(
                 f"got a batch of {image.shape[0]} images; organ masks describe one radiograph.",

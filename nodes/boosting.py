@@ -12,16 +12,26 @@ from ..attention.organs import OrganMasks, parse_names
 from ..attention.stages import BoostStage, CaptureStage
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
-from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, require_choice, user_errors
+from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, require_choice, user_errors
 from .gating import _WINDOW_TIP, BLOCK_CHOICES
 
 GRID_FACTORS = ("2", "1", "4", "8")
+FACTOR_MAX = 50.0
 
 
 def _target(title: str, organ_masks: OrganMasks | None, organs: str, mask: torch.Tensor | None) -> OrganMasks:
     """The one-region target: a MASK when connected, else the union of organs from ORGAN_MASKS."""
     if mask is not None:
-        m = mask.reshape(-1, *mask.shape[-2:])[0].float().cpu()
+        batch = mask.reshape(-1, *mask.shape[-2:]).float().cpu()
+        if batch.shape[0] != 1:
+            raise CXRInputError(f"got a batch of {batch.shape[0]} target masks; the target is one region.",
+                                node=title, input_name="target_mask",
+                                fix="Connect one mask (e.g. pick one with a batch-select node).")
+        m = batch[0]
+        if not bool(torch.isfinite(m).all()):
+            raise CXRInputError("the target mask contains NaN or infinite values.", node=title,
+                                input_name="target_mask",
+                                fix="Fix the node that made the MASK (values must be 0 to 1).")
         if float(m.max()) <= 0:
             raise CXRInputError("the target mask is empty.", node=title, input_name="target_mask",
                                 fix="Connect a mask that marks the target region (1 = inside).")
@@ -51,9 +61,10 @@ def _factors(title: str, spec: str, tokens: TokenMap, default: float) -> dict[st
         raise CXRInputError("no pathology word to boost.", node=title, input_name="words",
                             fix="List pathology words in CXR Text Encode (e.g. effusion).")
     for w, f in words.items():
-        if f <= 0:
-            raise CXRInputError(f"factor {f} for '{w}' is not positive.", node=title, input_name="words",
-                                fix="Use a factor above 0 (1 = unchanged, 2–5 = boost).")
+        if not 0 < f <= FACTOR_MAX:  # also refuses NaN and infinity, which would make every share NaN
+            raise CXRInputError(f"factor {f} for '{w}' is not a number above 0 and at most {FACTOR_MAX:g}.",
+                                node=title, input_name="words",
+                                fix=f"Use a factor above 0 and at most {FACTOR_MAX:g} (1 = unchanged, 2–5 = boost).")
     return words
 
 
@@ -85,7 +96,7 @@ class CXRPathologyBoost(io.ComfyNode):
                 io.String.Input("target_organs", default="left_lung", tooltip="Organs forming the target region."),
                 io.Mask.Input("target_mask", optional=True,
                               tooltip="A target MASK on the latent's field of view (overrides target_organs)."),
-                io.Float.Input("factor", default=3.0, min=0.05, max=50.0, step=0.05,
+                io.Float.Input("factor", default=3.0, min=0.05, max=FACTOR_MAX, step=0.05,
                                tooltip="Boost inside the target (1 = no change)."),
                 io.String.Input("words", default="",
                                 tooltip="Per-word factors 'effusion=3, consolidation=2'; empty = every pathology "
@@ -107,6 +118,8 @@ class CXRPathologyBoost(io.ComfyNode):
                 outside_damping: float, blocks: str, start_percent: float, end_percent: float,
                 organ_masks: OrganMasks | None = None, target_mask: torch.Tensor | None = None) -> io.NodeOutput:
         require_choice(cls.TITLE, "blocks", blocks, tuple(BLOCK_CHOICES))
+        check_numbers(cls, factor=factor, outside_damping=outside_damping, start_percent=start_percent,
+                      end_percent=end_percent)
         factors = _factors(cls.TITLE, words, tokens, factor)
         if all(f == 1.0 for f in factors.values()) and outside_damping == 1.0:
             return io.NodeOutput(model)  # nothing to do: exactly the unpatched model
@@ -154,6 +167,7 @@ class CXRCaptureAttention(io.ComfyNode):
         if grid_factor not in GRID_FACTORS:
             raise CXRInputError(f"'{grid_factor}' is not one of {', '.join(GRID_FACTORS)}.", node=cls.TITLE,
                                 input_name="grid_factor", fix="Pick a value from the list.")
+        check_numbers(cls, start_percent=start_percent, end_percent=end_percent)
         positions = dict(tokens.positions)
         if not positions:
             raise CXRInputError("the token map has no words.", node=cls.TITLE, input_name="tokens",

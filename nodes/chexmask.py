@@ -30,7 +30,7 @@ from ..imaging.chexmask import (
     row_masks,
 )
 from ..imaging.chexmask_index import CheXmaskIndex, open_index
-from .common import CATEGORY_MASKS, OrganMasksType, file_fingerprint, resolve_input_file, user_errors
+from .common import CATEGORY_MASKS, OrganMasksType, check_numbers, file_fingerprint, resolve_input_file, user_errors
 
 AUTO = "auto"
 ID_CHOICES = (AUTO, *ID_COLUMNS)
@@ -186,6 +186,7 @@ class CXRLoadCheXmask(io.ComfyNode):
         border_crop: str,
         image: torch.Tensor | None = None,
     ) -> io.NodeOutput:
+        check_numbers(cls, min_dice=min_dice)
         problem = cls.validate_inputs(csv_file, image_id, id_column, border_crop)
         if problem is not True:
             raise CXRInputError(str(problem))  # already names node, input and fix

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,6 +88,29 @@ def require_choice(node: str, input_name: str, value: str, options: list[str] | 
             f"'{value}' is not one of {', '.join(options)}.", node=node, input_name=input_name,
             fix="Pick a value from the list (an API prompt may hold any string).",
         )
+
+
+def check_numbers(cls: type[io.ComfyNode], **values: float | None) -> None:
+    """Refuse NaN (and any number outside the input's declared min/max) for the named FLOAT inputs of ``cls``.
+
+    ComfyUI checks a number against its input's min/max before the graph runs, but every comparison with NaN
+    is false: a NaN posted in an API prompt (JSON ``NaN``) passes and would spread through masks and the
+    sampler, or end in an index error deep inside ComfyUI. Unconnected optional inputs (None) are skipped.
+
+    Raises:
+        CXRInputError: naming the node, the input and its range.
+    """
+    schema = cls.define_schema()
+    limits = {i.id: (i.min, i.max) for i in schema.inputs if isinstance(i, io.Float.Input)}
+    for name, value in values.items():
+        if value is None:
+            continue
+        lo, hi = limits[name]
+        if math.isfinite(value) and (lo is None or value >= lo) and (hi is None or value <= hi):
+            continue
+        span = f"between {lo:g} and {hi:g}" if lo is not None and hi is not None else "that is finite"
+        raise CXRInputError(f"{value} is not a number {span}.", node=schema.display_name or "", input_name=name,
+                            fix=f"Use a number {span}.")
 
 
 def file_fingerprint(*names: str) -> str:

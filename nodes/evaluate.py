@@ -14,7 +14,7 @@ from ..errors import CXRInputError
 from ..imaging.export import exclusive_paths, write_new
 from ..imaging.metrics import MetricsReport, attention_iou, dice_per_organ, evaluate_pair, grey, region_on
 from ..imaging.metrics_report import difference_heat_map, format_table, to_csv, to_json
-from .common import OrganMasksType, TokensType, user_errors
+from .common import OrganMasksType, TokensType, check_numbers, user_errors
 from .export import CATEGORY_OUTPUT, output_location
 from .inspect import CATEGORY_INSPECT, mean_maps
 
@@ -81,6 +81,7 @@ class CXREvaluateEdit(io.ComfyNode):
                 attention_threshold: float = 0.5, heat_scale: float = 0.0, organ_masks: OrganMasks | None = None,
                 edit_organ_masks: OrganMasks | None = None, model=None, latent: dict | None = None,
                 tokens: TokenMap | None = None) -> io.NodeOutput:
+        check_numbers(cls, attention_threshold=attention_threshold, heat_scale=heat_scale)
         n = _pair_batches(cls.TITLE, source, edited)
         if edit_organ_masks is not None and organ_masks is None:
             raise CXRInputError("Dice needs the source's masks too.", node=cls.TITLE, input_name="organ_masks",

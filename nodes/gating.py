@@ -8,7 +8,7 @@ from ..attention.host_comfy import GateStage, install_stage, percent_window, tra
 from ..attention.organs import OrganMasks, parse_names
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
-from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, require_choice, user_errors
+from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, require_choice, user_errors
 
 BLOCK_CHOICES = {
     "all": ("input", "middle", "output"),
@@ -117,6 +117,7 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
             if not 0.0 <= value <= 1.0:
                 raise CXRInputError(f"{value} is outside [0, 1].", node=cls.TITLE, input_name=name,
                                     fix="Use 0 (off) to 1 (hard).")
+        check_numbers(cls, start_percent=start_percent, end_percent=end_percent)
         if start_percent > end_percent:
             raise CXRInputError(f"start {start_percent} is after end {end_percent}.", node=cls.TITLE,
                                 input_name="start_percent", fix="Use start_percent ≤ end_percent.")

@@ -36,7 +36,7 @@ from comfy_api.latest import io
 from ..attention.host_comfy import latent_fingerprint
 from ..attention.inversion import InversionReport, check_schedule, ddim_invert, implied_noise
 from ..errors import CXRInputError
-from .common import CATEGORY_ROOT, require_choice
+from .common import CATEGORY_ROOT, check_numbers, require_choice
 
 logger = logging.getLogger("cxr_counterfactual")
 
@@ -200,6 +200,7 @@ class CXRInvertLatent(io.ComfyNode):
     def execute(cls, model, positive, negative, latent: dict, cfg: float, steps: int, scheduler: str,
                 start_percent: float, refine: int) -> io.NodeOutput:
         require_choice(cls.TITLE, "scheduler", scheduler, SCHEDULERS)
+        check_numbers(cls, cfg=cfg)
         if not 0.0 <= start_percent < 1.0:
             raise CXRInputError(f"start_percent {start_percent} is outside [0, 1).", node=cls.TITLE,
                                 input_name="start_percent", fix="Use 0 (pure noise) up to below 1, e.g. 0.5.")
@@ -364,6 +365,7 @@ class CXRInversionGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, inverted: dict) -> io.NodeOutput:
+        check_numbers(cls, cfg=cfg)
         record = inverted.get(RECORD_KEY)
         if not isinstance(record, InversionRecord):
             raise CXRInputError("this latent is not an inversion result.", node=cls.TITLE, input_name="inverted",

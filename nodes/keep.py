@@ -45,7 +45,12 @@ def _as_masks(mask: torch.Tensor, title: str) -> torch.Tensor:
     if mask.ndim not in (2, 3) or mask.numel() == 0:
         raise CXRInputError(f"expected a MASK [B, H, W], got shape {tuple(mask.shape)}.", node=title,
                             input_name="edit_region", fix="Connect a MASK, e.g. Edit / Keep Regions' edit_region.")
-    return mask.reshape(-1, *mask.shape[-2:]).float().cpu()
+    masks = mask.reshape(-1, *mask.shape[-2:]).float().cpu()
+    if not bool(torch.isfinite(masks).all()):
+        raise CXRInputError("the edit region contains NaN or infinite values.", node=title, input_name="edit_region",
+                            fix="Fix the node that made the MASK (values must be 0 to 1), e.g. use Edit / Keep "
+                            "Regions' edit_region.")
+    return masks
 
 
 def _outline(region: torch.Tensor, width: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.organs import OrganMasks, edit_and_keep, parse_names
-from .common import CATEGORY_MASKS, OrganMasksType, require_choice, user_errors
+from .common import CATEGORY_MASKS, OrganMasksType, check_numbers, require_choice, user_errors
 
 OPERATIONS = ("dilate", "erode", "feather")
 _ORGANS_TIP = "Organ names, comma-separated (e.g. 'left_lung, heart'); right/left are the patient's sides."
@@ -99,6 +99,7 @@ class CXRMorphOrgans(io.ComfyNode):
     @classmethod
     def execute(cls, organ_masks: OrganMasks, organs: str, operation: str, size_px: float) -> io.NodeOutput:
         require_choice(cls.TITLE, "operation", operation, OPERATIONS)
+        check_numbers(cls, size_px=size_px)
         names = parse_names(organs) if organs.strip() else None
         with user_errors(cls.TITLE, "organs"):
             if operation == "feather":
@@ -167,6 +168,7 @@ class CXREditKeepRegions(io.ComfyNode):
     def execute(
         cls, organ_masks: OrganMasks, edit_organs: str, margin_px: int, feather_px: float, protect: str
     ) -> io.NodeOutput:
+        check_numbers(cls, feather_px=feather_px)
         with user_errors(cls.TITLE, "edit_organs"):
             edit, keep = edit_and_keep(
                 organ_masks,

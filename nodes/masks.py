@@ -12,6 +12,7 @@ from .common import (
     CATEGORY_MASKS,
     NONE_CHOICE,
     OrganMasksType,
+    check_numbers,
     file_fingerprint,
     input_file_path,
     input_file_problem,
@@ -76,20 +77,25 @@ class CXRLoadOrganMasks(io.ComfyNode):
 
     @classmethod
     def execute(cls, right_lung: str, left_lung: str, heart: str, threshold: float) -> io.NodeOutput:
+        check_numbers(cls, threshold=threshold)
         masks: dict[str, torch.Tensor] = {}
         for name, value in (("right_lung", right_lung), ("left_lung", left_lung), ("heart", heart)):
             if value and value != NONE_CHOICE:
                 with user_errors(cls.TITLE, name):
                     masks[name] = read_mask_image(input_file_path(value), threshold)
-        shapes = {tuple(m.shape) for m in masks.values()}
-        if len(shapes) > 1:
+                    OrganMasks.from_dict({name: masks[name]})  # empty or unreadable: name this organ's input
+        if not masks:
+            raise CXRInputError("no mask file chosen.", node=cls.TITLE, fix="Pick at least one organ's mask image.")
+        first = next(iter(masks.values()))
+        odd = next((n for n, m in masks.items() if m.shape != first.shape), None)
+        if odd is not None:
             sizes = ", ".join(f"{n} {tuple(m.shape)}" for n, m in masks.items())
             raise CXRInputError(
                 f"the mask files have different sizes ({sizes}).",
-                node=cls.TITLE,
+                node=cls.TITLE, input_name=odd,
                 fix="Export every organ's mask at the radiograph's size.",
             )
-        with user_errors(cls.TITLE, "right_lung / left_lung / heart"):
+        with user_errors(cls.TITLE, ", ".join(masks)):
             return io.NodeOutput(OrganMasks.from_dict(masks))
 
 

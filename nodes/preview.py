@@ -7,7 +7,7 @@ from comfy_api.latest import io, ui
 
 from ..attention.organs import OrganMasks
 from ..imaging.overlay import overlay_organs
-from .common import CATEGORY_MASKS, OrganMasksType, user_errors
+from .common import CATEGORY_MASKS, OrganMasksType, check_numbers, user_errors
 
 
 class CXRPreviewOrganMasks(io.ComfyNode):
@@ -34,6 +34,7 @@ class CXRPreviewOrganMasks(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: torch.Tensor, organ_masks: OrganMasks, opacity: float) -> io.NodeOutput:
+        check_numbers(cls, opacity=opacity)
         with user_errors(cls.TITLE, "organ_masks"):
             frames = [overlay_organs(frame, organ_masks, opacity) for frame in image]
         overlay = torch.stack(frames)

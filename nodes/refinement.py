@@ -42,7 +42,7 @@ from ..errors import CXRInputError
 from ..imaging.attention_view import PLOT_COLOURS
 from ..imaging.overlay import sized_font
 from .boosting import GRID_FACTORS, _target
-from .common import CATEGORY_ATTENTION, CATEGORY_ROOT, OrganMasksType, TokensType, user_errors
+from .common import CATEGORY_ATTENTION, CATEGORY_ROOT, OrganMasksType, TokensType, check_numbers, user_errors
 from .gating import _WINDOW_TIP
 
 logger = logging.getLogger("cxr_counterfactual")
@@ -345,6 +345,8 @@ class CXRRefinementSampler(io.ComfyNode):
         if grid_factor not in GRID_FACTORS:
             raise CXRInputError(f"'{grid_factor}' is not one of {', '.join(GRID_FACTORS)}.", node=TITLE,
                                 input_name="grid_factor", fix="Pick a value from the list.")
+        check_numbers(cls, step_size=step_size, start_percent=start_percent, end_percent=end_percent,
+                      smoothing=smoothing, extent_weight=extent_weight, extent_threshold=extent_threshold)
         if start_percent > end_percent:
             raise CXRInputError(f"start {start_percent} is after end {end_percent}.", node=TITLE,
                                 input_name="start_percent", fix="Use start_percent ≤ end_percent.")

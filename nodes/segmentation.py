@@ -13,7 +13,7 @@ from comfy_api.latest import io
 
 from ..errors import CXRInputError
 from ..imaging import segmentation as seg
-from .common import CATEGORY_MASKS, OrganMasksType, user_errors
+from .common import CATEGORY_MASKS, OrganMasksType, check_numbers, user_errors
 
 LOG = logging.getLogger(__name__)
 MODEL_FOLDER = "cxr_segmentation"
@@ -103,6 +103,7 @@ class CXRSegmentOrgans(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: torch.Tensor, weights: str, threshold: float) -> io.NodeOutput:
+        check_numbers(cls, threshold=threshold)
         if image.shape[0] != 1:
             raise CXRInputError(
                 f"got a batch of {image.shape[0]} images; organ masks describe one radiograph.",
