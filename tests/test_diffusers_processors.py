@@ -40,7 +40,7 @@ LATENT = (9, 8)
 
 
 @pytest.fixture(scope="module")
-def setup(comfyui_path, chexmask_example):
+def tiny(comfyui_path, chexmask_example):
     require_diffusers()
     from diffusers import DDIMScheduler
 
@@ -68,7 +68,7 @@ def test_layer_grid_follows_the_unets_rounding_never_a_square_root():
         layer_grid(36, (5, 7))
 
 
-def test_one_attention_layer_stock_and_gated(setup):
+def test_one_attention_layer_stock_and_gated(tiny):
     """Our processor on one diffusers Attention layer (self-attention over a 9×8 grid, 2 heads of 8)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -79,7 +79,7 @@ def test_one_attention_layer_stock_and_gated(setup):
     attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
     x = torch.randn(2, 72, 16)
     stock = AttnProcessor2_0()(attn, x)
-    gate = gate_stage(setup["masks"], setup["schedule"], strength=1.0, background="confined")
+    gate = gate_stage(tiny["masks"], tiny["schedule"], strength=1.0, background="confined")
 
     class Holder:  # what a processor reads from its Regulation
         stages, probe, current, state = (gate,), None, None, RunState()
@@ -103,8 +103,8 @@ def _step(sigma: float, chunks=(COND,)):
     return StepContext(LATENT, sigma, chunks)
 
 
-def test_inactive_or_neutral_stages_leave_the_unet_bit_identical(setup):
-    s = setup
+def test_inactive_or_neutral_stages_leave_the_unet_bit_identical(tiny):
+    s = tiny
     stock = _unet_out(s)
     tokens, masks, schedule = s["tokens"], s["masks"], s["schedule"]
     late = [gate_stage(masks, schedule, tokens=tokens, start_percent=0.9, end_percent=1.0),
@@ -117,15 +117,15 @@ def test_inactive_or_neutral_stages_leave_the_unet_bit_identical(setup):
     assert not torch.equal(_unet_out(s, sigma=2.0, stages=[gate_stage(masks, schedule, tokens=tokens)]), stock)
 
 
-def test_install_and_remove_restore_the_original_processor_objects(setup):
+def test_install_and_remove_restore_the_original_processor_objects(tiny):
     from diffusers.models.attention_processor import AttnProcessor
 
-    unet = setup["unet"]
+    unet = tiny["unet"]
     name = "mid_block.attentions.0.transformer_blocks.0.attn2.processor"
     default = unet.attn_processors[name]
     unet.set_attn_processor({**unet.attn_processors, name: AttnProcessor()})  # a non-default one, kept as is
     before = unet.attn_processors
-    reg = install_regulation(unet, [gate_stage(setup["masks"], setup["schedule"])])
+    reg = install_regulation(unet, [gate_stage(tiny["masks"], tiny["schedule"])])
     during = unet.attn_processors
     assert all(isinstance(p, CXRAttnProcessor) for p in during.values()) and len(during) == len(before) == 14
     assert during[name].original is before[name]
@@ -137,8 +137,8 @@ def test_install_and_remove_restore_the_original_processor_objects(setup):
     unet.set_attn_processor({**after, name: default})  # the module's UNet as the other tests expect it
 
 
-def test_gate_changes_only_the_positive_rows_and_needs_a_step_context(setup):
-    s = setup
+def test_gate_changes_only_the_positive_rows_and_needs_a_step_context(tiny):
+    s = tiny
     stock = _unet_out(s)
     gated = _unet_out(s, stages=[gate_stage(s["masks"], s["schedule"], tokens=s["tokens"])])
     # the negative row is stock attention on a sub-batch (equal up to the kernel's batching), the positive row gated
