@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "demo": "run one masked counterfactual edit of a real radiograph in a headless ComfyUI",
+    "convert-diffusers": "convert a diffusers SD1.x pipeline folder (e.g. RoentGen) into one ComfyUI checkpoint",
     "run": "run an API workflow, or a manifest of rows (resumable; several servers or Ray), headless",
     "tiny-checkpoint": "build the tiny random-weight SD1.5-shaped test checkpoint (needs ComfyUI)",
 }
@@ -30,6 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"{err.name} is not installed: pip install 'cxr-counterfactual[run]'\n")
             return 2
         return run_main(rest)
+    if command == "convert-diffusers":
+        from .convert_diffusers import main as convert_main
+
+        return convert_main(rest)
     from .testing.tiny_checkpoint import main as tiny_main
 
     return tiny_main(rest)

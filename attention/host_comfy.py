@@ -27,16 +27,24 @@ import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..errors import CXRInputError
-from .boosting import token_probabilities
 from .gating import gated_self_attention, self_attention_bias, token_masked_cross_attention
 from .kernels import sdpa, sdpa_with_lse, to_flat, to_heads
+from .layer_call import (
+    COND,
+    UNCOND,
+    active_stages,
+    cross_bias,
+    record_capture,
+    regulated_rows,
+    self_gate,
+    wanted_captures,
+)
 from .run_state import Key, ResultStore, RunState, latent_fingerprint
 from .stages import CaptureStage, GateStage, Stage
 
 logger = logging.getLogger("cxr_counterfactual")
 
 HOLDER_KEY = "cxr_counterfactual"
-COND, UNCOND = 0, 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,25 +95,18 @@ def _grids(extra: dict) -> tuple[int, int, tuple[int, int]]:
 # the replace patch
 def _rows(extra: dict, batch: int, include_uncond: bool) -> torch.Tensor | None:
     """Batch rows to regulate (None = all): the chunks of the positive prompt (all chunks with
-    ``include_uncond``). Each entry of ``cond_or_uncond`` is one chunk of equal size.
+    ``include_uncond``), by the rule both hosts share (:func:`.layer_call.regulated_rows`).
 
     ``cond_or_uncond`` numbers the conditionings by their place in the call, not by what they are: SAG's
     extra pass on the negative prompt alone is labelled 0 ("cond"). So where the run knows the positive
     prompt's conditioning ids (``uuids``, one per chunk), they decide.
     """
-    cou = extra.get("cond_or_uncond") or []
-    if not cou:
-        return None
-    per = batch // len(cou)
+    labels = list(extra.get("cond_or_uncond") or [])
     state = _state(extra)
     uuids = extra.get("uuids")
-    if state is not None and state.positive is not None and uuids is not None and len(uuids) == len(cou):
-        chosen = [i for i, u in enumerate(uuids) if u in state.positive or include_uncond]
-    else:
-        chosen = [i for i, c in enumerate(cou) if c == COND or include_uncond]
-    if len(chosen) == len(cou):
-        return None
-    return torch.tensor([c * per + r for c in chosen for r in range(per)], dtype=torch.long)
+    if state is not None and state.positive is not None and uuids is not None and len(uuids) == len(labels):
+        labels = [COND if u in state.positive else UNCOND for u in uuids]
+    return regulated_rows(labels, batch, include_uncond)
 
 
 def _sub_options(extra: dict, rows: torch.Tensor | None, batch: int) -> dict:
@@ -154,10 +155,10 @@ class CXRReplace:
             state.reach(self.kind, self.key)
         sigmas = extra.get("sigmas")
         sigma = float(sigmas.max()) if sigmas is not None else 0.0
-        active = [s for s in self.stages if s.active(sigma) and s.covers(self.key)]
+        active = active_stages(self.stages, self.key, sigma)
         h, w, latent = _grids(extra)
         if self.kind == "attn1":
-            gate = next((s for s in active if isinstance(s, GateStage) and s.self_leak < 1.0), None)
+            gate = self_gate(active)
             work = None if gate is None else (lambda qq, kk, vv, sub: self._gate(gate, qq, kk, vv, sub, state))
             include_uncond = gate is not None and gate.apply_to_uncond
             if gate is not None and include_uncond and self.inner is not None:
@@ -200,11 +201,10 @@ class CXRReplace:
 
     def _cross_work(self, active, h, w, latent, context_len, device, sigma, state):
         """Cross-attention: the sum of the active stages' biases, plus any captures; None = stock."""
-        biases = [b for b in (s.cross_bias(h, w, latent, context_len, device) for s in active) if b is not None]
-        captures = [s for s in active if isinstance(s, CaptureStage) and s.wants(h, w, latent)]
-        if not biases and not captures:
+        bias = cross_bias(active, h, w, latent, context_len, device)
+        captures = wanted_captures(active, h, w, latent)
+        if bias is None and not captures:
             return None
-        bias = torch.stack(biases).sum(0) if biases else None
         if bias is not None and (self.inner is not None) and state is not None:
             state.report("token-mask", self.key, f"another attention patch at {self.key} cannot take a token bias; "
                          "the CXR stages use torch attention for the positive prompt there.")
@@ -236,23 +236,8 @@ class CXRReplace:
         return work
 
     def _capture(self, cap: CaptureStage, qh, kh, bias, h, w, latent, sigma, state) -> None:
-        if state is None:
-            return
-        cols = cap.columns(kh.shape[2])
-        order = list(cols)
-        probs = token_probabilities(qh, kh, bias, torch.cat([cols[wd] for wd in order]).to(qh.device))
-        probs = probs.mean(dim=(0, 1))  # over batch and heads: [N, columns]
-        maps, start = {}, 0
-        for word in order:
-            n = cols[word].numel()
-            maps[word] = probs[:, start : start + n].sum(-1).reshape(h, w).cpu()
-            start += n
-        share = None
-        inside = cap.target_tokens(h, w, latent, qh.device)
-        if inside is not None and inside.any() and cap.pathology:
-            path = sum(maps[wd] for wd in cap.pathology if wd in maps).reshape(-1)
-            share = float(path[inside.cpu()].sum() / path.sum().clamp_min(1e-12))
-        state.capture(cap.label, (h, w), sigma, maps, share)
+        if state is not None:
+            record_capture(cap, qh, kh, bias, h, w, latent, sigma, state)
 
     def _gate(self, stage: GateStage, q, k, v, extra: dict, state: RunState | None):
         heads = extra["n_heads"]
@@ -415,6 +400,6 @@ def run_state(model) -> RunState | None:
 
 
 __all__ = [
-    "CXRReplace", "GateStage", "HOLDER_KEY", "ResultStore", "RunState", "install_stage", "latent_fingerprint",
-    "percent_window", "run_state", "transformer_keys",
+    "COND", "UNCOND", "CXRReplace", "GateStage", "HOLDER_KEY", "ResultStore", "RunState", "install_stage",
+    "latent_fingerprint", "percent_window", "run_state", "transformer_keys",
 ]

@@ -31,9 +31,9 @@ from comfy_api.latest import io, ui
 from PIL import Image, ImageDraw
 from tqdm.auto import trange
 
-from ..attention.boosting import token_probabilities
 from ..attention.host_comfy import HOLDER_KEY, CXRReplace, Key, ResultStore, latent_fingerprint
 from ..attention.kernels import to_heads
+from ..attention.layer_call import pathology_maps
 from ..attention.organs import OrganMasks
 from ..attention.refinement import RefineConfig, concentration_energy, grid_at, parse_thresholds, refinement_step
 from ..attention.regions import coverage
@@ -111,8 +111,7 @@ class _Capture:
             biases = [b for s in self.inner.stages if s.active(sigma) and s.covers(self.key)
                       if (b := s.cross_bias(h, w, latent, k.shape[1], q.device)) is not None]
             bias = torch.stack(biases).sum(0) if biases else None
-        probs = token_probabilities(to_heads(q, heads), to_heads(k, heads), bias, self.columns(k.shape[1]).to(q.device))
-        self.maps.append(probs.sum(-1).mean(1).reshape(-1, h, w))  # [B, h, w]
+        self.maps.append(pathology_maps(to_heads(q, heads), to_heads(k, heads), bias, self.columns(k.shape[1]), h, w))
         if self.last:
             raise _Stop
         if self.inner is not None:  # attend exactly as the model would (our gate/boost, or another pack's)

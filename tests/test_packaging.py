@@ -26,6 +26,13 @@ def test_dependencies_match_requirements_and_leave_torch_to_comfyui():
     assert not any(re.match(r"(torch|torchvision|torchaudio)\b", d) for d in deps)
 
 
+def test_test_extra_matches_requirements_test_and_diffusers_stays_optional():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert extras["test"] == requirement_lines(PACK_ROOT / "requirements-test.txt")
+    assert "diffusers>=0.30" in extras["diffusers"] and "diffusers>=0.30" in extras["test"]
+    assert not any(d.startswith("diffusers") for d in PYPROJECT["project"]["dependencies"])
+
+
 def test_registry_metadata():
     project, comfy = PYPROJECT["project"], PYPROJECT["tool"]["comfy"]
     assert project["name"] == "cxr-counterfactual"
@@ -42,14 +49,20 @@ def test_core_is_host_agnostic():
         if re.search(r"^\s*(import comfy|from comfy)", p.read_text(), re.M)
     ]
     assert importers == ["host_comfy.py"]  # the one adapter
+    # the diffusers adapter works on the objects it is given: no shipped module imports diffusers (the example
+    # script and the tests do)
+    shipped = [p for p in PACK_ROOT.rglob("*.py") if (rel := p.relative_to(PACK_ROOT).parts)[0] not in
+               ("tests", "examples") and not any(part.startswith(".") for part in rel)]
+    assert len(shipped) > 30
+    assert not [p.name for p in shipped if re.search(r"^\s*(import diffusers|from diffusers)", p.read_text(), re.M)]
     for p in (PACK_ROOT / "imaging").rglob("*.py"):
         assert not re.search(r"^\s*(import comfy|from comfy|import folder_paths)", p.read_text(), re.M), p.name
 
 
 def test_importing_the_package_does_not_import_comfy(pack_import_path):
     code = (
-        "import sys, cxr_counterfactual; "
-        "assert not any(m.split('.')[0] in ('comfy', 'comfy_api') for m in sys.modules)"
+        "import sys, cxr_counterfactual, cxr_counterfactual.attention.host_diffusers; "
+        "assert not any(m.split('.')[0] in ('comfy', 'comfy_api', 'diffusers') for m in sys.modules)"
     )
     env = {**os.environ, "PYTHONPATH": str(pack_import_path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

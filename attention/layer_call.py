@@ -1,0 +1,116 @@
+"""What one regulated attention layer does at one call, for any host (pure torch, no host import).
+
+Both host adapters (``host_comfy``: ComfyUI replace patches; ``host_diffusers``: diffusers attention
+processors) call these functions, so the two hosts pick the same stages, the same batch rows, the same
+biases and record the same captures:
+
+- :func:`active_stages`: the stages acting at this layer and sigma;
+- :func:`self_gate`: the gate that confines self-attention (the first active one with ``self_leak < 1``);
+- :func:`cross_bias` / :func:`wanted_captures`: the summed ``[N, T]`` cross-attention bias and the captures;
+- :func:`regulated_rows`: the batch rows to regulate (the positive prompt's, and the negative's for a gate
+  with ``apply_to_uncond``);
+- :func:`record_capture`: per-word maps and the in-target share of one layer into the run's record;
+- :func:`layer_grid`: a layer's exact token grid from the latent and the token count (hosts that do not
+  hand over the layer's activation shape, as diffusers does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .boosting import token_probabilities
+from .refinement import grid_at
+from .run_state import RunState
+from .stages import CaptureStage, GateStage, Grid, Key, Stage
+
+COND, UNCOND = 0, 1
+
+
+def active_stages(stages: Sequence[Stage], key: Key, sigma: float) -> list[Stage]:
+    """The stages whose sigma window holds ``sigma`` and whose UNet parts include ``key``."""
+    return [s for s in stages if s.active(sigma) and s.covers(key)]
+
+
+def self_gate(active: Sequence[Stage]) -> GateStage | None:
+    """The gate that confines self-attention at this call (None: stock self-attention)."""
+    return next((s for s in active if isinstance(s, GateStage) and s.self_leak < 1.0), None)
+
+
+def cross_bias(active: Sequence[Stage], h: int, w: int, latent: Grid, context_len: int,
+               device: torch.device) -> torch.Tensor | None:
+    """The sum of the active stages' ``[N, T]`` cross-attention biases (None: no stage biases this layer)."""
+    biases = [b for b in (s.cross_bias(h, w, latent, context_len, device) for s in active) if b is not None]
+    return torch.stack(biases).sum(0) if biases else None
+
+
+def wanted_captures(active: Sequence[Stage], h: int, w: int, latent: Grid) -> list[CaptureStage]:
+    """The active capture stages that record this layer's grid."""
+    return [s for s in active if isinstance(s, CaptureStage) and s.wants(h, w, latent)]
+
+
+def regulated_rows(cond_or_uncond: Sequence[int], batch: int, include_uncond: bool) -> torch.Tensor | None:
+    """Batch rows to regulate (None = all rows). Each entry of ``cond_or_uncond`` is one chunk of equal size,
+    in batch order (``COND`` = 0 the positive prompt, ``UNCOND`` = 1 the negative one)."""
+    if not cond_or_uncond:
+        return None
+    per = batch // len(cond_or_uncond)
+    chosen = [i for i, c in enumerate(cond_or_uncond) if c == COND or include_uncond]
+    if len(chosen) == len(cond_or_uncond):
+        return None
+    return torch.tensor([c * per + r for c in chosen for r in range(per)], dtype=torch.long)
+
+
+def layer_grid(tokens: int, latent: Grid) -> Grid:
+    """The ``h×w`` grid of a layer with ``tokens`` image tokens in a UNet run on a ``latent``-sized input.
+
+    A UNet halves its grid with stride-2 convolutions that round up (padding 1), so the grids of a latent
+    are ``grid_at(latent, level)`` for level 0, 1, 2, ...; their token counts strictly fall until 1×1, so
+    the count names the level exactly (never a square root: odd and non-square latents included).
+
+    Raises:
+        ValueError: no level of this latent has ``tokens`` tokens (the latent given is not this call's).
+    """
+    level = 0
+    while True:
+        h, w = grid_at(latent, level)
+        if h * w == tokens:
+            return h, w
+        if h * w < tokens or (h, w) == (1, 1):
+            raise ValueError(f"{tokens} image tokens match no grid of a {latent[0]}×{latent[1]} latent")
+        level += 1
+
+
+def record_capture(cap: CaptureStage, qh: torch.Tensor, kh: torch.Tensor, bias: torch.Tensor | None, h: int, w: int,
+                   latent: Grid, sigma: float, state: RunState) -> None:
+    """Record one layer's per-word maps (mean over batch rows and heads) and the pathology words' share of
+    attention inside the capture's target into ``state``.
+
+    Args:
+        qh, kh: the regulated rows' queries and keys in the heads layout ``[B, H, N, D]`` / ``[B, H, T, D]``.
+        bias: the ``[N, T]`` bias the layer attends with (so the maps are the ones the model really uses).
+    """
+    cols = cap.columns(kh.shape[2])
+    order = list(cols)
+    probs = token_probabilities(qh, kh, bias, torch.cat([cols[wd] for wd in order]).to(qh.device))
+    probs = probs.mean(dim=(0, 1))  # over batch and heads: [N, columns]
+    maps, start = {}, 0
+    for word in order:
+        n = cols[word].numel()
+        maps[word] = probs[:, start : start + n].sum(-1).reshape(h, w).cpu()
+        start += n
+    share = None
+    inside = cap.target_tokens(h, w, latent, qh.device)
+    if inside is not None and inside.any() and cap.pathology:
+        path = sum(maps[wd] for wd in cap.pathology if wd in maps).reshape(-1)
+        share = float(path[inside.cpu()].sum() / path.sum().clamp_min(1e-12))
+    state.capture(cap.label, (h, w), sigma, maps, share)
+
+
+def pathology_maps(qh: torch.Tensor, kh: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor, h: int,
+                   w: int) -> torch.Tensor:
+    """``[B, h, w]``: each row's attention on ``columns`` (summed), averaged over heads: the refinement
+    energy's map of one layer (differentiable in ``qh``)."""
+    probs = token_probabilities(qh, kh, bias, columns.to(qh.device))
+    return probs.sum(-1).mean(1).reshape(-1, h, w)
