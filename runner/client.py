@@ -105,6 +105,10 @@ class ComfyClient:
         """``GET /history/{prompt_id}``: the entry of that run, ``{}`` when it is unknown or unfinished."""
         return self._request("GET", f"/history/{prompt_id}").get(prompt_id, {})
 
+    def clear_history(self) -> None:
+        """``POST /history {"clear": true}``: forget every finished run (outputs on disk stay)."""
+        self._request("POST", "/history", {"clear": True})
+
     def interrupt(self, prompt_id: str | None = None) -> None:
         """``POST /interrupt``: stop the running prompt (only ``prompt_id`` when given)."""
         body = {"prompt_id": prompt_id} if prompt_id else {}

@@ -39,3 +39,22 @@ def chexmask_radiograph(folder):
     masks = OrganMasks.from_dict({name: read_mask_image(folder / f"{key}_mask.png")
                                   for name, key in (("right_lung", "RL"), ("left_lung", "LL"), ("heart", "H"))})
     return image, masks
+
+
+def fitted_chest(comfy, loaded, folder, max_side: int, steps: int | None = None):
+    """The CheXmask example radiograph fitted to ``max_side`` for ``loaded`` (MODEL/CLIP/VAE): its masks, latent,
+    positive prompt with token map, empty negative, and (``steps``) the normal schedule."""
+    from types import SimpleNamespace
+
+    image, masks = chexmask_radiograph(folder)
+    with torch.inference_mode():
+        fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=max_side, organ_masks=masks)
+        latent = comfy.node("VAEEncode")().encode(loaded.vae, fitted)[0]
+        positive, tokens = run(comfy.node("CXRTextEncode"), clip=loaded.clip, text=PROMPT,
+                               anatomy="left lung, heart", pathology="effusion")
+        negative = comfy.node("CLIPTextEncode")().encode(loaded.clip, "")[0]
+        sigmas = None
+        if steps is not None:
+            sigmas = comfy.node("BasicScheduler")().get_sigmas(loaded.model, "normal", steps, 1.0)[0]
+    return SimpleNamespace(masks=fitted_masks, latent=latent, positive=positive, negative=negative, tokens=tokens,
+                           sigmas=sigmas)

@@ -103,15 +103,8 @@ def tiny_model(comfy, tiny_checkpoint: Path):
 @pytest.fixture(scope="session")
 def chest(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
     """The real radiograph fitted to 64 px (latent 8×7: an odd side), its masks, and conditioning."""
-    import torch
-    from cxr_helpers import PROMPT, chexmask_radiograph, run
+    from cxr_helpers import fitted_chest
 
-    image, masks = chexmask_radiograph(chexmask_example)
-    with torch.inference_mode():
-        fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=64, organ_masks=masks)
-        latent = comfy.node("VAEEncode")().encode(tiny_model.vae, fitted)[0]
-        positive, tokens = run(comfy.node("CXRTextEncode"), clip=tiny_model.clip, text=PROMPT,
-                               anatomy="left lung, heart", pathology="effusion")
-        negative = comfy.node("CLIPTextEncode")().encode(tiny_model.clip, "")[0]
-    assert latent["samples"].shape[-2:] == (8, 7)
-    return SimpleNamespace(masks=fitted_masks, latent=latent, positive=positive, negative=negative, tokens=tokens)
+    chest = fitted_chest(comfy, tiny_model, chexmask_example, max_side=64)
+    assert chest.latent["samples"].shape[-2:] == (8, 7)
+    return chest

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cxr_helpers import PROMPT, chexmask_radiograph, gate, run
+from cxr_helpers import fitted_chest, gate, run
 
 from cxr_counterfactual.testing.tiny_checkpoint import UNET_CONFIG
 from cxr_counterfactual.testing.tiny_lora import build_tiny_lora, tiny_sd15_lora_targets
@@ -37,16 +37,7 @@ def lora_name(comfy, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def c128(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
     """The radiograph fitted to 128 px (latent 16×14), its masks, conditioning, tokens and schedule."""
-    image, masks = chexmask_radiograph(chexmask_example)
-    with torch.inference_mode():
-        fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=128, organ_masks=masks)
-        latent = comfy.node("VAEEncode")().encode(tiny_model.vae, fitted)[0]
-        positive, tokens = run(comfy.node("CXRTextEncode"), clip=tiny_model.clip, text=PROMPT,
-                               anatomy="left lung, heart", pathology="effusion")
-        negative = comfy.node("CLIPTextEncode")().encode(tiny_model.clip, "")[0]
-        sigmas = comfy.node("BasicScheduler")().get_sigmas(tiny_model.model, "normal", STEPS, 1.0)[0]
-    return SimpleNamespace(masks=fitted_masks, latent=latent, positive=positive, negative=negative, tokens=tokens,
-                           sigmas=sigmas)
+    return fitted_chest(comfy, tiny_model, chexmask_example, max_side=128, steps=STEPS)
 
 
 def with_lora(comfy, model, lora_name: str, strength: float):

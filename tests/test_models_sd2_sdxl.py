@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cxr_helpers import PROMPT, chexmask_radiograph, gate, run
+from cxr_helpers import PROMPT, fitted_chest, gate, run
 from host_fixtures import load_checkpoint
 
 SIZE = 128
@@ -53,19 +53,11 @@ def family(request, comfy, chexmask_example):
     name = request.param
     path = request.getfixturevalue(f"tiny_{name}_checkpoint")
     loaded = load_checkpoint(comfy, path)
-    image, masks = chexmask_radiograph(chexmask_example)
-    with torch.inference_mode():
-        fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=SIZE, organ_masks=masks)
-        latent = comfy.node("VAEEncode")().encode(loaded.vae, fitted)[0]
-        positive, tokens = run(comfy.node("CXRTextEncode"), clip=loaded.clip, text=PROMPT,
-                               anatomy="left lung, heart", pathology="effusion")
-        negative = comfy.node("CLIPTextEncode")().encode(loaded.clip, "")[0]
-        sigmas = comfy.node("BasicScheduler")().get_sigmas(loaded.model, "normal", STEPS, 1.0)[0]
-    assert latent["samples"].shape[-2:] == (16, 14)
+    chest = fitted_chest(comfy, loaded, chexmask_example, max_side=SIZE, steps=STEPS)
+    assert chest.latent["samples"].shape[-2:] == (16, 14)
     config = tiny_models.SD2_UNET_CONFIG if name == "sd2" else tiny_models.SDXL_UNET_CONFIG
     yield SimpleNamespace(name=name, spec=FAMILIES[name], path=path, unet_config=config, model=loaded.model,
-                          clip=loaded.clip, vae=loaded.vae, masks=fitted_masks, latent=latent, positive=positive,
-                          negative=negative, tokens=tokens, sigmas=sigmas)
+                          clip=loaded.clip, vae=loaded.vae, **vars(chest))
     del loaded
     gc.collect()  # one family in memory at a time (SDXL's text encoders are 1.5 GB in float16)
 

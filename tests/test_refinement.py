@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cxr_helpers import PROMPT, chexmask_radiograph, run
+from cxr_helpers import fitted_chest, run
 
 from cxr_counterfactual.attention.refinement import (
     concentration_energy,
@@ -97,17 +97,9 @@ def test_thresholds_parse_and_reject_bad_pairs():
 @pytest.fixture(scope="module")
 def chest128(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
     """The radiograph fitted to 128 px (latent 16×14), masks, conditioning (as the ``chest`` fixture)."""
-    image, masks = chexmask_radiograph(chexmask_example)
-    with torch.inference_mode():
-        fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=128, organ_masks=masks)
-        latent = comfy.node("VAEEncode")().encode(tiny_model.vae, fitted)[0]
-        positive, tokens = run(comfy.node("CXRTextEncode"), clip=tiny_model.clip, text=PROMPT,
-                               anatomy="left lung, heart", pathology="effusion")
-        negative = comfy.node("CLIPTextEncode")().encode(tiny_model.clip, "")[0]
-        sigmas = comfy.node("BasicScheduler")().get_sigmas(tiny_model.model, "normal", STEPS, 1.0)[0]
-    assert latent["samples"].shape[-2:] == (16, 14)
-    return SimpleNamespace(masks=fitted_masks, latent=latent, positive=positive, negative=negative, tokens=tokens,
-                           sigmas=sigmas)
+    chest = fitted_chest(comfy, tiny_model, chexmask_example, max_side=128, steps=STEPS)
+    assert chest.latent["samples"].shape[-2:] == (16, 14)
+    return chest
 
 
 def refiner(comfy, c, **overrides):
