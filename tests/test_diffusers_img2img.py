@@ -128,7 +128,7 @@ def test_refinement_lowers_the_independently_measured_energy(edit):
 
 
 def test_example_script_edits_the_radiograph(edit, chexmask_example, tmp_path):
-    """examples/diffusers_edit.py on a saved pipeline folder, the real radiograph and its mask files."""
+    """scripts/diffusers_edit.py on a saved pipeline folder, the real radiograph and its mask files."""
     import importlib.util
 
     import numpy as np
@@ -138,7 +138,7 @@ def test_example_script_edits_the_radiograph(edit, chexmask_example, tmp_path):
 
     folder = tmp_path / "pipeline"
     edit.pipe.save_pretrained(folder, safe_serialization=True)
-    script = PACK_ROOT / "examples" / "diffusers_edit.py"
+    script = PACK_ROOT / "scripts" / "diffusers_edit.py"
     spec = importlib.util.spec_from_file_location("diffusers_edit_example", script)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

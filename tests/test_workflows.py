@@ -174,6 +174,10 @@ def test_the_server_offers_the_workflows_as_templates_with_thumbnails(comfy_serv
     API twins in ``workflows/api/`` are not templates)."""
     import urllib.request
 
+    # ComfyUI serves the first of these folders a pack has under /api/workflow_templates/<pack>, so any other one
+    # (an "examples/" of scripts, say) would hide workflows/ from the template browser.
+    others = ["example_workflows", "example", "examples", "workflow"]
+    assert not [name for name in others if (PACK_ROOT / name).exists()]
     listed = comfy_server._request("GET", "/workflow_templates")
     assert sorted(listed["cxr_counterfactual"]) == NAMES
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

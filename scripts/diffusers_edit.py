@@ -1,7 +1,7 @@
 """Edit a radiograph with an SD1.5-style diffusers pipeline (e.g. RoentGen) and the pack's attention regulation.
 
     pip install "cxr-counterfactual[diffusers]"
-    python examples/diffusers_edit.py --pipeline ./roentgen --image chest.png \\
+    python scripts/diffusers_edit.py --pipeline ./roentgen --image chest.png \\
         --masks right_lung=RL.png,left_lung=LL.png,heart=H.png \\
         --prompt "chest x-ray, large left pleural effusion" --anatomy "left lung, heart" --pathology effusion \\
         --edit-organs left_lung --target left_lung --out edited.png
@@ -36,7 +36,7 @@ from cxr_counterfactual.attention.schedule import DiscreteSchedule
 from cxr_counterfactual.imaging.geometry import apply_fit, composite_native, plan_fit
 from cxr_counterfactual.imaging.mask_files import read_mask_image
 
-logger = logging.getLogger("cxr_counterfactual.examples")
+logger = logging.getLogger("cxr_counterfactual.scripts")
 
 
 def read_radiograph(path: Path) -> torch.Tensor:
