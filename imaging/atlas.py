@@ -27,13 +27,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import kornia
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..attention.organs import OrganMasks
 from ..errors import CXRInputError
+from .atlas_image import equalise, pyramid_level, sample_points, square_frame
 from .mask_files import polygons_to_masks
 
 LOG = logging.getLogger(__name__)
@@ -149,46 +148,6 @@ class AtlasFit:
 
 
 # --------------------------------------------------------------------------------------------------
-# image preparation
-def square_frame(image: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad ``[H, W]`` to a centred square (as CheXmask did) and resize to ``size``: image and valid area."""
-    h, w = image.shape
-    side = max(h, w)
-    y0, x0 = (side - h) // 2, (side - w) // 2
-    stack = torch.zeros(2, side, side)
-    stack[0, y0 : y0 + h, x0 : x0 + w] = image
-    stack[1, y0 : y0 + h, x0 : x0 + w] = 1.0
-    small = F.interpolate(stack[None], size=(size, size), mode="area")[0]
-    return small[0], small[1]
-
-
-def equalise(image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Grey-level ranks (0–1) over the valid area, padding 0: exposure and window no longer matter."""
-    inside = valid > 0.5
-    ref = image[inside].sort().values
-    ranks = torch.searchsorted(ref, image.reshape(-1).contiguous()).reshape(image.shape).float() / max(ref.numel(), 1)
-    return ranks * inside
-
-
-def _pyramid_level(base: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``[2, S, S]``: the blurred image and its row-wise integral ``∫₀ˣ I dx`` (region means via Green)."""
-    size = base.shape[-1]
-    sigma_px = sigma * size
-    k = 2 * int(3 * sigma_px + 0.5) + 1
-    img = kornia.filters.gaussian_blur2d(base[None, None], (k, k), (sigma_px, sigma_px), border_type="replicate")[0, 0]
-    # Cumulative sum up to the pixel centre (half of the own pixel), in frame units.
-    integral = (torch.cumsum(img, dim=1) - img / 2) / size
-    return torch.stack([img, integral])
-
-
-def _sample(level: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples ``[C, N]`` of ``[C, S, S]`` at frame points ``[N, 2]`` (x, y in [0, 1])."""
-    grid = (pts * 2 - 1).reshape(1, 1, -1, 2)
-    out = F.grid_sample(level[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.reshape(level.shape[0], -1)
-
-
-# --------------------------------------------------------------------------------------------------
 # the model and its energy
 class _Model:
     """Atlas tensors for one fit (created outside inference mode so autograd can save them)."""
@@ -238,7 +197,7 @@ def _contour_terms(
     steps = torch.tensor(offsets).repeat(2) * signs  # outside offsets, then inside ones
     pts = [torch.cat([mid[None], mid[None] + steps[:, None, None, None] * normal[None]])
            for mid, *_, normal, _ in geoms]
-    values = _sample(level, torch.cat([p.reshape(-1, 2) for p in pts]))
+    values = sample_points(level, torch.cat([p.reshape(-1, 2) for p in pts]))
     out = []
     for (mid, seg, length, _, area2), chunk in zip(geoms, values.split([p[..., 0].numel() for p in pts], dim=1),
                                                    strict=True):
@@ -290,7 +249,7 @@ def _refine(
     pose = pose.clone().requires_grad_(True)
     coeffs = torch.zeros(len(pose), k, requires_grad=True)
     for sigma, iterations, lr in cfg.stages:
-        level = _pyramid_level(base, sigma)
+        level = pyramid_level(base, sigma)
         # Coefficients are in standard deviations: they move ten times the pose's frame units.
         opt = torch.optim.Adam([{"params": [pose], "lr": lr}, {"params": [coeffs], "lr": 10 * lr}])
         for _ in range(iterations):
@@ -323,7 +282,7 @@ def _measure(
     roi = valid * (box_y[:, None] & box_x[None, :])
     if float(roi.sum()) < 16:  # the outline left the image: nothing to measure
         return {f"{n}_{t}": 0.0 for n in model.organs for t in ("edge", "mean", "agree")}
-    _, raw = _energy(model, _pyramid_level(equalise(image, roi), cfg.stages[-1][0]), pose[None], coeffs[None], cfg)
+    _, raw = _energy(model, pyramid_level(equalise(image, roi), cfg.stages[-1][0]), pose[None], coeffs[None], cfg)
     return {n: float(v[0]) for n, v in raw.items()}
 
 
@@ -381,7 +340,7 @@ def fit_atlas(image: torch.Tensor, atlas: ShapeAtlas | None = None, config: FitC
         k = atlas.modes.shape[0]
         small, valid = square_frame(img, cfg.working_size)
         base = equalise(small, valid)
-        starts = _coarse_starts(model, _pyramid_level(base, cfg.stages[0][0]), k, cfg)
+        starts = _coarse_starts(model, pyramid_level(base, cfg.stages[0][0]), k, cfg)
         pose, coeffs = _refine(model, base, starts, k, cfg)
         with torch.no_grad():
             terms = _measure(model, small, valid, pose, coeffs, cfg)

@@ -1,4 +1,4 @@
-"""DICOM loading: the real RG1_UNCR.dcm chest radiograph, synthetic files written with pydicom, the node.
+"""DICOM loading: the real RG1_UNCR.dcm chest radiograph and synthetic files written with pydicom.
 
 Expected pixel values are computed from the DICOM standard's formulas (PS3.3 C.11.2.1.2), not from the
 code under test; the real file is also checked against pydicom's own modality + VOI functions.
@@ -6,166 +6,38 @@ code under test; the real file is also checked against pydicom's own modality + 
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
 import pydicom.data
 import pytest
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from dicom_helpers import (
+    IDENTIFIERS,
+    LUNG_BOXES,
+    MEDIASTINUM,
+    expect_error,
+    linear_window,
+    ramp,
+    rg1_path,
+    write_dicom,
+)
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import (
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
     HTJ2KLossless,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
-    generate_uid,
 )
 
-from conftest import need
 from cxr_counterfactual.errors import CXRInputError
 from cxr_counterfactual.imaging import dicom as dicom_core
 from cxr_counterfactual.imaging.dicom import DicomRadiograph, read_dicom
 from cxr_counterfactual.imaging.geometry import NativeGeometry
-
-NODE_TITLE = "Load Chest X-ray (DICOM)"
-
-# Native-pixel regions of RG1_UNCR.dcm (PA view): both lungs and the mediastinum/spine between them.
-LUNG_BOXES = ((slice(500, 1100), slice(300, 700)), (slice(500, 1100), slice(1200, 1550)))
-MEDIASTINUM = (slice(400, 1000), slice(850, 1000))
-
-# Patient data that must never leave read_dicom (all written into one synthetic file).
-IDENTIFIERS: dict[str, Any] = {
-    "PatientName": "Doe^Jane^SECRET",
-    "PatientID": "PID-93731",
-    "PatientBirthDate": "19410317",
-    "AccessionNumber": "ACC-55821X",
-    "InstitutionName": "St Hidden Infirmary",
-    "ReferringPhysicianName": "Quill^Ramona",
-    "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.77331",
-    "SeriesInstanceUID": "1.2.826.0.1.3680043.8.498.77332",
-    "StudyDate": "20190607",
-    "StudyID": "STUDY-4471",
-    "OtherPatientIDs": "OTHER-88213",
-    "PatientAddress": "12 Lantern Row",
-}
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def rg1_path() -> Path:
-    path = pydicom.data.get_testdata_file("RG1_UNCR.dcm")
-    need(path is not None, "pydicom-data's RG1_UNCR.dcm not found: pip install pydicom-data")
-    return Path(str(path))
-
-
-def write_dicom(
-    path: Path,
-    pixels: np.ndarray,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int = 12,
-    signed: bool = False,
-    transfer_syntax: str = ExplicitVRLittleEndian,
-    encapsulated: bool = False,
-    with_pixels: bool = True,
-    **elements: Any,
-) -> Path:
-    """A minimal valid Part-10 DICOM radiograph (file meta, explicit VR little endian unless told).
-
-    Args:
-        path: where to write it.
-        pixels: ``[H, W]`` grey, ``[F, H, W]`` frames, or ``[H, W, 3]`` for RGB (8-bit).
-        photometric: Photometric Interpretation.
-        bits_stored: Bits Stored (16 bits allocated unless the data is 8-bit).
-        signed: Pixel Representation 1.
-        transfer_syntax: the file meta Transfer Syntax UID.
-        encapsulated: store the (uncompressed) bytes as one encapsulated fragment, as compressed
-            transfer syntaxes require.
-        with_pixels: leave Pixel Data out when False.
-        **elements: any further elements by keyword (window, rescale, identifiers, ...).
-    """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    colour = pixels.ndim == 3 and pixels.shape[-1] == 3
-    frames = pixels.shape[0] if pixels.ndim == 3 and not colour else 1
-    rows, cols = (pixels.shape[0], pixels.shape[1]) if colour or pixels.ndim == 2 else pixels.shape[1:]
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 3 if colour else 1
-    if colour:
-        ds.PlanarConfiguration = 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    if with_pixels:
-        dtype = {(8, False): np.uint8, (16, False): "<u2", (16, True): "<i2"}[(ds.BitsAllocated, signed)]
-        raw = np.ascontiguousarray(pixels.astype(dtype)).tobytes()
-        if encapsulated:
-            ds.PixelData = encapsulate([raw])
-            ds["PixelData"].VR = "OB"
-            ds["PixelData"].is_undefined_length = True
-        else:
-            ds.PixelData = raw
-            ds["PixelData"].VR = "OB" if ds.BitsAllocated == 8 else "OW"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM LINEAR windowing (PS3.3 C.11.2.1.2.1) as a fraction of the output range."""
-    c, w = center - 0.5, width - 1.0
-    out = (values.astype(np.float64) - c) / w + 0.5
-    out[values <= c - w / 2] = 0.0
-    out[values > c + w / 2] = 1.0
-    return out
-
-
-def ramp(height: int, width: int, lo: int, hi: int, seed: int = 0) -> np.ndarray:
-    """A smooth ramp from lo to hi plus a little noise: varied values that hit both ends."""
-    rng = np.random.default_rng(seed)
-    base = np.linspace(lo, hi, height * width).reshape(height, width)
-    noisy = base + rng.integers(-3, 4, size=base.shape)
-    noisy.flat[0], noisy.flat[-1] = lo, hi
-    return np.clip(np.rint(noisy), lo, hi).astype(np.int64)
-
-
-def expect_error(call: Callable[[], object], *needles: str) -> CXRInputError:
-    """Run ``call``; it must raise CXRInputError whose text holds every needle (case-insensitive)."""
-    with pytest.raises(CXRInputError) as info:
-        call()
-    text = str(info.value).lower()
-    for needle in needles:
-        assert needle.lower() in text, f"{needle!r} not in error: {info.value}"
-    assert info.value.fix, "every user error carries a fix"
-    return info.value
-
-
-# ------------------------------------------------------------------------------------- the real file
 
 
 @pytest.fixture(scope="module")
@@ -443,108 +315,3 @@ def test_no_identifier_reaches_result_logs_or_errors(
     blob = "\n".join(seen)
     for secret in _secret_strings():
         assert secret not in blob, f"identifier {secret!r} leaked"
-
-
-# ------------------------------------------------------------------------------------------- the node
-
-
-@pytest.fixture
-def input_dir(comfy) -> Path:
-    import folder_paths
-
-    return Path(folder_paths.get_input_directory())
-
-
-def test_node_registered_with_tooltips(comfy) -> None:
-    schema = comfy.node("CXRLoadDICOM").define_schema()
-    assert schema.display_name == NODE_TITLE
-    assert schema.category == "CXR Counterfactual/input"
-    assert schema.description
-    assert [i.id for i in schema.inputs] == ["dicom_file", "window"]
-    for item in [*schema.inputs, *schema.outputs]:
-        assert item.tooltip, f"{getattr(item, 'id', None) or item.display_name} has no tooltip"
-    assert [o.io_type for o in schema.outputs] == ["IMAGE", "CXR_GEOMETRY"]
-    window = schema.inputs[1]
-    assert window.options == ["auto", "window", "full_range"] and window.default == "auto"
-
-
-def test_node_lists_dicom_files_only(comfy, input_dir: Path) -> None:
-    shutil.copy(rg1_path(), input_dir / "dicom_list_test.dcm")
-    (input_dir / "dicom_sub").mkdir(exist_ok=True)
-    shutil.copy(rg1_path(), input_dir / "dicom_sub" / "IM000001")
-    (input_dir / "dicom_sub" / "photo.png").write_bytes(b"not listed")
-    (input_dir / "dicom_sub" / "DICOMDIR").write_bytes(b"index, not an image")
-    options = comfy.node("CXRLoadDICOM").define_schema().inputs[0].options
-    assert "dicom_list_test.dcm" in options
-    assert "dicom_sub/IM000001" in options
-    assert "dicom_sub/photo.png" not in options and "dicom_sub/DICOMDIR" not in options
-
-
-def test_node_execute_real_radiograph(comfy, input_dir: Path, rg1: DicomRadiograph) -> None:
-    shutil.copy(rg1_path(), input_dir / "rg1_node.dcm")
-    node = comfy.node("CXRLoadDICOM")
-    assert node.validate_inputs(dicom_file="rg1_node.dcm") is True
-    out = node.execute(dicom_file="rg1_node.dcm", window="auto")
-    image, geometry = out.args
-    assert image.shape == (1, 1955, 1841, 3) and image.dtype == torch.float32
-    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
-    torch.testing.assert_close(image[0, :, :, 0], rg1.pixels)
-    assert torch.equal(image[..., 0], image[..., 2])
-    assert geometry == rg1.geometry and geometry.source == "dicom"
-
-
-def test_node_validate_missing_and_outside_files(comfy) -> None:
-    node = comfy.node("CXRLoadDICOM")
-    message = node.validate_inputs(dicom_file="not_there.dcm")
-    assert isinstance(message, str)
-    assert NODE_TITLE in message and "dicom_file" in message and "ComfyUI/input" in message
-    outside = node.validate_inputs(dicom_file="../../etc/passwd")
-    assert isinstance(outside, str) and "outside" in outside
-    bad_window = node.validate_inputs(dicom_file="not_there.dcm", window="bright")
-    assert isinstance(bad_window, str) and "window" in bad_window and "full_range" in bad_window
-
-
-def test_node_validation_through_comfyui(comfy, input_dir: Path) -> None:
-    """ComfyUI's own prompt validation runs the node's check (it does not check V3 combo values itself)."""
-    import execution
-
-    shutil.copy(rg1_path(), input_dir / "rg1_validate.dcm")
-
-    def validate(dicom_file: str, window: str = "auto") -> tuple[bool, str]:
-        prompt = {
-            "1": {"class_type": "CXRLoadDICOM", "inputs": {"dicom_file": dicom_file, "window": window}},
-            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
-        }
-        result = asyncio.run(execution.validate_prompt("test", prompt, None))
-        return result[0], str(result[3])
-
-    assert validate("rg1_validate.dcm")[0] is True
-    for dicom_file, window, needle in (
-        ("gone.dcm", "auto", "ComfyUI/input"),
-        ("../../etc/passwd", "auto", "outside"),
-        ("rg1_validate.dcm", "bright", "window"),
-    ):
-        ok, errors = validate(dicom_file, window)
-        assert not ok and NODE_TITLE in errors and needle in errors
-
-
-def test_node_fingerprint_follows_the_file(comfy, input_dir: Path, tmp_path: Path) -> None:
-    node = comfy.node("CXRLoadDICOM")
-    path = write_dicom(input_dir / "fp.dcm", ramp(6, 6, 0, 500))
-    first = node.fingerprint_inputs(dicom_file="fp.dcm", window="auto")
-    assert first == node.fingerprint_inputs(dicom_file="fp.dcm", window="auto")
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    assert node.fingerprint_inputs(dicom_file="fp.dcm", window="auto") != first
-
-
-def test_node_errors_name_node_and_input(comfy, input_dir: Path) -> None:
-    node = comfy.node("CXRLoadDICOM")
-    (input_dir / "bad_node.dcm").write_text("plain text")
-    err = expect_error(
-        lambda: node.execute(dicom_file="bad_node.dcm", window="auto"), NODE_TITLE, "not a DICOM"
-    )
-    assert err.input_name == "dicom_file"
-    write_dicom(input_dir / "nowin_node.dcm", ramp(6, 6, 0, 500))
-    err = expect_error(lambda: node.execute(dicom_file="nowin_node.dcm", window="window"), NODE_TITLE)
-    assert err.input_name == "window"
