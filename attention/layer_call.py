@@ -29,8 +29,9 @@ COND, UNCOND = 0, 1
 
 
 def active_stages(stages: Sequence[Stage], key: Key, sigma: float) -> list[Stage]:
-    """The stages whose sigma window holds ``sigma`` and whose UNet parts include ``key``."""
-    return [s for s in stages if s.active(sigma) and s.covers(key)]
+    """The stages whose sigma window holds ``sigma``, whose UNet parts include ``key`` and that can change
+    something (a neutral stage is never active, so the host runs the layer's original path)."""
+    return [s for s in stages if s.active(sigma) and s.covers(key) and not s.neutral]
 
 
 def self_gate(active: Sequence[Stage]) -> GateStage | None:

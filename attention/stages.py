@@ -47,6 +47,13 @@ class Stage:
     def covers(self, key: Key) -> bool:
         return key[0] in self.blocks
 
+    @property
+    def neutral(self) -> bool:
+        """True when the stage cannot change any attention (strength 0, factor 1, ...). Hosts then never
+        select it, so a neutral stage runs the layer's original code path: "neutral = stock" holds by
+        construction, not because two kernels happen to round alike."""
+        return False
+
     def located(self, err: CXRInputError, input_name: str) -> CXRInputError:
         return err.located(self.title, input_name, "Use the organ masks of 'Fit Radiograph to Model' for this latent.")
 
@@ -67,6 +74,10 @@ class GateStage(Stage):
     apply_to_uncond: bool = False
     cond_len: int = 77
     token_words: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...] = ()
+
+    @property
+    def neutral(self) -> bool:
+        return self.self_leak >= 1.0 and (not self.token_words or self.token_leak >= 1.0)
 
     def partition(self, h: int, w: int, latent: Grid, device):
         def build():
@@ -116,14 +127,21 @@ class BoostStage(Stage):
     damping: float = 1.0
     cond_len: int = 77
 
+    @property
+    def neutral(self) -> bool:
+        return self.damping == 1.0 and all(f == 1.0 for f in self.factors.values())
+
     def cross_bias(self, h: int, w: int, latent: Grid, context_len: int, device) -> torch.Tensor | None:
         def build():
             inside = _target_tokens(self, self.target, h, w, latent)
             if not inside.any():
                 logger.info("%s: the target covers no token at the %dx%d grid: no boost there", self.title, h, w)
-            return pathology_boost_bias(inside, self.positions, self.factors, self.cond_len, context_len,
-                                        self.damping).to(device)
-        return self.cache.get(("boost", h, w, latent, context_len, str(device)), build)
+                if self.damping == 1.0:  # nothing inside to boost, nothing outside to damp: stock at this grid
+                    return (None,)
+            return (pathology_boost_bias(inside, self.positions, self.factors, self.cond_len, context_len,
+                                         self.damping).to(device),)
+        # cached in a 1-tuple so that "no bias at this grid" is cached too
+        return self.cache.get(("boost", h, w, latent, context_len, str(device)), build)[0]
 
 
 @dataclass(eq=False)

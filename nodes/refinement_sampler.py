@@ -30,7 +30,7 @@ from tqdm.auto import trange
 
 from ..attention.host_comfy import HOLDER_KEY, CXRReplace, Key, ResultStore, latent_fingerprint
 from ..attention.kernels import to_heads
-from ..attention.layer_call import pathology_maps
+from ..attention.layer_call import active_stages, cross_bias, pathology_maps
 from ..attention.organs import OrganMasks
 from ..attention.refinement import RefineConfig, concentration_energy, grid_at, refinement_step
 from ..attention.regions import coverage
@@ -99,9 +99,8 @@ class _Capture:
         if isinstance(self.inner, CXRReplace):  # boosted/gated models: the maps the model really uses
             sigma = float(extra["sigmas"].max())
             latent = tuple(int(n) for n in extra["original_shape"][-2:])
-            biases = [b for s in self.inner.stages if s.active(sigma) and s.covers(self.key)
-                      if (b := s.cross_bias(h, w, latent, k.shape[1], q.device)) is not None]
-            bias = torch.stack(biases).sum(0) if biases else None
+            active = active_stages(self.inner.stages, self.key, sigma)
+            bias = cross_bias(active, h, w, latent, k.shape[1], q.device)
         self.maps.append(pathology_maps(to_heads(q, heads), to_heads(k, heads), bias, self.columns(k.shape[1]), h, w))
         if self.last:
             raise _Stop
