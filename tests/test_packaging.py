@@ -33,6 +33,14 @@ def test_test_extra_matches_requirements_test_and_diffusers_stays_optional():
     assert not any(d.startswith("diffusers") for d in PYPROJECT["project"]["dependencies"])
 
 
+def test_extras_that_start_comfyui_bring_requests():
+    # ComfyUI 0.3.64's server.py imports app/frontend_management.py, which imports requests, and ComfyUI's own
+    # requirements.txt does not list it: every extra that starts a server (demo, runner, Ray, the suite) must.
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    for name in ("demo", "run", "ray", "test"):
+        assert any(re.match(r"requests\b", d) for d in extras[name]), name
+
+
 def test_registry_metadata():
     project, comfy = PYPROJECT["project"], PYPROJECT["tool"]["comfy"]
     assert project["name"] == "cxr-counterfactual"
