@@ -14,9 +14,11 @@ subprocess).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,7 +80,8 @@ def tiny_checkpoint(cache: Path, comfyui: Path) -> Path:
         env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
         subprocess.run(
             [sys.executable, "-m", "cxr_counterfactual.testing.tiny_checkpoint", str(path)],
-            check=True, env=env, cwd=tempfile.gettempdir(),
+            # its stdout (the checkpoint's path) is dropped: the demo's stdout is the run folder, nothing else
+            check=True, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL,
         )
     return path
 
@@ -99,6 +102,22 @@ def build_prompt(checkpoint: str, masks: dict[str, str] | None, *, tiny: bool, s
     return graph
 
 
+# What each saved file is, by the SaveImage/SaveLatent node of the workflow that wrote it (the file names
+# carry the node's filename_prefix). The composite is the main result: the raw decode passes every pixel,
+# the patient's included, through the VAE (with the tiny checkpoint: noise over the whole radiograph).
+OUTPUTS = (
+    ("22", "images", "counterfactual: the edit composited onto the patient's own radiograph at native size "
+                     "(the source's pixels, bit for bit, outside the edit region)"),
+    ("14", "images", "raw decode: the whole decoded latent at native size (every pixel through the VAE, not the "
+                     "patient's pixels)"),
+    ("16", "images", "source: the decoded DICOM"),
+    ("15", "images", "organs: the organ masks over the source"),
+    ("20", "images", "edit region: where the counterfactual may differ from the source (white)"),
+    ("17", "latents", "source latent"),
+    ("18", "latents", "edited latent"),
+)
+
+
 def unique_dir(parent: Path) -> Path:
     """A new run folder under ``parent``: earlier results are never overwritten."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -114,7 +133,7 @@ def unique_dir(parent: Path) -> Path:
 
 def run_demo(out: Path, checkpoint: Path | None, comfyui: Path | None, seed: int, prompt: str,
              mask_source: str = "atlas") -> Path:
-    from .testing.server import ComfyServer
+    from .testing.server import ComfyServer, ComfyServerError
 
     comfy_path = comfyui or find_comfyui()
     if comfy_path is None:
@@ -133,32 +152,67 @@ def run_demo(out: Path, checkpoint: Path | None, comfyui: Path | None, seed: int
             raise SystemExit(f"--checkpoint {ckpt} does not exist")
         logger.info("using your checkpoint %s", ckpt.name)
 
-    run_dir = unique_dir(out)
     base = Path(tempfile.mkdtemp(prefix="cxr-demo-"))
     try:
-        with ComfyServer(comfy_path, checkpoints=[ckpt], base_dir=base) as server:
-            server.upload_input(sample_dicom(), SAMPLE_DICOM)
-            masks = write_mask_files(server.folders["input"]) if mask_source == "outlines" else None
-            graph = build_prompt(ckpt.name, masks, tiny=tiny, seed=seed, prompt=prompt)
-            result = server.run(graph, on_progress=_log_progress)
-            copied = []
-            for node_id, key in (("14", "images"), ("15", "images"), ("16", "images"), ("20", "images"),
-                                 ("17", "latents"), ("18", "latents")):
-                for f in result.files(node_id, key):
-                    shutil.copy2(f, run_dir / f.name)
-                    copied.append(f.name)
-        (run_dir / "README.txt").write_text(
-            f"checkpoint: {'tiny random-weight test checkpoint (mechanics only, not anatomy)' if tiny else ckpt.name}\n"
-            f"radiograph: pydicom-data {SAMPLE_DICOM}; masks: "
-            f"{'our outlines (assets/rg1_uncr_organs.json)' if mask_source == 'outlines' else 'weight-free atlas'}\n"
-            f"prompt: {prompt}\nseed: {seed}\nfiles: {', '.join(sorted(copied))}\n"
-        )
+        try:
+            with ComfyServer(comfy_path, checkpoints=[ckpt], base_dir=base) as server:
+                server.upload_input(sample_dicom(), SAMPLE_DICOM)
+                masks = write_mask_files(server.folders["input"]) if mask_source == "outlines" else None
+                graph = build_prompt(ckpt.name, masks, tiny=tiny, seed=seed, prompt=prompt)
+                result = server.run(graph, on_progress=_log_progress)
+        except ComfyServerError as err:
+            raise SystemExit(_server_failure(err)) from err
+        # The run folder is made only now, when there are results to put in it: a failed start or run leaves
+        # nothing behind, and an existing folder is never reused (unique_dir makes a new one).
+        saved = [(f, text) for node_id, key, text in OUTPUTS for f in result.files(node_id, key)]
+        run_dir = _write_run(out, saved, _notes(ckpt, tiny, mask_source, prompt, seed))
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    logger.info("done: %d files in %s", len(copied), run_dir)
+    logger.info("done: %d files in %s", len(saved), run_dir)
+    for f, text in saved:
+        logger.info("  %s: %s", f.name, text)
     if tiny:
         logger.warning("Reminder: these images come from random weights (mechanics only).")
     return run_dir
+
+
+def _notes(ckpt: Path, tiny: bool, mask_source: str, prompt: str, seed: int) -> str:
+    return (
+        f"checkpoint: {'tiny random-weight test checkpoint (mechanics only, not anatomy)' if tiny else ckpt.name}\n"
+        f"radiograph: pydicom-data {SAMPLE_DICOM}; masks: "
+        f"{'our outlines (assets/rg1_uncr_organs.json)' if mask_source == 'outlines' else 'weight-free atlas'}\n"
+        f"prompt: {prompt}\nseed: {seed}\n"
+    )
+
+
+def _write_run(out: Path, saved: list[tuple[Path, str]], notes: str) -> Path:
+    """Copy the results into a new run folder; if that fails, remove what this call created, nothing else."""
+    made_out = not out.exists()
+    run_dir = unique_dir(out)
+    try:
+        for f, _ in saved:
+            shutil.copy2(f, run_dir / f.name)
+        files = "".join(f"  {f.name}: {text}\n" for f, text in saved)
+        (run_dir / "README.txt").write_text(f"{notes}files:\n{files}")
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if made_out:
+            with contextlib.suppress(OSError):  # only if still empty: never anything of the user's
+                out.rmdir()
+        raise
+    return run_dir
+
+
+def _server_failure(err: Exception) -> str:
+    """The demo's message for a ComfyUI that did not start or failed the run, with the fix when one is known."""
+    missing = re.search(r"No module named '([\w.]+)'", str(err))
+    hint = ""
+    if missing:
+        module = missing.group(1).split(".")[0]
+        hint = (f"\nComfyUI's Python environment lacks the module '{module}'. Install it there (pip install "
+                f"{module}); ComfyUI 0.3.64 imports 'requests' without listing it in its requirements.txt, and "
+                f"pip install '.[demo]' brings it.")
+    return f"the demo's ComfyUI failed; no output folder was written.\n{err}{hint}"
 
 
 def _log_progress(event) -> None:

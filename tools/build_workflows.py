@@ -208,6 +208,8 @@ NOTES = {
     "attention maps and energies.",
     "cxr_dicom_masked_edit": "**The demo's graph.** A DICOM radiograph, atlas organ masks and a plain masked img2img "
     "edit of the left lung (no attention regulation): the baseline the other workflows improve on. "
+    "`Save: counterfactual` is the edit composited onto the patient's own pixels at native size; `Save: raw "
+    "decode` is the whole decoded latent (every pixel through the VAE). "
     "`python -m cxr_counterfactual demo` runs it headless.",
     "cxr_chexmask_edit": "**Masks from CheXmask.** Put a CheXmask CSV (any size; decompress `.csv.gz`) and the "
     "radiograph of one of its rows in `ComfyUI/input`, and type the row's image id.",
