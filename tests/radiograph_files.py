@@ -17,8 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.data
 from dicom_helpers import rg1_path, write_dicom
 from PIL import Image
+
+from conftest import need
 
 SIDE = 192  # longest side of a variant: small enough for the atlas and the fit to take well under a second
 
@@ -135,6 +138,28 @@ def tinted(grey: np.ndarray, bits: int) -> np.ndarray:
     top = 2**bits - 1
     return np.stack([quantise(grey, bits), quantise(grey * 0.97, bits), np.rint(quantise(grey, bits) * 0.9)],
                     axis=-1).clip(0, top).astype(np.int64)
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A valid 1-bit PNG of side × side pixels (400 million: 400 MB as 8-bit, 1.6 GB as float) in ~50 kB."""
+    row = b"\0" + b"\0" * ((side + 7) // 8)
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def extremity_png(side: int = SIDE) -> bytes:
+    """pydicom-data's RG3_UNCR.dcm (a real extremity radiograph, not a chest) as a 16-bit grey PNG, bone bright."""
+    path = pydicom.data.get_testdata_file("RG3_UNCR.dcm")
+    need(path is not None, "pydicom-data's RG3_UNCR.dcm not found: pip install pydicom-data")
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float64)
+    grey = 1 - (stored - stored.min()) / (stored.max() - stored.min())  # MONOCHROME1
+    return png_bytes(quantise(_shrink(grey, side=side), 16), 16)
 
 
 # ---------------------------------------------------------------------------------------------------- variants

@@ -7,14 +7,13 @@ import logging
 import struct
 import time
 import tracemalloc
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from dicom_helpers import IDENTIFIERS, expect_error, ramp, rg1_path, write_dicom
 from PIL import Image, ImageOps
-from radiograph_files import Variant, example, jpeg_bytes, png_bytes, quantise, tinted, variants
+from radiograph_files import Variant, bomb_png, example, jpeg_bytes, png_bytes, quantise, tinted, variants
 
 from cxr_counterfactual.imaging.dicom import read_dicom
 from cxr_counterfactual.imaging.radiograph import MAX_PIXELS, MIN_SIDE, is_radiograph_name, read_radiograph
@@ -195,19 +194,6 @@ def test_damaged_files_are_refused(chexmask_example, tmp_path):
     expect_error(lambda: read_radiograph(tmp_path / "scan.png"), "TIFF images are not supported", "grey PNG")
     (tmp_path / "flat.png").write_bytes(png_bytes(np.full((64, 64), 9000), 16))
     expect_error(lambda: read_radiograph(tmp_path / "flat.png"), "same value")
-
-
-def bomb_png(side: int = 20000) -> bytes:
-    """A valid 1-bit PNG of side × side pixels (400 million: 400 MB as 8-bit, 1.6 GB as float) in ~50 kB."""
-    row = b"\0" + b"\0" * ((side + 7) // 8)
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):

@@ -7,15 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pydicom
-import pydicom.data
 import pytest
 import torch
 from cxr_helpers import run
 from PIL import Image
-from radiograph_files import SIDE, png_bytes, variants
+from radiograph_files import SIDE, extremity_png, png_bytes, variants
 
-from conftest import need
 from cxr_counterfactual.errors import CXRInputError
 
 LOADER, ATLAS = "Load Chest X-ray (DICOM/PNG/JPEG)", "Organ Masks from Atlas (approximate)"
@@ -81,14 +78,7 @@ def test_a_sixteen_bit_png_is_not_saturated_as_load_image_saturates_it(comfy, in
 
 def test_a_non_chest_png_and_a_rotated_jpeg_reach_the_atlas_refusal(comfy, input_dir, data_dir):
     """Real radiographs the atlas cannot fit stop at its fit-quality check, not in a crash."""
-    rg3 = pydicom.data.get_testdata_file("RG3_UNCR.dcm")
-    need(rg3 is not None, "pydicom-data's RG3_UNCR.dcm not found: pip install pydicom-data")
-    ds = pydicom.dcmread(rg3)  # an extremity radiograph, MONOCHROME1: shown as a PNG with bone bright
-    stored = ds.pixel_array.astype(np.float64)
-    grey = 1 - (stored - stored.min()) / (stored.max() - stored.min())
-    small = Image.fromarray(grey.astype(np.float32), mode="F").resize((SIDE * grey.shape[1] // max(grey.shape),
-                                                                       SIDE * grey.shape[0] // max(grey.shape)))
-    (input_dir / "extremity.png").write_bytes(png_bytes(np.rint(np.asarray(small).clip(0, 1) * 65535), 16))
+    (input_dir / "extremity.png").write_bytes(extremity_png())  # a real radiograph, not of a chest
     chest = Image.open(data_dir / "cxr" / "nih" / "00000001_000.png").convert("L").resize((SIDE, SIDE))
     chest.rotate(90).save(input_dir / "rotated.jpg", quality=95)  # a PA view on its side
     for name in ("extremity.png", "rotated.jpg"):
