@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import CXRInputError
 from .dicom import WINDOW_MODES, read_dicom
@@ -181,7 +181,7 @@ def read_image(path: str | os.PathLike[str], window: str = "auto") -> Radiograph
 def _decode(path: Path) -> tuple[np.ndarray, int]:
     """``([H, W, C] samples, bits)``: C is 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)."""
     try:
-        with _quiet_pillow(), warnings.catch_warnings():
+        with _quiet_pillow(), _strict_pillow(), warnings.catch_warnings():
             # Pillow warns above its own limit and raises above twice that; the limit applied is ours.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
@@ -215,6 +215,19 @@ def _quiet_pillow() -> Iterator[None]:
             lg.disabled = was
 
 
+@contextmanager
+def _strict_pillow() -> Iterator[None]:
+    """Refuse truncated files while one is read, whatever the process set: packs often switch Pillow's
+    ``LOAD_TRUNCATED_IMAGES`` on for good, and a truncated radiograph would then load with a grey fill.
+    (ComfyUI's own Load Image sets this global around its reads the same way.)"""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 def _too_large() -> CXRInputError:
     return CXRInputError(
         f"the image declares more than {MAX_PIXELS // 1_000_000} million pixels: a chest radiograph has fewer "
@@ -222,15 +235,16 @@ def _too_large() -> CXRInputError:
         fix="Pick the radiograph itself, or scale the image down below that size first.")
 
 
-def _decode_open(im: Image.Image) -> tuple[np.ndarray, int]:
+def _decode_open(im: ImageFile.ImageFile) -> tuple[np.ndarray, int]:
     if im.format not in ("PNG", "JPEG", "MPO"):
         raise CXRInputError(f"{im.format or 'this'} images are not supported (only DICOM, PNG and JPEG).",
                             fix=_CONVERT_FIX)
     width, height = im.size
     if width * height > MAX_PIXELS:
         raise _too_large()
-    if getattr(im, "n_frames", 1) > 1:
-        logger.warning("the image file holds %d frames: using the first one.", im.n_frames)
+    frames = int(getattr(im, "n_frames", 1))  # an animated PNG, a multi-picture (MPO) JPEG
+    if frames > 1:
+        logger.warning("the image file holds %d frames: using the first one.", frames)
     rawmode = im.tile[0].args if im.tile else None
     if im.format == "PNG" and (rawmode in _PNG16_COLOUR or rawmode == "LA;16B"):
         samples, exif = _png16_samples(str(im.filename), rawmode)

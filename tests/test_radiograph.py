@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicom_helpers import IDENTIFIERS, expect_error, ramp, rg1_path, write_dicom
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 from radiograph_files import Variant, bomb_png, example, jpeg_bytes, png_bytes, quantise, tinted, variants
 
 from cxr_counterfactual.imaging.dicom import read_dicom
@@ -184,6 +184,12 @@ def test_damaged_files_are_refused(chexmask_example, tmp_path):
     data = (chexmask_example / "utils_example1.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     expect_error(lambda: read_radiograph(tmp_path / "cut.jpg"), "damaged or truncated", "again")
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # as many packs set it for good: still refused, and left as it was
+    try:
+        expect_error(lambda: read_radiograph(tmp_path / "cut.jpg"), "damaged or truncated")
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
     png = png_bytes(quantise(example(chexmask_example), 16), 16)
     (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
     expect_error(lambda: read_radiograph(tmp_path / "cut.png"), "damaged or truncated")
