@@ -17,6 +17,7 @@ from bad_input_graphs import CSV_ROWS
 from PIL import Image
 from test_atlas import LANDMARK_FILES, MASK_FILES
 from test_chexmask import LOW_DICE_MIMIC, REAL_FILES
+from test_workflows import SAVED
 
 from cxr_counterfactual.imaging.atlas import ATLAS_PATH
 from cxr_counterfactual.testing import paths
@@ -30,6 +31,10 @@ FIXTURES = sorted(
     [f"cxr/chexmask-example/{name}" for name in [*EXAMPLE, GPL]]
     + [f"cxr/{folder}/{name}" for folder in ("chexmask-rows", "chexmask-landmarks") for name in [*ROW_FILES, GPL]]
     + ["cxr/nih/00000001_000.png", "README.md"]
+    # the workflow files as saved before the one-loader change: they must keep loading (tests/test_workflows.py)
+    + [f"{SAVED.name}/{sub}{name}.json" for sub in ("", "api/")
+       for name in ("cxr_ablation", "cxr_chexmask_edit", "cxr_counterfactual_edit", "cxr_dicom_masked_edit")]
+    + [f"{SAVED.name}/README.md"]
 )
 SIZE_LIMIT = 3 * 2**20  # the repo carries these in every clone: keep them small
 MASK_COLUMNS = ("Left Lung", "Right Lung", "Heart")
