@@ -178,7 +178,7 @@ def _read_dataset(path: Path) -> Dataset:
 def _not_dicom() -> CXRInputError:
     return CXRInputError(
         "the file is not a DICOM file (no 'DICM' header).",
-        fix="Pick a DICOM Part 10 file (.dcm), or load a PNG/JPEG radiograph with an image loader instead.",
+        fix="Pick a DICOM Part 10 file (.dcm), or a PNG/JPEG radiograph.",
     )
 
 

@@ -19,7 +19,8 @@ from ..testing.paths import PACK_ROOT
 Graph = dict[str, dict[str, Any]]
 SHIPPED = PACK_ROOT / "workflows" / "api"
 
-# The manifest's roles, bound to node types rather than ids, so one manifest drives any shipped workflow.
+# The manifest's roles, bound to node types rather than ids, so one manifest drives any shipped workflow. The
+# pack's loader reads DICOM, PNG and JPEG (every shipped workflow uses it); LoadImage is for users' own graphs.
 RADIOGRAPH_LOADERS = {"CXRLoadDICOM": "dicom_file", "LoadImage": "image"}
 MASK_SOURCES = frozenset({"CXRAtlasOrgans", "CXRLoadOrganMasks", "CXRLoadCheXmask", "CXRLoadOrganLabelMap",
                           "CXRSegmentOrgans", "CXROrganMasksFromMask"})
@@ -148,13 +149,17 @@ def _one(graph: Mapping[str, Any], class_types: Iterable[str], role: str) -> str
 
 
 def set_radiograph(graph: Graph, upload_name: str, is_dicom: bool) -> None:
-    """Point the workflow's radiograph loader at an uploaded file (DICOM or PNG/JPEG, as the loader reads)."""
+    """Point the workflow's radiograph loader at an uploaded file.
+
+    The pack's loader (``CXRLoadDICOM``) reads DICOM, PNG and JPEG alike; ComfyUI's LoadImage, which users'
+    own graphs may hold, reads no DICOM.
+    """
     node_id = _one(graph, RADIOGRAPH_LOADERS, "radiograph")
     class_type = graph[node_id]["class_type"]
-    if (class_type == "CXRLoadDICOM") != is_dicom:
-        kind = "a DICOM file" if class_type == "CXRLoadDICOM" else "a PNG/JPEG image"
-        raise GraphError(f"the workflow's radiograph loader {title(graph, node_id)!r} reads {kind}; "
-                         f"{upload_name} is not one. Use a workflow with the other loader.")
+    if class_type == "LoadImage" and is_dicom:
+        raise GraphError(f"the workflow's radiograph loader {title(graph, node_id)!r} is ComfyUI's Load Image, "
+                         f"which reads no DICOM; {upload_name} is one. Replace it with the pack's Load Chest "
+                         "X-ray (DICOM/PNG/JPEG) (CXRLoadDICOM), which reads DICOM, PNG and JPEG.")
     graph[node_id]["inputs"][RADIOGRAPH_LOADERS[class_type]] = upload_name
 
 

@@ -40,12 +40,11 @@ logger = logging.getLogger("cxr_counterfactual.scripts")
 
 
 def read_radiograph(path: Path) -> torch.Tensor:
-    """``[H, W]`` grey in [0, 1]: a DICOM through the pack's reader, anything else through Pillow."""
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        from cxr_counterfactual.imaging.dicom import read_dicom
+    """``[H, W]`` grey in [0, 1] through the pack's reader (DICOM, PNG or JPEG, as ComfyUI's loader node reads
+    them: a 16-bit PNG keeps its full range, which Pillow's ``convert("L")`` would clip)."""
+    from cxr_counterfactual.imaging.radiograph import read_radiograph as read
 
-        return read_dicom(path).pixels
-    return torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)
+    return read(path).pixels
 
 
 def read_masks(args: argparse.Namespace, grey: torch.Tensor) -> OrganMasks:

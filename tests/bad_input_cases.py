@@ -28,7 +28,7 @@ from bad_input_graphs import (
 FIT_LATENT = (1, 4, 8, 7)  # the radiograph fitted to 64 px: 64×56 px
 GATE, BOOST, CAPTURE = "CXR Anatomy Attention Gate", "CXR Pathology Boost", "CXR Capture Attention"
 FILES, FROM_MASK = "Load Organ Masks (files)", "Organ Masks from MASK"
-KEEP, REFINE, DICOM = "Apply Keep Region", "CXR Refinement Sampler (Euler)", "Load Chest X-ray (DICOM)"
+KEEP, REFINE, DICOM = "Apply Keep Region", "CXR Refinement Sampler (Euler)", "Load Chest X-ray (DICOM/PNG/JPEG)"
 CHEXMASK, TEXT = "Load Organ Masks (CheXmask)", "CXR Text Encode (with token map)"
 EDIT_KEEP, MORPH = "Edit / Keep Regions", "Dilate / Erode / Feather Organs"
 
@@ -78,6 +78,12 @@ def segment(g: Graph) -> None:
 def dicom(g: Graph, name: str, window: str = "auto") -> None:
     node = g.add("CXRLoadDICOM", dicom_file=name, window=window)
     g.save_image([g.add("CXRFitToModel", image=[node, 0], max_side=64, geometry=[node, 1]), 0])
+
+
+def loader_atlas(g: Graph, name: str) -> None:
+    """A radiograph file through the loader into the atlas (whose fit-quality check must refuse a non-chest)."""
+    node = g.add("CXRLoadDICOM", dicom_file=name, window="auto")
+    g.save_organs([g.add("CXRAtlasOrgans", image=[node, 0], min_quality=0.5), 0], size=(56, 64))
 
 
 def chexmask(g: Graph, name: str, min_dice: float = 0.7) -> None:
@@ -343,6 +349,25 @@ CASES: list[Case] = [
          Error(DICOM, "dicom_file", "DICOM Part 10 file")),
     Case("dicom_unknown_window", "CXRLoadDICOM", partial(dicom, name="bi_rg1.dcm", window="bone"),
          Error(DICOM, "window", "auto", "validate")),
+    Case("loader_png16_works", "CXRLoadDICOM", partial(dicom, name="bi_cxr16.png"), Works(FIT_LATENT)),
+    Case("loader_jpeg_through_atlas_works", "CXRLoadDICOM", partial(loader_atlas, name="bi_cxr.jpg"),
+         Works(FIT_LATENT)),
+    Case("loader_png_window", "CXRLoadDICOM", partial(dicom, name="bi_cxr16.png", window="window"),
+         Error(DICOM, "window", "'auto'")),
+    Case("loader_non_chest_png_at_the_atlas", "CXRAtlasOrgans", partial(loader_atlas, name="bi_extremity.png"),
+         Error("Organ Masks from Atlas (approximate)", "image", "frontal (PA/AP)")),
+    Case("loader_multi_frame_dicom_first_frame", "CXRLoadDICOM", partial(dicom, name="bi_frames.dcm"),
+         Works((1, 4, 8, 8))),
+    Case("loader_colour_dicom", "CXRLoadDICOM", partial(dicom, name="bi_rgb.dcm"),
+         Error(DICOM, "dicom_file", "original grey radiograph")),
+    Case("loader_one_pixel_png", "CXRLoadDICOM", partial(dicom, name="bi_one_pixel.png"),
+         Error(DICOM, "dicom_file", "not a thumbnail")),
+    Case("loader_truncated_jpeg", "CXRLoadDICOM", partial(dicom, name="bi_truncated.jpg"),
+         Error(DICOM, "dicom_file", "download the radiograph again")),
+    Case("loader_transparent_png", "CXRLoadDICOM", partial(dicom, name="bi_transparent.png"),
+         Error(DICOM, "dicom_file", "without transparency")),
+    Case("loader_decompression_bomb_png", "CXRLoadDICOM", partial(dicom, name="bi_bomb.png"),
+         Error(DICOM, "dicom_file", "scale the image down")),
     Case("csv_works", "CXRLoadCheXmask", partial(chexmask, name="bi_rows.csv"), Works(FIT_LATENT)),
     Case("csv_random_bytes", "CXRLoadCheXmask", partial(chexmask, name="bi_garbage.csv"),
          Error(CHEXMASK, "csv_file", "Pick a CheXmask CSV")),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,6 +352,8 @@ def write_input_files(put: Callable[[str, bytes], object], example: Path, rows_d
     put("bi_garbage.dcm", np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     put("bi_empty.dcm", b"")
 
+    _radiograph_files(put, example)
+
     rows_file = rows_dir / CSV_ROWS
     text = rows_file.read_bytes()
     put("bi_rows.csv", text)
@@ -367,3 +370,29 @@ def write_input_files(put: Callable[[str, bytes], object], example: Path, rows_d
 
     put("bi_bad_rle.csv", _csv_with(rows_file, bad_rle))
     put("bi_nan_dice.csv", _csv_with(rows_file, nan_dice))
+
+
+def _radiograph_files(put: Callable[[str, bytes], object], example: Path) -> None:
+    """The radiograph loader's files: a 16-bit PNG, a real non-chest radiograph, a two-frame and a colour DICOM, and
+    PNG/JPEG files it must refuse (1 pixel, truncated, transparent, a decompression bomb)."""
+    from dicom_helpers import write_dicom
+    from radiograph_files import bomb_png, extremity_png, png_bytes, quantise, rg1_stored
+    from radiograph_files import example as example_grey
+
+    grey = example_grey(example)
+    put("bi_cxr16.png", png_bytes(quantise(grey, 16), 16))
+    put("bi_extremity.png", extremity_png())
+    put("bi_one_pixel.png", png_bytes(np.array([[128]]), 8))
+    jpg = (example / "utils_example1.jpg").read_bytes()
+    put("bi_truncated.jpg", jpg[: len(jpg) // 2])
+    rgba = np.concatenate([np.stack([quantise(grey, 8)] * 3, -1), np.full((*grey.shape, 1), 255)], -1)
+    rgba[: grey.shape[0] // 4, : grey.shape[1] // 4, 3] = 0  # a transparent corner
+    put("bi_transparent.png", png_bytes(rgba, 8))
+    put("bi_bomb.png", bomb_png())
+    with tempfile.TemporaryDirectory() as folder:
+        stored, ds = rg1_stored()
+        frames = np.stack([stored, stored.max() - stored])
+        put("bi_frames.dcm", write_dicom(Path(folder) / "f.dcm", frames, photometric="MONOCHROME1",
+                                         bits_stored=int(ds.BitsStored)).read_bytes())
+        rgb = np.stack([quantise(grey, 8)] * 3, -1)
+        put("bi_rgb.dcm", write_dicom(Path(folder) / "c.dcm", rgb, photometric="RGB", bits_stored=8).read_bytes())

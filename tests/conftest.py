@@ -4,6 +4,7 @@
   root and goes first on ``sys.path``, so tests import ``cxr_counterfactual...`` without installing it.
 - The ``comfy`` fixture imports the real ComfyUI (CPU) and loads the pack through ComfyUI's own loader
   under the same module name, so the pack's classes exist once per process.
+- Real data: the repo's ``tests/data`` (``CXR_TEST_DATA`` overrides it; see tests/data/README.md).
 - Missing ComfyUI or data: skip with a reason, except under ``CI=true``, where the test fails.
 """
 
@@ -50,7 +51,8 @@ def data_dir() -> Path:
     path = test_data_dir()
     need(
         (path / "cxr").is_dir(),
-        f"real CXR test data not found at {path}: set CXR_TEST_DATA to the shared data folder",
+        f"real CXR test data not found at {path}: unset CXR_TEST_DATA to use the repo's tests/data, or point "
+        "it at a folder with the same cxr/ layout",
     )
     return path
 

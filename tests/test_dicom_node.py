@@ -1,4 +1,5 @@
-"""The Load Chest X-ray (DICOM) node inside ComfyUI: schema, file listing, execution, validation, errors."""
+"""The Load Chest X-ray (DICOM/PNG/JPEG) node inside ComfyUI with DICOM files (PNG/JPEG: test_radiograph_node.py):
+schema, file listing, execution, validation, errors."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dicom_helpers import (
 
 from cxr_counterfactual.imaging.dicom import DicomRadiograph, read_dicom
 
-NODE_TITLE = "Load Chest X-ray (DICOM)"
+NODE_TITLE = "Load Chest X-ray (DICOM/PNG/JPEG)"
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +47,16 @@ def test_node_registered_with_tooltips(comfy) -> None:
     assert window.options == ["auto", "window", "full_range"] and window.default == "auto"
 
 
-def test_node_lists_dicom_files_only(comfy, input_dir: Path) -> None:
+def test_node_lists_radiograph_files_only(comfy, input_dir: Path) -> None:
     shutil.copy(rg1_path(), input_dir / "dicom_list_test.dcm")
     (input_dir / "dicom_sub").mkdir(exist_ok=True)
     shutil.copy(rg1_path(), input_dir / "dicom_sub" / "IM000001")
-    (input_dir / "dicom_sub" / "photo.png").write_bytes(b"not listed")
-    (input_dir / "dicom_sub" / "DICOMDIR").write_bytes(b"index, not an image")
+    for name in ("photo.png", "chest.JPG", "scan.jpeg", "notes.txt", "DICOMDIR", ".hidden.png", "scan.tiff"):
+        (input_dir / "dicom_sub" / name).write_bytes(b"listed by name, read by content")
     options = comfy.node("CXRLoadDICOM").define_schema().inputs[0].options
     assert "dicom_list_test.dcm" in options
-    assert "dicom_sub/IM000001" in options
-    assert "dicom_sub/photo.png" not in options and "dicom_sub/DICOMDIR" not in options
+    assert {"dicom_sub/IM000001", "dicom_sub/photo.png", "dicom_sub/chest.JPG", "dicom_sub/scan.jpeg"} <= set(options)
+    assert not {f"dicom_sub/{n}" for n in ("notes.txt", "DICOMDIR", ".hidden.png", "scan.tiff")} & set(options)
 
 
 def test_node_execute_real_radiograph(comfy, input_dir: Path, rg1: DicomRadiograph) -> None:

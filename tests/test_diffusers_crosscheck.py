@@ -20,9 +20,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers_helpers import PROMPT, clip_tokenizer, comfy_twin, fitted_masks, require_diffusers, tiny_unet
+from diffusers_helpers import (
+    FLOAT32_KERNEL_TOL,
+    PROMPT,
+    clip_tokenizer,
+    comfy_twin,
+    fitted_masks,
+    relative_diff,
+    require_diffusers,
+    tiny_unet,
+)
 
-TOL = 2e-5
+TOL = FLOAT32_KERNEL_TOL
 SIGMA_INDEX = 600  # a discrete timestep, so both hosts' sigma → timestep is exact
 MAX_SIDE = 72  # the 899×786 radiograph → 72×64 px → latent 9×8
 
@@ -106,17 +115,13 @@ def _diffusers_step(t, stages, seen):
         return eps, reg.record
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.mark.parametrize("which", ["off", "gate", "soft gate", "boost", "gate+boost+capture"])
 def test_both_hosts_compute_the_same_regulated_step(twins, which):
     stages = _stages(twins, which)
     seen, comfy_record = _comfy_step(twins, stages)
     eps, record = _diffusers_step(twins, stages, seen)
     assert torch.equal(seen["t"], torch.full((2,), float(SIGMA_INDEX)))  # ComfyUI's timestep of that sigma
-    diff = _rel(eps, seen["eps"])
+    diff = relative_diff(eps, seen["eps"])
     assert diff <= TOL, f"{which}: hosts differ by {diff:.2e} of the output's scale"
     if which == "off":
         twins["stock"] = seen["eps"]
@@ -124,11 +129,11 @@ def test_both_hosts_compute_the_same_regulated_step(twins, which):
     stock = twins.get("stock")
     if stock is None:
         stock = _comfy_step(twins, [])[0]["eps"]
-    changed = _rel(seen["eps"], stock)
+    changed = relative_diff(seen["eps"], stock)
     assert changed > 50 * TOL, f"{which}: the regulation changed the output by only {changed:.2e}"
     # the negative rows are stock in both hosts (token masks and boosts act on the positive prompt only;
     # the gate's apply_to_uncond is off), the positive rows carry the whole change
-    assert _rel(eps[0], stock[0]) <= TOL and _rel(eps[1], stock[1]) > 50 * TOL
+    assert relative_diff(eps[0], stock[0]) <= TOL and relative_diff(eps[1], stock[1]) > 50 * TOL
     if "capture" in which:
         ours, theirs = record["capture"]["x"], comfy_record["capture"]["x"]
         assert ours["grid"] == theirs["grid"] == (5, 4)
@@ -136,7 +141,7 @@ def test_both_hosts_compute_the_same_regulated_step(twins, which):
         (their_step,) = theirs["steps"].values()
         assert step["layers"] == their_step["layers"] == 3  # at 5×4: one encoder and two decoder layers
         for word, m in step["maps"].items():
-            assert _rel(m, their_step["maps"][word]) <= TOL, word
+            assert relative_diff(m, their_step["maps"][word]) <= TOL, word
         assert step["share_sum"] == pytest.approx(their_step["share_sum"], abs=1e-5)
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers_helpers import (
+    FLOAT32_KERNEL_TOL,
     PROMPT,
     SD_SCHEDULER,
     clip_tokenizer,
     fitted_masks,
+    relative_diff,
     require_diffusers,
     tiny_pipeline,
     tiny_unet,
@@ -94,7 +96,8 @@ def test_one_attention_layer_stock_and_gated(tiny):
         ref = gated_self_attention_dense(q, k, v, part, 0.0, "confined").transpose(1, 2).reshape(2, 72, 16)
         ref = attn.to_out[0](ref)
     assert torch.equal(off, stock)
-    assert torch.allclose(gated, ref, atol=1e-6) and not torch.allclose(gated, stock, atol=1e-3)
+    # region-grouped SDPA against the dense-mask reference: other kernels, one layer (float32 tolerance)
+    assert relative_diff(gated, ref) <= FLOAT32_KERNEL_TOL and relative_diff(gated, stock) > 50 * FLOAT32_KERNEL_TOL
 
 
 def _step(sigma: float, chunks=(COND,)):
@@ -163,8 +166,10 @@ def test_gate_changes_only_the_positive_rows_and_needs_a_step_context(tiny):
     s = tiny
     stock = _unet_out(s)
     gated = _unet_out(s, stages=[gate_stage(s["masks"], s["schedule"], tokens=s["tokens"])])
-    # the negative row is stock attention on a sub-batch (equal up to the kernel's batching), the positive row gated
-    assert torch.allclose(gated[0], stock[0], atol=1e-6) and not torch.allclose(gated[1], stock[1], atol=1e-3)
+    # the negative row is stock attention on a sub-batch: equal up to the kernel's batching, which rounds differently
+    # on different CPUs (FLOAT32_KERNEL_TOL); the positive row is gated, far beyond that
+    assert relative_diff(gated[0], stock[0]) <= FLOAT32_KERNEL_TOL
+    assert relative_diff(gated[1], stock[1]) > 50 * FLOAT32_KERNEL_TOL
     both = _unet_out(s, stages=[gate_stage(s["masks"], s["schedule"], apply_to_uncond=True)])
     assert not torch.allclose(both[0], stock[0], atol=1e-3)
     with install_regulation(s["unet"], [gate_stage(s["masks"], s["schedule"])]), torch.no_grad():

@@ -45,7 +45,7 @@ def test_masked_edit_of_the_chexmask_radiograph(comfy_server, chexmask_example, 
     for name in ("utils_example1.jpg", "RL_mask.png", "LL_mask.png", "H_mask.png"):
         server.upload_input(chexmask_example / name)
     graph = json.loads(WORKFLOW.read_text())
-    # PNG/JPEG radiographs come in through ComfyUI's own LoadImage.
+    # A user's graph may load the radiograph with ComfyUI's own LoadImage instead of the pack's loader.
     graph["1"] = {"class_type": "LoadImage", "inputs": {"image": "utils_example1.jpg"}}
     del graph["4"]["inputs"]["geometry"]
     graph["2"] = {"class_type": "CXRLoadOrganMasks", "inputs": {"right_lung": "RL_mask.png", "left_lung": "LL_mask.png",

@@ -168,6 +168,28 @@ def test_an_image_file_source_exports_8_bit_and_a_new_dataset(comfy):
     assert np.array_equal(np.asarray(again), np.asarray(img))
 
 
+def test_png_and_jpeg_sources_export_at_their_bit_depth_without_their_metadata(comfy, chexmask_example, tmp_path):
+    """The loader's geometry of a 16-bit PNG makes a 16-bit export, of a JPEG an 8-bit one; the source's text chunks
+    (a patient's name) reach no exported file."""
+    from radiograph_files import example, png_bytes
+    from radiograph_files import quantise as to_bits
+
+    grey = example(chexmask_example)
+    secret = IDENTIFIERS["PatientName"]
+    (tmp_path / "named16.png").write_bytes(png_bytes(to_bits(grey, 16), 16, text={"PatientName": secret}))
+    Image.fromarray(to_bits(grey, 8).astype(np.uint8)).save(tmp_path / "plain.jpg", quality=95)
+    for name, bits in (("named16.png", 16), ("plain.jpg", 8)):
+        fitted, fit = load_and_fit(comfy, name, tmp_path / name, max_side=64)
+        assert fit.geometry.bits_stored == bits and fit.geometry.source == "image"
+        _, (png, dcm) = export(comfy, fitted, fit)
+        with Image.open(png) as img:
+            assert img.size == grey.shape[::-1] and (img.mode == "L") == (bits == 8)
+            assert secret not in json.dumps(img.info, default=str)
+        ds = pydicom.dcmread(dcm)
+        assert ds.BitsStored == bits and ds.PhotometricInterpretation == "MONOCHROME2"
+        assert secret not in str(ds) and (ds.Rows, ds.Columns) == grey.shape
+
+
 def test_a_second_export_never_overwrites(comfy, rg1):
     fitted, fit = rg1
     small = dict(format="png", filename_prefix="export/again")

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom.data
 import pytest
 from test_runner_graph import write_manifest as write_rows
@@ -222,3 +223,36 @@ def test_without_a_server_it_starts_its_own(comfyui_path, tiny_checkpoint, pack_
     assert graph["7"]["inputs"]["text"] == "chest x-ray, effusion"
     assert graph["1"]["inputs"]["dicom_file"] == "RG1_UNCR.dcm"  # a single run's files keep their names
     assert "save-counterfactual.png" in record["files"]
+
+
+def test_a_shipped_workflow_runs_on_a_png_and_a_jpeg(comfy_server, tiny_checkpoint, pack_import_path, data_dir,
+                                                      chexmask_example, tmp_path):
+    """cxr_chexmask_edit through the runner on a 16-bit PNG (the NIH radiograph, made at test time) and on the
+    CheXmask example JPEG: the shipped radiograph loader reads both, and each edit comes back at native size."""
+    from PIL import Image
+    from radiograph_files import png_bytes, quantise
+
+    nih = np.asarray(Image.open(data_dir / "cxr" / "nih" / "00000001_000.png").convert("L"), dtype=np.float64)
+    png16 = tmp_path / "nih16.png"
+    png16.write_bytes(png_bytes(quantise(nih / 255, 16), 16))
+    rows = [{"id": "png16", "radiograph": str(png16),
+             "chexmask_csv": str(data_dir / "cxr" / "chexmask-rows" / "ChestX-Ray8.csv"),
+             "chexmask_id": chexmask_id(data_dir)},
+            {"id": "jpeg", "radiograph": str(chexmask_example / "utils_example1.jpg"),
+             "mask_right_lung": str(chexmask_example / "RL_mask.png"),
+             "mask_left_lung": str(chexmask_example / "LL_mask.png"),
+             "mask_heart": str(chexmask_example / "H_mask.png")}]
+    out = tmp_path / "out"
+    run = cli(pack_import_path, CHEXMASK, "--manifest", str(write_rows(tmp_path / "rows.csv", rows)), "--server",
+              comfy_server.url, "--out", str(out), "--no-progress", *small(tiny_checkpoint))
+    assert run.returncode == 0, run.stdout + run.stderr
+    by_id = {r["id"]: r for r in results(out)}
+    assert [by_id[i]["status"] for i in ("png16", "jpeg")] == ["done", "done"]
+    for row_id, size in (("png16", (512, 512)), ("jpeg", (786, 899))):
+        folder = out / by_id[row_id]["output_dir"]
+        loader = json.loads((folder / "row.json").read_text())["graph"]["1"]
+        assert loader["class_type"] == "CXRLoadDICOM" and loader["inputs"]["dicom_file"].endswith(
+            Path(rows[0 if row_id == "png16" else 1]["radiograph"]).name)
+        with Image.open(folder / "save-counterfactual.png") as im:
+            assert im.size == size
+        assert float(by_id[row_id]["metric_keep_ssim"]) > 0.5

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from dicom_helpers import ramp, write_dicom
 
 from cxr_counterfactual.runner import graph as g
 from cxr_counterfactual.runner.manifest import (
@@ -110,7 +111,7 @@ def test_manifest_rows_become_jobs(tmp_path, chexmask_example, data_dir):
     assert a.graph["2"]["class_type"] == "CXRLoadCheXmask" and a.graph["2"]["inputs"]["image_id"] == "x.png"
     mask_inputs = a.graph["2"]["inputs"]
     assert mask_inputs["csv_file"].endswith("ChestX-Ray8.csv") and mask_inputs["image"] == ["1", 0]
-    assert a.graph["1"]["inputs"]["image"] == a.uploads[0].name and a.uploads[0].name.startswith("cxr-")
+    assert a.graph["1"]["inputs"]["dicom_file"] == a.uploads[0].name and a.uploads[0].name.startswith("cxr-")
     assert a.graph["6"]["inputs"]["text"] == "chest x-ray, effusion"
     assert a.graph["6"]["inputs"]["pathology"] == "effusion"
     assert a.graph["13"]["inputs"]["seed"] == 5 and a.graph["13"]["inputs"]["steps"] == 2
@@ -123,9 +124,18 @@ def test_manifest_rows_become_jobs(tmp_path, chexmask_example, data_dir):
     assert row_key({**rows[0], "seed": "6"}, 1, base) != a.key
     assert row_key({**rows[0], "label": "changed"}, 1, base) == a.key  # not an input: no re-run
     assert row_key(rows[0], 1, g.apply_overrides(base, ["Negative prompt.text=x"])) != a.key
-    # A PNG given to a DICOM loader is refused with the reason.
-    with pytest.raises(ManifestError, match="reads a DICOM file"):
-        build_job(g.load_workflow(DICOM), rows[1], 2, tmp_path, lambda p: Upload(p.name, p))
+    # The pack's loader reads every format: a JPEG row drives the DICOM workflow too.
+    jpeg = build_job(g.load_workflow(DICOM), rows[1], 2, tmp_path, lambda p: Upload(p.name, p))
+    assert jpeg.graph["1"]["class_type"] == "CXRLoadDICOM" and jpeg.graph["1"]["inputs"]["dicom_file"] == \
+        "utils_example1.jpg"
+    # ComfyUI's Load Image (a user's own graph) reads no DICOM: refused with the reason and the fix.
+    own = g.load_workflow(CHEXMASK)
+    own["1"] = {"class_type": "LoadImage", "_meta": {"title": "My loader"}, "inputs": {"image": "x.png"}}
+    dicom_row = {"id": "d", "radiograph": str(write_dicom(tmp_path / "chest.dcm", ramp(16, 16, 0, 900)))}
+    with pytest.raises(ManifestError, match="reads no DICOM.*CXRLoadDICOM"):
+        build_job(own, dicom_row, 4, tmp_path, lambda p: Upload(p.name, p))
+    assert build_job(own, rows[1], 2, tmp_path, lambda p: Upload(p.name, p)).graph["1"]["inputs"]["image"] == \
+        "utils_example1.jpg"
 
 
 def test_manifest_needs_a_radiograph_column_and_unique_ids(tmp_path):

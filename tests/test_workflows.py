@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import need
 from cxr_counterfactual.testing.paths import PACK_ROOT
-from cxr_counterfactual.workflow_format import VIRTUAL_NODES, api_to_ui, check_values, ui_to_api
+from cxr_counterfactual.workflow_format import VIRTUAL_NODES, api_to_ui, check_values, ui_to_api, widget_values
 
 FOLDER = PACK_ROOT / "workflows"
 NAMES = sorted(p.stem for p in FOLDER.glob("*.json"))
@@ -52,6 +52,26 @@ def test_ui_and_api_twins_agree_and_are_valid(comfy_server, name):
         sink = next(n for n in ui["nodes"] if n["id"] == target)
         assert source["outputs"][slot]["type"] == kind == sink["inputs"][target_slot]["type"], link_id
         assert link_id in source["outputs"][slot]["links"] and sink["inputs"][target_slot]["link"] == link_id
+
+
+SAVED = Path(__file__).parent / "data" / "workflows-c6de3a8"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SAVED.glob("*.json")))
+def test_workflows_saved_before_the_loader_read_png_load_unchanged(comfy_server, name):
+    """A user's copy of a workflow saved before CXRLoadDICOM read PNG/JPEG (taken unchanged from commit c6de3a8):
+    the frontend maps its widget values by position onto today's node definitions and must give every input
+    the value it had, and saving it again must write the same widget list."""
+    object_info = comfy_server.object_info()
+    ui, api = load(SAVED / f"{name}.json"), load(SAVED / "api" / f"{name}.json")
+    assert ui_to_api(ui, object_info) == api
+    assert check_values(api, object_info, FILE_INPUTS) == []
+    for node in ui["nodes"]:
+        if node["type"] not in VIRTUAL_NODES:
+            inputs = api[str(node["id"])]["inputs"]
+            assert widget_values(object_info[node["type"]], inputs) == node["widgets_values"], node["type"]
+    assert any(n["type"] == "CXRLoadDICOM" for n in ui["nodes"]) == (name in ("cxr_counterfactual_edit",
+                                                                              "cxr_dicom_masked_edit"))
 
 
 def test_conversion_round_trip_and_bad_graphs(comfy_server):

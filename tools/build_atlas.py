@@ -4,7 +4,12 @@ Usage::
 
     python tools/build_atlas.py [CSV_DIR] [--out assets/atlas_mean_shape.json] [--min-dice 0.7]
 
-``CSV_DIR`` defaults to ``$CXR_TEST_DATA/cxr/chexmask-rows`` (``../shared/data`` beside the project).
+``CSV_DIR`` defaults to ``$CXR_TEST_DATA/cxr/chexmask-rows``, else ``../shared/data/cxr/chexmask-rows`` beside
+the project: the full set of 305 CheXmask rows (296 with Dice RCA (Mean) >= 0.7), which the repo does not ship.
+The repo's ``tests/data/cxr/chexmask-rows`` keeps a few whole rows only, too few for an atlas; but this script
+reads only the id, Dice, ``Landmarks``, ``Height`` and ``Width`` columns, and
+``tests/data/cxr/chexmask-landmarks`` holds exactly those for all 305 rows: pass it as ``CSV_DIR`` to rebuild the
+same asset from a plain clone (tests/test_atlas.py checks that it does).
 Each row's 120 landmarks (right lung 0–43, left lung 44–93, heart 94–119; right/left are the patient's
 sides) are put in the row's own image frame, the frame is padded to a square the way CheXmask did, and the
 coordinates are divided by the square's side, so ``[0, 1]²`` is the (padded) radiograph. Then:

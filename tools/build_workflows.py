@@ -130,7 +130,7 @@ def full_edit() -> dict[str, Any]:
 def ablation() -> dict[str, Any]:
     """Stock vs gate vs gate + boost vs all stages: same radiograph, masks, seed and keep region."""
     g = Graph()
-    image = g.add("LoadImage", "Radiograph (PNG/JPEG)", image="chest_pa.png")
+    image = g.add("CXRLoadDICOM", "Radiograph (DICOM/PNG/JPEG)", dicom_file="chest_pa.png", window="auto")
     atlas = g.add("CXRAtlasOrgans", "Organ masks (weight-free atlas)", image=out(image), min_quality=0.5)
     fit = g.add("CXRFitToModel", "Fit radiograph to the model", image=out(image), max_side=512,
                 organ_masks=out(atlas))
@@ -173,7 +173,8 @@ def ablation() -> dict[str, Any]:
 def chexmask_edit() -> dict[str, Any]:
     """Masks from a CheXmask CSV row (RLE decoded onto the radiograph), then gate + boost + keep region."""
     g = Graph()
-    image = g.add("LoadImage", "Radiograph (from the CheXmask source dataset)", image="00000001_000.png")
+    image = g.add("CXRLoadDICOM", "Radiograph (from the CheXmask source dataset)", dicom_file="00000001_000.png",
+                  window="auto")
     masks_node = g.add("CXRLoadCheXmask", "Organ masks from a CheXmask row", csv_file="ChestX-Ray8.csv",
                        image_id="00000001_000.png", id_column="auto", min_dice=0.7, border_crop="auto",
                        image=out(image))
@@ -199,10 +200,10 @@ def chexmask_edit() -> dict[str, Any]:
 
 
 NOTES = {
-    "cxr_counterfactual_edit": "**Counterfactual edit of a real radiograph.** Put a DICOM (e.g. pydicom-data's "
-    "`RG1_UNCR.dcm`) in `ComfyUI/input`, and an SD1.5 CXR checkpoint (e.g. RoentGen) in `models/checkpoints`. "
-    "The tiny test checkpoint (`python -m cxr_counterfactual tiny-checkpoint`) shows the mechanics only. Write "
-    "the source prompt (the patient as they are) and the edit prompt (the finding).",
+    "cxr_counterfactual_edit": "**Counterfactual edit of a real radiograph.** Put a radiograph (DICOM, e.g. "
+    "pydicom-data's `RG1_UNCR.dcm`, or PNG/JPEG) in `ComfyUI/input`, and an SD1.5 CXR checkpoint (e.g. RoentGen) in "
+    "`models/checkpoints`. The tiny test checkpoint (`python -m cxr_counterfactual tiny-checkpoint`) shows the "
+    "mechanics only. Write the source prompt (the patient as they are) and the edit prompt (the finding).",
     "cxr_ablation": "**Ablation.** The same radiograph, masks, seed and keep region through stock sampling, the "
     "anatomy gate, gate + pathology boost, and all stages (with latent refinement), side by side, with their "
     "attention maps and energies.",
