@@ -69,12 +69,13 @@ def _capture(g: Graph, model: list[Any], masks: list[Any], tokens: list[Any], la
                  grid_factor="2", target_organs="left_lung", start_percent=0.0, end_percent=1.0, organ_masks=masks)
 
 
-def _refiner(g: Graph, masks: list[Any], tokens: list[Any], iterations: int = 1,
+def _refiner(g: Graph, model: list[Any], masks: list[Any], tokens: list[Any], iterations: int = 1,
              title: str = "Stage 4: latent refinement (Euler)", end_percent: float = 0.5) -> str:
+    # The checkpoint's MODEL lets the node refuse a grid_factor the UNet cannot serve before anything samples.
     return g.add("CXRRefinementSampler", title, tokens=tokens, organ_masks=masks,
                  target_organs="left_lung", iterations=iterations, step_size=0.1, start_percent=0.0,
                  end_percent=end_percent,
-                 thresholds="", grid_factor="4", smoothing=0.5, extent_weight=0.0, extent_threshold=0.5)
+                 thresholds="", grid_factor="4", smoothing=0.5, extent_weight=0.0, extent_threshold=0.5, model=model)
 
 
 def _regions(g: Graph, masks: list[Any], latent: str, image: list[Any]) -> tuple[str, str]:
@@ -106,7 +107,7 @@ def full_edit() -> dict[str, Any]:
                    start_percent=0.5, refine=4)
     guider = g.add("CXRInversionGuider", "Guider (checked against the inversion)", model=out(capture),
                    positive=out(text), negative=out(negative), cfg=1.0, inverted=out(invert))
-    refiner = _refiner(g, masks, tokens, end_percent=0.75)
+    refiner = _refiner(g, out(ckpt), masks, tokens, end_percent=0.75)
     sampled = g.add("SamplerCustomAdvanced", "Sampler", noise=out(invert, 1), guider=out(guider),
                     sampler=out(refiner), sigmas=out(invert, 2), latent_image=out(keep))
     pasted = g.add("CXRPasteKeepRegion", "Paste the kept region (exact)", samples=out(sampled), source=out(keep))
@@ -140,9 +141,9 @@ def ablation() -> dict[str, Any]:
     regions, keep = _regions(g, masks, latent, out(fit))
     gate, boost = _stages(g, out(ckpt), masks, tokens)
     euler = g.add("KSamplerSelect", "Euler", sampler_name="euler")
-    refiner = _refiner(g, masks, tokens)
+    refiner = _refiner(g, out(ckpt), masks, tokens)
     # 0 iterations is bit-identical to Euler and records the energies: the reference of the energy plot.
-    plain = _refiner(g, masks, tokens, iterations=0, title="Euler with energies recorded (0 iterations)")
+    plain = _refiner(g, out(ckpt), masks, tokens, iterations=0, title="Euler with energies recorded (0 iterations)")
     sigmas = g.add("BasicScheduler", "Schedule (img2img, denoise 0.8)", model=out(ckpt), scheduler="normal",
                    steps=20, denoise=0.8)
     runs = []
