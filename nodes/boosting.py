@@ -142,8 +142,8 @@ class CXRCaptureAttention(io.ComfyNode):
             node_id="CXRCaptureAttention", display_name=cls.TITLE, category=CATEGORY_ATTENTION,
             description="Records, while the sampler runs, each word's cross-attention map (mean over heads and "
             "over the layers at one resolution) and the pathology words' attention share inside the target, per "
-            "step. Never changes the result. Put it last, after gate/boost, and view it with CXR Attention "
-            "Preview wired to the sampler's LATENT.",
+            "step. Never changes the result. It records the maps with every CXR stage of the sampled model applied, "
+            "wherever it sits among gate and boost; view it with CXR Attention Preview wired to the sampler's LATENT.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to observe (stock, gated or boosted)."),
                 TokensType.Input("tokens", tooltip="From CXR Text Encode: the words to map."),
