@@ -1,7 +1,8 @@
 """Latent refinement by attention-concentration energy: the core energy, and the sampler inside ComfyUI.
 
 Host tests run everything under ``torch.inference_mode()`` (as ComfyUI runs nodes) on the tiny checkpoint
-and the real CheXmask radiograph fitted to 128 px (latent 16×14; the energy grid at factor 2 is 8×7).
+and the real CheXmask radiograph fitted to 128 px (latent 16×14; the energy grid at factor 4, the node's default
+and A&E's 16×16 at 512 px, is 4×4).
 The energy is checked by an independent capture pass: CXR's own CaptureStage on the encoder layers,
 run by a separate 1-step SamplerCustom at the recorded latent and sigma.
 """
@@ -25,7 +26,9 @@ from cxr_counterfactual.testing.tiny_checkpoint import TWO_LEVEL_UNET_CONFIG, ra
 
 # Fixed benchmark settings of the proof (constants of the test, not tunable defaults).
 STEPS, CFG, SEED = 8, 5.0, 3
-ITERATIONS, STEP_SIZE, END_PERCENT, GRID, SMOOTHING = 5, 0.5, 0.5, "2", 0.0
+# The grid is the node's default (A&E's): the first tiny checkpoint had no cross-attention at latent ÷ 4, which
+# forced ÷ 2 here.
+ITERATIONS, STEP_SIZE, END_PERCENT, GRID, SMOOTHING = 5, 0.5, 0.5, "4", 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +279,7 @@ def test_bad_inputs(comfy, tiny_model, chest128, two_level):
 
 def test_refinement_probe_passes_leave_capture_and_trace_alone(comfy, tiny_model, chest128):
     """The energy passes are probes, not model calls of the run: a capture on a layer they run through (the 16×14
-    one, before the 8×7 energy layer) records the same layers per step as under plain Euler and keeps no autograd
+    one, before the 4×4 energy layer) records the same layers per step as under plain Euler and keeps no autograd
     graph (which would hold the weight clones after sampling); the trace sees only the run's model calls."""
     from cxr_counterfactual.attention.host_comfy import run_state
 
