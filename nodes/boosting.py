@@ -7,7 +7,7 @@ import re
 import torch
 from comfy_api.latest import io
 
-from ..attention.host_comfy import install_stage, percent_window, transformer_keys
+from ..attention.host_comfy import grid_factor_keys, install_stage, percent_window, transformer_keys
 from ..attention.organs import OrganMasks, parse_names
 from ..attention.stages import BoostStage, CaptureStage
 from ..attention.tokens import TokenMap
@@ -142,8 +142,8 @@ class CXRCaptureAttention(io.ComfyNode):
             node_id="CXRCaptureAttention", display_name=cls.TITLE, category=CATEGORY_ATTENTION,
             description="Records, while the sampler runs, each word's cross-attention map (mean over heads and "
             "over the layers at one resolution) and the pathology words' attention share inside the target, per "
-            "step. Never changes the result. Put it last, after gate/boost, and view it with CXR Attention "
-            "Preview wired to the sampler's LATENT.",
+            "step. Never changes the result. It records the maps with every CXR stage of the sampled model applied, "
+            "wherever it sits among gate and boost; view it with CXR Attention Preview wired to the sampler's LATENT.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to observe (stock, gated or boosted)."),
                 TokensType.Input("tokens", tooltip="From CXR Text Encode: the words to map."),
@@ -174,6 +174,8 @@ class CXRCaptureAttention(io.ComfyNode):
                                 fix="List anatomy or pathology words in CXR Text Encode.")
         target = _target(cls.TITLE, organ_masks, target_organs, None) if organ_masks is not None else None
         sigma_start, sigma_end = _window(cls.TITLE, model, start_percent, end_percent)
+        # A grid without cross-attention would capture nothing, found out only by the previews after sampling.
+        grid_factor_keys(model.get_model_object("diffusion_model"), int(grid_factor), cls.TITLE)
         stage = CaptureStage(cls.TITLE, sigma_start, sigma_end, frozenset(("input", "middle", "output")),
                              label=label or "run", positions=positions, pathology=tuple(tokens.pathology),
                              grid_factor=int(grid_factor), target=target, cond_len=tokens.cond_len)

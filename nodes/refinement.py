@@ -18,7 +18,7 @@ from ..imaging.overlay import sized_font
 from .boosting import GRID_FACTORS, _target
 from .common import CATEGORY_ATTENTION, CATEGORY_ROOT, OrganMasksType, TokensType, check_numbers, user_errors
 from .gating import _WINDOW_TIP
-from .refinement_sampler import TITLE, RefinementSampler
+from .refinement_sampler import TITLE, RefinementSampler, energy_keys
 
 
 def energy_plot(series: dict[str, list[float]], width: int = 640, height: int = 360) -> torch.Tensor:
@@ -80,6 +80,10 @@ class CXRRefinementSampler(io.ComfyNode):
                                tooltip="Weight of the extent term (map area above the threshold vs target area)."),
                 io.Float.Input("extent_threshold", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Level of the max-normalised map that counts as covered (extent term)."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Optional: the checkpoint the sampler will run (the loader's MODEL or any "
+                               "patched copy). Connected, this node refuses a grid_factor the UNet has no "
+                               "cross-attention at as soon as it runs, before any sampler or inversion starts."),
             ],
             outputs=[io.Sampler.Output(display_name="sampler", tooltip="Connect to SamplerCustom's sampler input.")],
         )
@@ -87,7 +91,7 @@ class CXRRefinementSampler(io.ComfyNode):
     @classmethod
     def execute(cls, tokens: TokenMap, organ_masks: OrganMasks, target_organs: str, iterations: int,
                 step_size: float, start_percent: float, end_percent: float, thresholds: str, grid_factor: str,
-                smoothing: float, extent_weight: float, extent_threshold: float) -> io.NodeOutput:
+                smoothing: float, extent_weight: float, extent_threshold: float, model=None) -> io.NodeOutput:
         if grid_factor not in GRID_FACTORS:
             raise CXRInputError(f"'{grid_factor}' is not one of {', '.join(GRID_FACTORS)}.", node=TITLE,
                                 input_name="grid_factor", fix="Pick a value from the list.")
@@ -103,6 +107,8 @@ class CXRRefinementSampler(io.ComfyNode):
             positions = {w: tokens.indices(w) for w in tokens.pathology}
         with user_errors(TITLE, "thresholds"):
             stops = parse_thresholds(thresholds)
+        if model is not None:  # the sampler checks its model again when sampling starts (same rule)
+            energy_keys(model.get_model_object("diffusion_model"), int(grid_factor))
         target = _target(TITLE, organ_masks, target_organs, None)
         config = RefineConfig(iterations, step_size, start_percent, end_percent, stops, smoothing, extent_weight,
                               extent_threshold)

@@ -24,11 +24,9 @@ import comfy.samplers
 import comfy.utils
 import torch
 from comfy.k_diffusion.sampling import to_d
-from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
 from tqdm.auto import trange
 
-from ..attention.host_comfy import HOLDER_KEY, CXRReplace, Key, ResultStore, latent_fingerprint
+from ..attention.host_comfy import HOLDER_KEY, CXRReplace, Key, ResultStore, grid_factor_keys, latent_fingerprint
 from ..attention.kernels import to_heads
 from ..attention.layer_call import active_stages, cross_bias, pathology_maps
 from ..attention.organs import OrganMasks
@@ -44,25 +42,29 @@ class _Stop(Exception):
     """Raised after the last layer the energy needs: the rest of the UNet is not run."""
 
 
+def energy_keys(dm, grid_factor: int) -> list[Key]:
+    """The encoder cross-attention layers the energy reads: the input blocks at the grid latent ÷ ``grid_factor``,
+    else the middle block at that grid (SD1.5's latent ÷ 8). One rule, applied by CXR Refinement Sampler when it
+    executes with the model connected and again when sampling starts (the model the sampler really got).
+
+    Raises:
+        CXRInputError: neither exists (input ``grid_factor``).
+    """
+    try:
+        return grid_factor_keys(dm, grid_factor, TITLE, blocks=("input",), where="UNet's encoder")
+    except CXRInputError as err:
+        if err.input_name != "grid_factor":
+            raise
+        try:
+            return grid_factor_keys(dm, grid_factor, TITLE, blocks=("middle",), where="UNet's middle block")
+        except CXRInputError:
+            raise err from None  # the encoder's grids are the ones to name
+
+
 def energy_layers(dm, latent: tuple[int, int], grid_factor: int) -> tuple[list[Key], tuple[int, int]]:
-    """Encoder cross-attention layers whose grid is ``ceil(latent / grid_factor)`` (input blocks; else the
-    middle block), found from the UNet's structure (Downsample count), never a hard-coded list."""
-    target = (-(-latent[0] // grid_factor), -(-latent[1] // grid_factor))
-    keys, level = [], 0
-    for i, block in enumerate(dm.input_blocks):
-        if grid_at(latent, level) == target:
-            for module in block.modules():
-                if isinstance(module, SpatialTransformer):
-                    keys += [("input", i, j) for j in range(len(module.transformer_blocks))]
-        level += sum(isinstance(m, Downsample) for m in block.modules())
-    if not keys and grid_at(latent, level) == target:
-        for module in dm.middle_block.modules():
-            if isinstance(module, SpatialTransformer):
-                keys += [("middle", 0, j) for j in range(len(module.transformer_blocks))]
-    if not keys:
-        raise CXRInputError(f"the UNet's encoder has no cross-attention at the {target[0]}×{target[1]} grid.",
-                            node=TITLE, input_name="grid_factor", fix="Pick another grid_factor (2 or 4 for SD).")
-    return keys, target
+    """:func:`energy_keys` and their grid for this latent, ``ceil(latent / grid_factor)``."""
+    keys = energy_keys(dm, grid_factor)
+    return keys, grid_at(latent, grid_factor.bit_length() - 1)
 
 
 def path_parameters(dm, keys: list[Key]) -> dict[str, torch.Tensor]:
@@ -206,6 +208,16 @@ class RefinementSampler:
         hi, lo = float(sampling.percent_to_sigma(c.start_percent)), float(sampling.percent_to_sigma(c.end_percent))
         stops = [(float(sampling.percent_to_sigma(p)), e) for p, e in c.thresholds]
         window = [i for i in range(len(sigmas) - 1) if lo <= float(sigmas[i]) <= hi]
+        # Settings that cannot work are refused here, before the first model call of this run: the grid (the
+        # node checks it too when its model input is connected) and a window that holds none of the steps.
+        energy_keys(base.diffusion_model, self.grid_factor)
+        if c.iterations and not window:
+            raise CXRInputError(
+                f"the window {c.start_percent:g}–{c.end_percent:g} (sigma {hi:.4g} down to {lo:.4g}) holds none of the "
+                f"sampler's {len(sigmas) - 1} steps (sigma {float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}).",
+                node=TITLE, input_name="end_percent",
+                fix="Widen the window so it overlaps the steps (e.g. after an inversion that starts at 0.5, "
+                "end_percent above 0.5), or set iterations to 0.")
         record = self.store.new_run()
         record["refine"] = []  # also shared with the model's RunState record, when the model has one
         state = extra_args.get("model_options", {}).get("transformer_options", {}).get(HOLDER_KEY)

@@ -225,6 +225,7 @@ class ComfyClient:
                 result.cached.extend(str(n) for n in data.get("nodes", []))
             elif kind == "execution_error":
                 failure = ExecutionFailed(result.prompt_id, data)
+                failure.executed = list(result.executed)
             elif kind == "execution_interrupted":
                 failure = ExecutionInterrupted(result.prompt_id, data)
         if failure is not None:

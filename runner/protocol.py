@@ -40,6 +40,8 @@ class ExecutionFailed(ComfyServerError):
         self.exception_type = str(data.get("exception_type", ""))
         self.exception_message = str(data.get("exception_message", "")).strip()
         self.traceback = "".join(data.get("traceback") or [])
+        #: Node ids the server reported executing before the failure, in order (the failing one last).
+        self.executed: list[str] = []
         super().__init__(
             f"node {self.node_id} ({self.node_type}) failed: {self.exception_type}: {self.exception_message}"
         )

@@ -4,8 +4,10 @@ No registry ships diffusion weights, so the tests build their own model with Com
 
 - UNet: ``comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel`` with the SD1.5 signature that
   ``comfy.supported_models.SD15`` matches (``model_channels=320``, ``context_dim=768``, conv ``proj_in``,
-  no ``label_emb``) but only two levels (``channel_mult=[1, 2]``), one res block per level and one
-  transformer block per attention layer (107 M parameters, stored as float16).
+  no ``label_emb``) and SD1.5's four levels at one width (``channel_mult=[1, 1, 1, 1]``) with
+  transformers at the first three and in the middle block, as SD1.5 has them, but one res block per level
+  and one transformer block per attention layer (≈ 74 M parameters, stored as float16). So every grid a
+  real SD1.5 has (latent ÷ 1, 2, 4 and 8) exists here, with cross-attention where SD1.5 has it.
 - Text encoder: the full-size CLIP-L of ``comfy.clip_model.CLIPTextModel`` (12 layers; a truncated one
   loads but leaves layers uninitialised, which yields NaN), stored as float8_e4m3fn to halve the file.
 - VAE: ``comfy.taesd.taesd.TAESD`` under ``first_stage_model.taesd_*``, which makes ``comfy.sd.VAE`` load
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: Bump when the recipe changes, so cached files built by an older recipe are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: The one safetensors metadata entry: ``"tiny-sd15 v<RECIPE_VERSION> seed <seed>"``.
 METADATA_KEY = "cxr_counterfactual.tiny_checkpoint"
@@ -50,17 +52,18 @@ METADATA_KEY = "cxr_counterfactual.tiny_checkpoint"
 CHECKPOINT_NAME = f"tiny-sd15-v{RECIPE_VERSION}.safetensors"
 
 #: The UNet as ``comfy.model_detection.detect_unet_config`` will read it back (plus SD15's
-#: ``unet_extra_config``: 8 heads). Two levels keep it small but still exercise a down/up-sample and
-#: attention layers of two widths (head dims 40 and 80).
+#: ``unet_extra_config``: 8 heads). SD1.5's level structure (four levels, three downsamples; attention at
+#: levels 0–2 and in the middle block, none at level 3), so settings that name a grid (grid factors 1, 2, 4,
+#: 8) behave as on a real SD1.5; one width (320) and one res block per level keep it small.
 UNET_CONFIG: dict[str, object] = {
     "image_size": 32,
     "in_channels": 4,
     "out_channels": 4,
     "model_channels": 320,
-    "num_res_blocks": [1, 1],
-    "channel_mult": [1, 2],
-    "transformer_depth": [1, 1],
-    "transformer_depth_output": [1, 1, 1, 1],
+    "num_res_blocks": [1, 1, 1, 1],
+    "channel_mult": [1, 1, 1, 1],
+    "transformer_depth": [1, 1, 1, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0],
     "transformer_depth_middle": 1,
     "context_dim": 768,
     "use_linear_in_transformer": False,
@@ -70,6 +73,17 @@ UNET_CONFIG: dict[str, object] = {
     "num_head_channels": -1,
     "adm_in_channels": None,
     "use_checkpoint": False,
+}
+
+#: The first recipe's two-level UNet (``channel_mult=[1, 2]``: cross-attention at latent ÷ 1 and ÷ 2 only, the
+#: middle block at ÷ 2), also detected as SD1.5: a checkpoint that lacks grids a real SD1.5 has, for tests of
+#: the refusals of grid factors a model cannot serve.
+TWO_LEVEL_UNET_CONFIG: dict[str, object] = {
+    **UNET_CONFIG,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
 }
 
 # Standard deviations of the random init. Transformer-style 0.02 for linear layers and token
@@ -186,13 +200,13 @@ def random_unet_model(config: dict[str, object] = SD15_FULL_UNET_CONFIG, seed: i
     return model
 
 
-def _unet_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _unet_state(generator: torch.Generator, config: dict[str, object] = UNET_CONFIG) -> dict[str, torch.Tensor]:
     """The UNet's weights under ``model.diffusion_model.``, float16 (half the file, plenty for tests)."""
     import comfy.ops
     import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet = UNetModel(**UNET_CONFIG, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    unet = UNetModel(**config, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
     _init_module_(unet, generator)
     return _prefixed(unet.state_dict(), _UNET_PREFIX, torch.float16)
 
@@ -252,7 +266,7 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: Path, description: str
     return path
 
 
-def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+def build_tiny_sd15_checkpoint(path: Path, seed: int = 0, unet_config: dict[str, object] | None = None) -> Path:
     """Build the tiny SD1.5-shaped checkpoint and write it to ``path`` (safetensors).
 
     The file is written under a temporary name in the same folder and moved into place with
@@ -262,6 +276,8 @@ def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     Args:
         path: Where to write the ``.safetensors`` file; its folder is created if needed.
         seed: Seed of the generator that draws every weight.
+        unet_config: Another SD1.5-detected UNet layout (e.g. :data:`TWO_LEVEL_UNET_CONFIG`); default
+            :data:`UNET_CONFIG`. The metadata names a non-default layout by its ``channel_mult``.
 
     Returns:
         ``path``.
@@ -272,10 +288,11 @@ def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     start = time.perf_counter()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
-    state.update(_unet_state(generator))
+    state.update(_unet_state(generator, UNET_CONFIG if unet_config is None else unet_config))
     state.update(_clip_state(generator))
     state.update(_vae_state(generator))
-    save_checkpoint(state, path, f"tiny-sd15 v{RECIPE_VERSION} seed {seed}")
+    layout = "" if unet_config is None else f" channel_mult {unet_config['channel_mult']}"
+    save_checkpoint(state, path, f"tiny-sd15 v{RECIPE_VERSION} seed {seed}{layout}")
     logger.info(
         "built tiny SD1.5 checkpoint %s (%d tensors, %.1f MB) in %.1f s",
         path,

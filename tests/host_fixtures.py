@@ -108,3 +108,15 @@ def chest(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
     chest = fitted_chest(comfy, tiny_model, chexmask_example, max_side=64)
     assert chest.latent["samples"].shape[-2:] == (8, 7)
     return chest
+
+
+@pytest.fixture(scope="session")
+def chest128(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
+    """The real radiograph fitted to 128 px (latent 16×14): SD1.5's middle block (latent ÷ 8) then has 2×2 tokens.
+    Core SAG and PAG act on the middle block's self-attention, which at 64 px is one token: PAG's identity
+    attention then equals attention and SAG cannot factor its map (a ComfyUI limit)."""
+    from cxr_helpers import fitted_chest
+
+    chest = fitted_chest(comfy, tiny_model, chexmask_example, max_side=128)
+    assert chest.latent["samples"].shape[-2:] == (16, 14)
+    return chest

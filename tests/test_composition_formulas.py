@@ -126,7 +126,8 @@ def test_attention_multiply_before_and_after_ours_is_the_formula(comfy, tiny_mod
         assert {c["kind"] for c in conflicts(before)} == {"token-mask"}
 
 
-def test_pag_before_and_after_ours_is_the_formula(comfy, tiny_model, chest):
+def test_pag_before_and_after_ours_is_the_formula(comfy, tiny_model, chest128):
+    chest = chest128  # SAG/PAG act on the middle block: it needs more than one token (see the fixture)
     pag = comfy.node("PerturbedAttentionGuidance")
     scale = 3.0
     gated = gate(comfy, tiny_model.model, chest)
@@ -142,7 +143,8 @@ def test_pag_before_and_after_ours_is_the_formula(comfy, tiny_model, chest):
     differs(expected, denoised(comfy, run(pag, model=tiny_model.model, scale=scale)[0], chest))
 
 
-def test_sag_before_ours_is_the_formula(comfy, tiny_model, chest):
+def test_sag_before_ours_is_the_formula(comfy, tiny_model, chest128):
+    chest = chest128  # SAG/PAG act on the middle block: it needs more than one token (see the fixture)
     sag = comfy.node("SelfAttentionGuidance")
     base = tiny_model.model
     with_sag = run(sag, model=base, scale=0.8, blur_sigma=2.0)[0]
@@ -164,7 +166,8 @@ def test_sag_before_ours_is_the_formula(comfy, tiny_model, chest):
     differs(out, sample(comfy, gate(comfy, base, chest, apply_to_uncond=True), chest))
 
 
-def test_removing_our_node_restores_stock_output(comfy, tiny_model, chest):
+def test_removing_our_node_restores_stock_output(comfy, tiny_model, chest128):
+    chest = chest128  # SAG/PAG act on the middle block: it needs more than one token (see the fixture)
     base = tiny_model.model
     others = {
         "stock": base,

@@ -71,7 +71,8 @@ def test_patch_that_overwrites_ours_is_reported(comfy, host, tiny_model, chest):
     assert "doubled" in conflicts[0]["message"]
 
 
-def test_real_sag_after_is_reported_and_before_composes(comfy, host, tiny_model, chest):
+def test_real_sag_after_is_reported_and_before_composes(comfy, host, tiny_model, chest128):
+    chest = chest128  # SAG/PAG act on the middle block: it needs more than one token (see the fixture)
     sag = comfy.node("SelfAttentionGuidance")
     gated = gate(comfy, tiny_model.model, chest)
     after = run(sag, model=gated, scale=0.5, blur_sigma=2.0)[0]
@@ -106,7 +107,8 @@ def test_two_part_replace_installed_at_sampling_time_is_wrapped(comfy, tiny_mode
     assert calls, "the 2-part replace never ran: our 3-part key shadowed it"
 
 
-def test_real_pag_is_not_switched_off(comfy, tiny_model, chest):
+def test_real_pag_is_not_switched_off(comfy, tiny_model, chest128):
+    chest = chest128  # SAG/PAG act on the middle block: it needs more than one token (see the fixture)
     pag = comfy.node("PerturbedAttentionGuidance")
     gated = gate(comfy, tiny_model.model, chest)
     with_pag = run(pag, model=gated, scale=3.0)[0]

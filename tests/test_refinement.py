@@ -1,7 +1,8 @@
 """Latent refinement by attention-concentration energy: the core energy, and the sampler inside ComfyUI.
 
 Host tests run everything under ``torch.inference_mode()`` (as ComfyUI runs nodes) on the tiny checkpoint
-and the real CheXmask radiograph fitted to 128 px (latent 16×14; the energy grid at factor 2 is 8×7).
+and the real CheXmask radiograph fitted to 128 px (latent 16×14; the energy grid at factor 4, the node's default
+and A&E's 16×16 at 512 px, is 4×4).
 The energy is checked by an independent capture pass: CXR's own CaptureStage on the encoder layers,
 run by a separate 1-step SamplerCustom at the recorded latent and sigma.
 """
@@ -21,10 +22,13 @@ from cxr_counterfactual.attention.refinement import (
     smooth_maps,
 )
 from cxr_counterfactual.errors import CXRInputError
+from cxr_counterfactual.testing.tiny_checkpoint import TWO_LEVEL_UNET_CONFIG, random_unet_model
 
 # Fixed benchmark settings of the proof (constants of the test, not tunable defaults).
 STEPS, CFG, SEED = 8, 5.0, 3
-ITERATIONS, STEP_SIZE, END_PERCENT, GRID, SMOOTHING = 5, 0.5, 0.5, "2", 0.0
+# The grid is the node's default (A&E's): the first tiny checkpoint had no cross-attention at latent ÷ 4, which
+# forced ÷ 2 here.
+ITERATIONS, STEP_SIZE, END_PERCENT, GRID, SMOOTHING = 5, 0.5, 0.5, "4", 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +220,34 @@ def test_preview_plots_the_run_that_made_the_latent(comfy, tiny_model, chest128)
         run(preview, sampler=refined_s, latent=ref)
 
 
-def test_bad_inputs(comfy, tiny_model, chest128):
+@pytest.fixture(scope="module")
+def two_level(comfy):
+    """A UNet of the first recipe's two-level layout (cross-attention at latent ÷ 1 and ÷ 2 only, also detected
+    as SD1.5): grid factors 4 and 8 cannot work with it."""
+    return random_unet_model(TWO_LEVEL_UNET_CONFIG)
+
+
+def test_settings_are_checked_against_the_model_when_the_node_runs(comfy, tiny_model, chest128, two_level):
+    c = chest128
+    capture = dict(tokens=c.tokens, label="run", target_organs="left_lung", start_percent=0.0, end_percent=1.0)
+    for factor in ("1", "2", "4", "8"):  # the tiny checkpoint has every grid SD1.5 has
+        refiner(comfy, c, grid_factor=factor, model=tiny_model.model)
+        run(comfy.node("CXRCaptureAttention"), model=tiny_model.model, grid_factor=factor, **capture)
+    with pytest.raises(ValueError, match=r"\[CXR Capture Attention\].*'grid_factor'.*÷ 8.*÷ 1, 2\)"):
+        run(comfy.node("CXRCaptureAttention"), model=two_level, grid_factor="8", **capture)
+    # A window that holds none of the steps is refused when sampling starts, before the first model call.
+    calls = []
+    late = c.sigmas[-3:]  # low-noise steps only; the window 0–0.1 is the high-noise end
+    model = tiny_model.model.clone()
+    model.set_model_unet_function_wrapper(lambda f, a: calls.append(1) or f(a["input"], a["timestep"], **a["c"]))
+    with pytest.raises(ValueError, match=r"'end_percent'.*holds none of the sampler's 2 steps"):
+        sample(comfy, model, c, refiner(comfy, c, end_percent=0.1), sigmas=late)
+    assert not calls
+    sample(comfy, model, c, refiner(comfy, c, end_percent=0.1, iterations=0), sigmas=late)  # 0 = plain Euler
+    assert len(calls) == 2
+
+
+def test_bad_inputs(comfy, tiny_model, chest128, two_level):
     from cxr_counterfactual.attention.organs import OrganMasks
 
     c = chest128
@@ -225,8 +256,13 @@ def test_bad_inputs(comfy, tiny_model, chest128):
     small = OrganMasks.from_dict({"left_lung": dot, "right_lung": dot, "heart": dot})
     with pytest.raises(ValueError, match=r"\[CXR Refinement Sampler \(Euler\)\].*'target_organs'.*covers no cell"):
         sample(comfy, tiny_model.model, c, refiner(comfy, c, organ_masks=small))
+    # The tiny checkpoint has every grid SD1.5 has (latent ÷ 8 in the middle block): a UNet of the first recipe's
+    # two-level layout has cross-attention at ÷ 1 and ÷ 2 only, so ÷ 8 cannot work with it.
     with pytest.raises(ValueError, match=r"'grid_factor'.*no cross-attention"):
-        sample(comfy, tiny_model.model, c, refiner(comfy, c, grid_factor="8"))
+        sample(comfy, two_level, c, refiner(comfy, c, grid_factor="8"))
+    # with the model connected the node itself refuses it when it runs, before anything samples
+    with pytest.raises(ValueError, match=r"\[CXR Refinement Sampler \(Euler\)\].*'grid_factor'.*÷ 4.*÷ 1, 2\)"):
+        refiner(comfy, c, grid_factor="4", model=two_level)
     with pytest.raises(ValueError, match=r"'thresholds'"):
         refiner(comfy, c, thresholds="half:0.5")
     # another pack's patch that feeds an inference tensor into the graph: the weights cannot be differentiated
@@ -243,7 +279,7 @@ def test_bad_inputs(comfy, tiny_model, chest128):
 
 def test_refinement_probe_passes_leave_capture_and_trace_alone(comfy, tiny_model, chest128):
     """The energy passes are probes, not model calls of the run: a capture on a layer they run through (the 16×14
-    one, before the 8×7 energy layer) records the same layers per step as under plain Euler and keeps no autograd
+    one, before the 4×4 energy layer) records the same layers per step as under plain Euler and keeps no autograd
     graph (which would hold the weight clones after sampling); the trace sees only the run's model calls."""
     from cxr_counterfactual.attention.host_comfy import run_state
 

@@ -54,11 +54,15 @@ def _model_and_prompts(g: Graph, fitted: str, edit_prompt: str = EDIT_PROMPT):
 
 
 def _stages(g: Graph, model: list[Any], masks: list[Any], tokens: list[Any],
-            boost_end: float = 0.4) -> tuple[str, str]:
+            boost_end: float = 0.4, capture: str | None = None) -> tuple[str, str]:
     gate = g.add("CXRAnatomyAttentionGate", "Stage 2: anatomy gate", model=model, organ_masks=masks, tokens=tokens,
                  strength=1.0, token_strength=1.0, organs="right_lung, left_lung, heart", background="free",
                  margin_px=0, blocks="all", start_percent=0.0, end_percent=1.0, apply_to_uncond=False)
-    boost = g.add("CXRPathologyBoost", "Stage 3: pathology boost", model=out(gate), tokens=tokens,
+    boosted = out(gate)
+    if capture:  # between gate and boost: ComfyUI then runs it, and its grid check, before the inversion that
+        # also takes the gate's model; it records the boosted maps all the same (stages compose in any order).
+        boosted = out(_capture(g, out(gate), masks, tokens, capture))
+    boost = g.add("CXRPathologyBoost", "Stage 3: pathology boost", model=boosted, tokens=tokens,
                   organ_masks=masks, target_organs="left_lung", factor=3.0, words="", outside_damping=1.0,
                   blocks="all", start_percent=0.0, end_percent=boost_end)
     return gate, boost
@@ -69,12 +73,13 @@ def _capture(g: Graph, model: list[Any], masks: list[Any], tokens: list[Any], la
                  grid_factor="2", target_organs="left_lung", start_percent=0.0, end_percent=1.0, organ_masks=masks)
 
 
-def _refiner(g: Graph, masks: list[Any], tokens: list[Any], iterations: int = 1,
+def _refiner(g: Graph, model: list[Any], masks: list[Any], tokens: list[Any], iterations: int = 1,
              title: str = "Stage 4: latent refinement (Euler)", end_percent: float = 0.5) -> str:
+    # The checkpoint's MODEL lets the node refuse a grid_factor the UNet cannot serve before anything samples.
     return g.add("CXRRefinementSampler", title, tokens=tokens, organ_masks=masks,
                  target_organs="left_lung", iterations=iterations, step_size=0.1, start_percent=0.0,
                  end_percent=end_percent,
-                 thresholds="", grid_factor="4", smoothing=0.5, extent_weight=0.0, extent_threshold=0.5)
+                 thresholds="", grid_factor="4", smoothing=0.5, extent_weight=0.0, extent_threshold=0.5, model=model)
 
 
 def _regions(g: Graph, masks: list[Any], latent: str, image: list[Any]) -> tuple[str, str]:
@@ -99,14 +104,14 @@ def full_edit() -> dict[str, Any]:
     source = g.add("CLIPTextEncode", "Source prompt (the patient as they are)", clip=out(ckpt, 1), text=SOURCE_PROMPT)
     regions, keep = _regions(g, masks, latent, out(fit))
     # Regeneration starts where inversion stopped (start_percent 0.5): boost and refine its first half.
-    gate, boost = _stages(g, out(ckpt), masks, tokens, boost_end=0.75)
-    capture = _capture(g, out(boost), masks, tokens, "edit")
+    gate, boost = _stages(g, out(ckpt), masks, tokens, boost_end=0.75, capture="edit")
+    capture = g.nodes[boost]["inputs"]["model"][0]  # the capture between gate and boost
     invert = g.add("CXRInvertLatent", "Invert the radiograph (DDIM)", model=out(gate), positive=out(source),
                    negative=out(negative), latent=out(keep), cfg=1.0, steps=20, scheduler="karras",
                    start_percent=0.5, refine=4)
-    guider = g.add("CXRInversionGuider", "Guider (checked against the inversion)", model=out(capture),
+    guider = g.add("CXRInversionGuider", "Guider (checked against the inversion)", model=out(boost),
                    positive=out(text), negative=out(negative), cfg=1.0, inverted=out(invert))
-    refiner = _refiner(g, masks, tokens, end_percent=0.75)
+    refiner = _refiner(g, out(ckpt), masks, tokens, end_percent=0.75)
     sampled = g.add("SamplerCustomAdvanced", "Sampler", noise=out(invert, 1), guider=out(guider),
                     sampler=out(refiner), sigmas=out(invert, 2), latent_image=out(keep))
     pasted = g.add("CXRPasteKeepRegion", "Paste the kept region (exact)", samples=out(sampled), source=out(keep))
@@ -140,9 +145,9 @@ def ablation() -> dict[str, Any]:
     regions, keep = _regions(g, masks, latent, out(fit))
     gate, boost = _stages(g, out(ckpt), masks, tokens)
     euler = g.add("KSamplerSelect", "Euler", sampler_name="euler")
-    refiner = _refiner(g, masks, tokens)
+    refiner = _refiner(g, out(ckpt), masks, tokens)
     # 0 iterations is bit-identical to Euler and records the energies: the reference of the energy plot.
-    plain = _refiner(g, masks, tokens, iterations=0, title="Euler with energies recorded (0 iterations)")
+    plain = _refiner(g, out(ckpt), masks, tokens, iterations=0, title="Euler with energies recorded (0 iterations)")
     sigmas = g.add("BasicScheduler", "Schedule (img2img, denoise 0.8)", model=out(ckpt), scheduler="normal",
                    steps=20, denoise=0.8)
     runs = []
