@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command, rest = args[0], args[1:]
     if command == "demo":
-        from .demo import main as demo_main
+        from .demo.run import main as demo_main
 
         return demo_main(rest)
     if command == "run":
@@ -32,10 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return run_main(rest)
     if command == "convert-diffusers":
-        from .convert_diffusers import main as convert_main
+        from .hosts.comfy.convert_diffusers import main as convert_main
 
         return convert_main(rest)
-    from .testing.tiny_checkpoint import main as tiny_main
+    from .demo.tiny_checkpoint import main as tiny_main
 
     return tiny_main(rest)
 

@@ -37,7 +37,8 @@ from cxr_counterfactual.attention.gating import gated_self_attention  # noqa: E4
 from cxr_counterfactual.attention.organs import OrganMasks  # noqa: E402
 from cxr_counterfactual.attention.regions import partition  # noqa: E402
 from cxr_counterfactual.imaging.mask_files import read_mask_image  # noqa: E402
-from cxr_counterfactual.testing.paths import find_comfyui, test_data_dir  # noqa: E402
+from cxr_counterfactual.runner.comfyui_path import find_comfyui  # noqa: E402
+from cxr_counterfactual.testing.data import test_data_dir  # noqa: E402
 
 GRIDS = {1024: (32, 32), 4096: (64, 64), 16384: (128, 128)}
 ORGANS = ("right_lung", "left_lung", "heart")

@@ -24,14 +24,15 @@ _LINK = Path(tempfile.mkdtemp()) / "cxr_counterfactual"
 _LINK.symlink_to(HERE.parent, target_is_directory=True)
 sys.path.insert(0, str(_LINK.parent))
 
-from cxr_counterfactual.demo import tiny_checkpoint  # noqa: E402
+from cxr_counterfactual.demo.run import tiny_checkpoint  # noqa: E402
 from cxr_counterfactual.runner import graph as g  # noqa: E402
 from cxr_counterfactual.runner.batch import run_batch  # noqa: E402
+from cxr_counterfactual.runner.comfyui_path import require_comfyui  # noqa: E402
 from cxr_counterfactual.runner.manifest import prepare, read_manifest, row_key  # noqa: E402
 from cxr_counterfactual.runner.results import ResultsBook  # noqa: E402
+from cxr_counterfactual.runner.server import ComfyServer  # noqa: E402
 from cxr_counterfactual.runner.worker import Worker  # noqa: E402
-from cxr_counterfactual.testing.paths import require_comfyui, test_data_dir  # noqa: E402
-from cxr_counterfactual.testing.server import ComfyServer  # noqa: E402
+from cxr_counterfactual.testing.data import test_data_dir  # noqa: E402
 
 
 def manifest(folder: Path, rows: int, seed0: int) -> Path:

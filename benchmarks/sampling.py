@@ -29,12 +29,10 @@ _LINK = Path(tempfile.mkdtemp()) / "cxr_counterfactual"
 _LINK.symlink_to(HERE.parent, target_is_directory=True)
 sys.path.insert(0, str(_LINK.parent))
 
-from cxr_counterfactual.testing.paths import require_comfyui, test_data_dir  # noqa: E402
-from cxr_counterfactual.testing.tiny_checkpoint import (  # noqa: E402
-    ensure_tiny_checkpoint,
-    prepare_comfy_import,
-    random_unet_model,
-)
+from cxr_counterfactual.demo.tiny_checkpoint import ensure_tiny_checkpoint, random_unet_model  # noqa: E402
+from cxr_counterfactual.hosts.comfy.standalone import prepare_comfy_import  # noqa: E402
+from cxr_counterfactual.runner.comfyui_path import require_comfyui  # noqa: E402
+from cxr_counterfactual.testing.data import test_data_dir  # noqa: E402
 
 PROMPT = "chest x-ray, left lung with large pleural effusion, normal heart"
 

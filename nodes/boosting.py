@@ -7,11 +7,12 @@ import re
 import torch
 from comfy_api.latest import io
 
-from ..attention.host_comfy import grid_factor_keys, install_stage, percent_window, transformer_keys
 from ..attention.organs import OrganMasks, parse_names
 from ..attention.stages import BoostStage, CaptureStage
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
+from ..hosts.comfy.patch import install_stage, percent_window
+from ..hosts.comfy.unet_layout import grid_factor_keys, transformer_keys
 from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, require_choice, user_errors
 from .gating import _WINDOW_TIP, BLOCK_CHOICES
 

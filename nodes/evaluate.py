@@ -7,10 +7,10 @@ from dataclasses import replace
 import torch
 from comfy_api.latest import io, ui
 
-from ..attention.host_comfy import run_state
 from ..attention.organs import OrganMasks
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
+from ..hosts.comfy.patch import run_state
 from ..imaging.export import exclusive_paths, write_new
 from ..imaging.metrics import MetricsReport, attention_iou, dice_per_organ, evaluate_pair, grey, region_on
 from ..imaging.metrics_report import difference_heat_map, format_table, to_csv, to_json

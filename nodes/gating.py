@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.host_comfy import GateStage, install_stage, percent_window, transformer_keys
 from ..attention.organs import OrganMasks, parse_names
+from ..attention.stages import GateStage
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
+from ..hosts.comfy.patch import install_stage, percent_window
+from ..hosts.comfy.unet_layout import transformer_keys
 from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, require_choice, user_errors
 
 BLOCK_CHOICES = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..attention.host_comfy import run_state
 from ..errors import CXRInputError
+from ..hosts.comfy.patch import run_state
 from ..imaging.attention_view import labelled_grid, overlay_heat, share_plot
 from .common import CATEGORY_ROOT
 

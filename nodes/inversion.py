@@ -33,8 +33,8 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..attention.host_comfy import latent_fingerprint
 from ..attention.inversion import InversionReport, check_schedule, ddim_invert, implied_noise
+from ..attention.run_state import latent_fingerprint
 from ..errors import CXRInputError
 from .common import CATEGORY_ROOT, check_numbers, require_choice
 

@@ -26,13 +26,15 @@ import torch
 from comfy.k_diffusion.sampling import to_d
 from tqdm.auto import trange
 
-from ..attention.host_comfy import HOLDER_KEY, CXRReplace, Key, ResultStore, grid_factor_keys, latent_fingerprint
 from ..attention.kernels import to_heads
 from ..attention.layer_call import active_stages, cross_bias, pathology_maps
 from ..attention.organs import OrganMasks
 from ..attention.refinement import RefineConfig, concentration_energy, grid_at, refinement_step
 from ..attention.regions import coverage
+from ..attention.run_state import Key, ResultStore, latent_fingerprint
 from ..errors import CXRInputError
+from ..hosts.comfy.patch import HOLDER_KEY, CXRReplace
+from ..hosts.comfy.unet_layout import grid_factor_keys
 
 logger = logging.getLogger("cxr_counterfactual")
 TITLE = "CXR Refinement Sampler (Euler)"

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .client import ComfyServerError, PromptRejected, ServerUnreachable
 from .manifest import RowJob
+from .protocol import ComfyServerError, PromptRejected, ServerUnreachable
 from .results import ResultsBook
 from .worker import Worker
 

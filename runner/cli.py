@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from . import graph as g
-from .client import ComfyClient, ComfyServerError, ProgressEvent
+from .client import ComfyClient
 from .manifest import ManifestError, build_job, prepare, read_manifest, row_key
+from .protocol import ComfyServerError, ProgressEvent
 from .results import ResultsBook, commit, record_of, unique_name
 from .worker import Worker
 
@@ -70,8 +71,8 @@ def open_servers(args: argparse.Namespace) -> Iterator[list[ComfyClient]]:
     if args.server:
         yield [ComfyClient(url) for url in args.server]
         return
-    from ..testing.paths import find_comfyui
-    from ..testing.server import ComfyServer
+    from .comfyui_path import find_comfyui
+    from .server import ComfyServer
 
     comfyui = args.comfyui or find_comfyui()
     if comfyui is None:

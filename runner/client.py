@@ -1,7 +1,7 @@
 """A ComfyUI server's API, as a client: submit a graph, follow it over the websocket, move files in and out.
 
 Stdlib plus ``websocket-client`` only (no ``comfy``, no ``torch``). :class:`ComfyClient` talks to a server
-that runs elsewhere (``--server http://host:8188``); :class:`~cxr_counterfactual.testing.server.ComfyServer`
+that runs elsewhere (``--server http://host:8188``); :class:`~cxr_counterfactual.runner.server.ComfyServer`
 extends it with a private subprocess. Requests never go through a proxy from the environment: the runner
 talks only to the servers it is given.
 """
@@ -35,9 +35,6 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 
-# Re-exported: callers catch these from the client they use.
-__all__ = ["ComfyClient", "ComfyServerError", "ExecutionFailed", "ExecutionInterrupted", "ProgressEvent",
-           "PromptRejected", "RunResult", "ServerUnreachable"]
 
 
 def _multipart(fields: Mapping[str, str], file_field: str, file_name: str, data: bytes) -> tuple[bytes, str]:

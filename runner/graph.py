@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..testing.paths import PACK_ROOT
+from .comfyui_path import PACK_ROOT
 
 Graph = dict[str, dict[str, Any]]
 SHIPPED = PACK_ROOT / "workflows" / "api"

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .batch import BatchSummary, Progress
-from .client import PromptRejected, ServerUnreachable
 from .manifest import RowJob, Upload
+from .protocol import PromptRejected, ServerUnreachable
 from .results import ResultsBook
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class ComfyActorImpl:
     """The body of a Ray actor: a private headless ComfyUI and a :class:`~.worker.Worker` on it."""
 
     def __init__(self, comfyui: str | None, checkpoints: list[str], cpu: bool, startup_timeout: float = 300.0):
-        from ..testing.server import ComfyServer
+        from .server import ComfyServer
         from .worker import Worker
 
         self._refs: dict[str, Any] = {}

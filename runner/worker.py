@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from . import graph as g
-from .client import ComfyClient, ProgressEvent
+from .client import ComfyClient
 from .manifest import RowJob, Upload
+from .protocol import ProgressEvent
 
 logger = logging.getLogger(__name__)
 

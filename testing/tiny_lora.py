@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .tiny_checkpoint import UNET_CONFIG, save_checkpoint
+from ..demo.tiny_checkpoint import UNET_CONFIG, save_checkpoint
 
 if TYPE_CHECKING:
     import torch

@@ -36,16 +36,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .tiny_checkpoint import (
+from ..demo.tiny_checkpoint import (
     _CONSTRUCTOR_INITIALISED,
     _UNET_PREFIX,
     _init_module_,
     _init_param_,
     _prefixed,
     _vae_state,
-    prepare_comfy_import,
     save_checkpoint,
 )
+from ..hosts.comfy.standalone import prepare_comfy_import
 
 if TYPE_CHECKING:
     import torch

@@ -24,7 +24,8 @@ _LINK_PARENT = Path(tempfile.mkdtemp(prefix="cxr-pack-"))
 (_LINK_PARENT / "cxr_counterfactual").symlink_to(ROOT, target_is_directory=True)
 sys.path.insert(0, str(_LINK_PARENT))
 
-from cxr_counterfactual.testing.paths import COMFYUI_HINT, find_comfyui, test_data_dir  # noqa: E402
+from cxr_counterfactual.runner.comfyui_path import COMFYUI_HINT, find_comfyui  # noqa: E402
+from cxr_counterfactual.testing.data import test_data_dir  # noqa: E402
 
 pytest_plugins = ["host_fixtures"]
 

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from conftest import need
-from cxr_counterfactual.testing.tiny_checkpoint import ensure_tiny_checkpoint, prepare_comfy_import
+from cxr_counterfactual.demo.tiny_checkpoint import ensure_tiny_checkpoint
+from cxr_counterfactual.hosts.comfy.standalone import prepare_comfy_import
 from cxr_counterfactual.testing.tiny_models import ensure_tiny_model_checkpoint
 
 if TYPE_CHECKING:
-    from cxr_counterfactual.testing.server import ComfyServer
+    from cxr_counterfactual.runner.server import ComfyServer
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +84,7 @@ def comfy_server(
     """A running headless ComfyUI (CPU, 127.0.0.1) with the pack and the tiny checkpoint, per session."""
     # Imported here: a missing websocket-client must skip server tests, not break every test module.
     need(importlib.util.find_spec("websocket") is not None, "websocket-client is not installed")
-    from cxr_counterfactual.testing.server import ComfyServer
+    from cxr_counterfactual.runner.server import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy-server")
     server = ComfyServer(comfyui_path, checkpoints=[tiny_checkpoint], base_dir=base)

@@ -23,7 +23,7 @@ from cxr_counterfactual.imaging.atlas import (
     fit_quality,
     load_atlas,
 )
-from cxr_counterfactual.testing.paths import PACK_ROOT
+from cxr_counterfactual.runner.comfyui_path import PACK_ROOT
 
 LOG = logging.getLogger(__name__)
 MASK_FILES = {"right_lung": "RL_mask.png", "left_lung": "LL_mask.png", "heart": "H_mask.png"}

@@ -16,7 +16,8 @@ from bad_input_cases import CASES
 from bad_input_graphs import CSV_ROWS, Bound, Case, Error, Graph, Works, first_row_id, pipeline, write_input_files
 from safetensors.torch import load_file
 
-from cxr_counterfactual.testing.server import ComfyServer, ExecutionFailed, PromptRejected
+from cxr_counterfactual.runner.protocol import ExecutionFailed, PromptRejected
+from cxr_counterfactual.runner.server import ComfyServer
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)

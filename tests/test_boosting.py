@@ -47,7 +47,7 @@ def test_factor_one_is_the_unpatched_model_and_effect_grows(comfy, tiny_model, c
 
 
 def test_probe_boost_runs_inside_its_window_only(comfy, tiny_model, chest):
-    from cxr_counterfactual.attention.host_comfy import run_state
+    from cxr_counterfactual.hosts.comfy.patch import run_state
 
     # Damping outside the target keeps the stage active at every layer inside the window: without it the coarse
     # grids of an SD1.5-shaped UNet at this 64 px size (2×2, 1×1), where the left lung covers no token, are
@@ -70,7 +70,7 @@ def test_capture_never_changes_the_result(comfy, tiny_model, chest):
 
 
 def test_boost_raises_the_captured_in_target_share_at_every_step(comfy, tiny_model, chest):
-    from cxr_counterfactual.attention.host_comfy import run_state
+    from cxr_counterfactual.hosts.comfy.patch import run_state
 
     sigma_end = float(tiny_model.model.get_model_object("model_sampling").percent_to_sigma(0.5))
     shares = {}

@@ -25,8 +25,9 @@ import pytest
 from test_workflows import FOLDER, NAMES, by_type, load, small
 
 from conftest import need
+from cxr_counterfactual.runner.protocol import RunResult
+from cxr_counterfactual.runner.server import ComfyServer
 from cxr_counterfactual.testing.browser import SETTINGS, FrontendPage, missing_browser
-from cxr_counterfactual.testing.server import ComfyServer, RunResult
 
 pytestmark = pytest.mark.slow
 SHIPPED_CHECKPOINT = "tiny-sd15.safetensors"  # the name every shipped workflow's loader holds

@@ -58,11 +58,11 @@ def differs(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def with_stub(comfy, model, kind: str, make):
     """A clone with ``make(previous)`` installed at every ``kind`` key (previous: what was there, or None)."""
-    from cxr_counterfactual.attention import host_comfy
+    from cxr_counterfactual.hosts.comfy import unet_layout
 
     m = model.clone()
     replaces = m.model_options["transformer_options"].setdefault("patches_replace", {}).setdefault(kind, {})
-    for key in host_comfy.transformer_keys(model):  # one self- and one cross-attention each
+    for key in unet_layout.transformer_keys(model):  # one self- and one cross-attention each
         install = m.set_model_attn1_replace if kind == "attn1" else m.set_model_attn2_replace
         install(make(replaces.get(key)), *key)
     return m
@@ -91,7 +91,7 @@ def doubling_wrapper(previous):
 
 
 def conflicts(model) -> list[dict]:
-    from cxr_counterfactual.attention import host_comfy
+    from cxr_counterfactual.hosts.comfy import patch as host_comfy
 
     return host_comfy.run_state(model).store.latest()["conflicts"]
 

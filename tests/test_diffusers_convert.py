@@ -62,7 +62,7 @@ def test_converted_folder_loads_in_comfyui_as_sd15_with_its_own_text_encoder(com
     from safetensors.torch import load_file
 
     from cxr_counterfactual.__main__ import main
-    from cxr_counterfactual.convert_diffusers import text_encoder_state
+    from cxr_counterfactual.hosts.comfy.convert_diffusers import text_encoder_state
 
     out = tmp_path / "cxr-sd15.safetensors"
     assert main(["convert-diffusers", str(sd15_folder), str(out)]) == 0
@@ -122,7 +122,7 @@ def test_converted_folder_loads_in_comfyui_as_sd15_with_its_own_text_encoder(com
 
 def test_folder_errors_name_the_fix(comfy, comfyui_path, tmp_path):
     """Refusals before any weight is read: no model_index, pickle-only weights, a changed tokenizer."""
-    from cxr_counterfactual.convert_diffusers import convert
+    from cxr_counterfactual.hosts.comfy.convert_diffusers import convert
 
     folder = tmp_path / "pipe"
     with pytest.raises(CXRInputError, match="model_index.json"):

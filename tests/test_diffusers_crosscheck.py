@@ -40,7 +40,7 @@ MAX_SIDE = 72  # the 899×786 radiograph → 72×64 px → latent 9×8
 def twins(comfy, comfyui_path, chexmask_example):
     """The tiny diffusers UNet, its ComfyUI twin, masks, tokens, a step's inputs and the schedule."""
     require_diffusers()
-    from cxr_counterfactual.attention.diffusers_stages import token_map
+    from cxr_counterfactual.hosts.diffusers.stages import token_map
 
     unet = tiny_unet(seed=0)
     model = comfy_twin(unet)
@@ -55,13 +55,8 @@ def twins(comfy, comfyui_path, chexmask_example):
 
 
 def _stages(t, which: str):
-    from cxr_counterfactual.attention.diffusers_stages import (
-        boost_stage,
-        capture_stage,
-        gate_stage,
-        target_region,
-    )
     from cxr_counterfactual.attention.schedule import DiscreteSchedule
+    from cxr_counterfactual.hosts.diffusers.stages import boost_stage, capture_stage, gate_stage, target_region
 
     schedule = DiscreteSchedule(torch.tensor([0.9, 0.5]))  # windows 0..1 are the same on every schedule
     target = target_region(t["masks"], "left_lung")
@@ -80,8 +75,8 @@ def _comfy_step(t, stages):
     """ComfyUI: the patched model's raw UNet eps, input and timestep for [uncond, cond] at sigma."""
     import comfy.patcher_extension
 
-    from cxr_counterfactual.attention.host_comfy import install_stage, run_state
     from cxr_counterfactual.attention.stages import GateStage
+    from cxr_counterfactual.hosts.comfy.patch import install_stage, run_state
 
     model = t["model"]
     for stage in stages:
@@ -107,7 +102,8 @@ def _comfy_step(t, stages):
 
 
 def _diffusers_step(t, stages, seen):
-    from cxr_counterfactual.attention.host_diffusers import COND, UNCOND, install_regulation
+    from cxr_counterfactual.attention.layer_call import COND, UNCOND
+    from cxr_counterfactual.hosts.diffusers.processors import install_regulation
 
     with torch.no_grad(), install_regulation(t["unet"], stages) as reg:
         with reg.step((9, 8), t["sigma"], (UNCOND, COND)):
@@ -146,8 +142,8 @@ def test_both_hosts_compute_the_same_regulated_step(twins, which):
 
 
 def test_diffusers_keys_are_comfyuis_transformer_keys(twins):
-    from cxr_counterfactual.attention.host_comfy import transformer_keys
-    from cxr_counterfactual.attention.host_diffusers import layer_keys
+    from cxr_counterfactual.hosts.comfy.unet_layout import transformer_keys
+    from cxr_counterfactual.hosts.diffusers.processors import layer_keys
 
     keys = layer_keys(twins["unet"])
     assert sorted(keys.values()) == sorted(transformer_keys(twins["model"]))

@@ -17,13 +17,13 @@ import pytest
 import torch
 from diffusers_helpers import PROMPT, fitted_masks, require_diffusers, tiny_pipeline
 
-from cxr_counterfactual.attention.diffusers_edit import Refinement, energy_layers, img2img, latent_mask
-from cxr_counterfactual.attention.diffusers_stages import boost_stage, gate_stage, target_region, token_map
-from cxr_counterfactual.attention.host_diffusers import install_regulation
 from cxr_counterfactual.attention.organs import edit_and_keep
 from cxr_counterfactual.attention.refinement import RefineConfig, concentration_energy
 from cxr_counterfactual.attention.schedule import DiscreteSchedule
 from cxr_counterfactual.errors import CXRInputError
+from cxr_counterfactual.hosts.diffusers.pipeline import Refinement, energy_layers, img2img, latent_mask
+from cxr_counterfactual.hosts.diffusers.processors import install_regulation
+from cxr_counterfactual.hosts.diffusers.stages import boost_stage, gate_stage, target_region, token_map
 
 STEPS, GUIDANCE, GRID = 6, 5.0, 2
 
@@ -134,7 +134,7 @@ def test_example_script_edits_the_radiograph(edit, chexmask_example, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from cxr_counterfactual.testing.paths import PACK_ROOT
+    from cxr_counterfactual.runner.comfyui_path import PACK_ROOT
 
     folder = tmp_path / "pipeline"
     edit.pipe.save_pretrained(folder, safe_serialization=True)

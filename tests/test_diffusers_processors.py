@@ -26,17 +26,11 @@ from diffusers_helpers import (
     tiny_unet,
 )
 
-from cxr_counterfactual.attention.diffusers_stages import (
-    boost_stage,
-    capture_stage,
-    gate_stage,
-    target_region,
-    token_map,
-)
-from cxr_counterfactual.attention.host_diffusers import COND, UNCOND, CXRAttnProcessor, install_regulation
-from cxr_counterfactual.attention.layer_call import layer_grid
+from cxr_counterfactual.attention.layer_call import COND, UNCOND, layer_grid
 from cxr_counterfactual.attention.schedule import DiscreteSchedule
 from cxr_counterfactual.errors import CXRInputError
+from cxr_counterfactual.hosts.diffusers.processors import CXRAttnProcessor, install_regulation
+from cxr_counterfactual.hosts.diffusers.stages import boost_stage, capture_stage, gate_stage, target_region, token_map
 
 LATENT = (9, 8)
 
@@ -101,7 +95,7 @@ def test_one_attention_layer_stock_and_gated(tiny):
 
 
 def _step(sigma: float, chunks=(COND,)):
-    from cxr_counterfactual.attention.host_diffusers import StepContext
+    from cxr_counterfactual.hosts.diffusers.processors import StepContext
 
     return StepContext(LATENT, sigma, chunks)
 

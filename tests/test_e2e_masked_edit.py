@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from cxr_counterfactual.testing.paths import PACK_ROOT
+from cxr_counterfactual.runner.comfyui_path import PACK_ROOT
 
 WORKFLOW = PACK_ROOT / "workflows" / "api" / "cxr_dicom_masked_edit.json"
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_readme_demo_runs_on_the_real_dicom(tmp_path, tiny_checkpoint, comfyui_p
     """The README's first command, as a user runs it (tiny checkpoint, real DICOM from pydicom-data)."""
     import pydicom.data
 
-    from cxr_counterfactual.demo import build_prompt
+    from cxr_counterfactual.demo.run import build_prompt
     from cxr_counterfactual.imaging.dicom import read_dicom
     from cxr_counterfactual.imaging.geometry import plan_fit
 
@@ -197,7 +197,7 @@ def test_demo_that_cannot_start_comfyui_leaves_no_folder(tmp_path, tiny_checkpoi
 
 
 def test_demo_run_folders_never_overwrite(tmp_path):
-    from cxr_counterfactual.demo import unique_dir
+    from cxr_counterfactual.demo.run import unique_dir
 
     first, second = unique_dir(tmp_path), unique_dir(tmp_path)
     assert first != second and first.is_dir() and second.is_dir()

@@ -33,7 +33,8 @@ def test_weighted_and_long_prompts(comfy, tiny_model):
 
 
 def test_probe_every_block_gated_at_every_step_inside_the_window_only(comfy, tiny_model, chest):
-    from cxr_counterfactual.attention.host_comfy import run_state, transformer_keys  # needs ComfyUI on the path
+    from cxr_counterfactual.hosts.comfy.patch import run_state
+    from cxr_counterfactual.hosts.comfy.unet_layout import transformer_keys  # needs ComfyUI on the path
 
     patched = gate(comfy, tiny_model.model, chest, start_percent=0.0, end_percent=0.5)
     state = run_state(patched)

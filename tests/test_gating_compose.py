@@ -16,7 +16,7 @@ MIDDLE = ("middle", 0, 0)
 @pytest.fixture(scope="module")
 def host(comfy):
     """The ComfyUI adapter (importable once the ``comfy`` fixture has put ComfyUI on the path)."""
-    from cxr_counterfactual.attention import host_comfy
+    from cxr_counterfactual.hosts.comfy import patch as host_comfy
 
     return host_comfy
 

@@ -318,7 +318,7 @@ def test_mismatched_regeneration_is_refused(comfy, tiny_model, chest, source_pos
 
 # the whole chain in one graph: gate + boost + capture + refine + keep + inversion ------------------------------------
 def test_full_chain_runs_in_one_graph(comfy, tiny_model, chest, source_positive, regions):
-    from cxr_counterfactual.attention.host_comfy import run_state
+    from cxr_counterfactual.hosts.comfy.patch import run_state
 
     gated = gate(comfy, tiny_model.model, chest, **GATE)
     boosted = run(comfy.node("CXRPathologyBoost"), model=gated, tokens=chest.tokens, organ_masks=chest.masks,

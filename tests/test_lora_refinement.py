@@ -15,7 +15,7 @@ import pytest
 import torch
 from cxr_helpers import fitted_chest, gate, run
 
-from cxr_counterfactual.testing.tiny_checkpoint import UNET_CONFIG
+from cxr_counterfactual.demo.tiny_checkpoint import UNET_CONFIG
 from cxr_counterfactual.testing.tiny_lora import build_tiny_lora, tiny_sd15_lora_targets
 
 STEPS, CFG, SEED = 6, 5.0, 3
@@ -66,11 +66,11 @@ def refined_run(comfy, model, c, **overrides) -> tuple[torch.Tensor, list[dict]]
 def forward_energy(comfy, model, c, x: torch.Tensor, sigma: float) -> float:
     """The energy at ``x`` through ComfyUI's ordinary forward (no gradient pass): CXR's capture stage on the 8×7
     encoder layers during a 1-step SamplerCustom at ``sigma``, cond only, with the same gate as the refined run."""
-    from cxr_counterfactual.attention.host_comfy import install_stage, run_state
     from cxr_counterfactual.attention.organs import OrganMasks
     from cxr_counterfactual.attention.refinement import concentration_energy
     from cxr_counterfactual.attention.regions import coverage
     from cxr_counterfactual.attention.stages import CaptureStage
+    from cxr_counterfactual.hosts.comfy.patch import install_stage, run_state
 
     target = OrganMasks(("target",), c.masks.union(["left_lung"])[None])
     stage = CaptureStage("probe", 1e9, 0.0, frozenset({"input"}), label="probe",

@@ -94,7 +94,8 @@ def test_file_layout(family) -> None:
     UNet float16; TAESD; the recipe's one metadata entry."""
     from safetensors import safe_open
 
-    from cxr_counterfactual.testing import tiny_checkpoint, tiny_models
+    from cxr_counterfactual.demo import tiny_checkpoint
+    from cxr_counterfactual.testing import tiny_models
 
     with safe_open(str(family.path), framework="pt") as fh:
         keys = set(fh.keys())
@@ -150,7 +151,7 @@ def test_streamed_init_draws_exactly_what_the_in_memory_init_draws(comfy) -> Non
     import comfy.clip_model as clip_model  # aliases: the fixture is called comfy
     import comfy.ops as ops
 
-    from cxr_counterfactual.testing.tiny_checkpoint import _init_module_, _prefixed
+    from cxr_counterfactual.demo.tiny_checkpoint import _init_module_, _prefixed
     from cxr_counterfactual.testing.tiny_models import _streamed_state
 
     config = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 3,
@@ -232,7 +233,8 @@ def test_adm_input_carries_the_pooled_text(comfy, family) -> None:
 # the regulation
 @pytest.mark.slow
 def test_probe_every_transformer_block_regulated_at_every_step(comfy, family) -> None:
-    from cxr_counterfactual.attention.host_comfy import run_state, transformer_keys
+    from cxr_counterfactual.hosts.comfy.patch import run_state
+    from cxr_counterfactual.hosts.comfy.unet_layout import transformer_keys
 
     keys = transformer_keys(family.model)
     cfg = family.unet_config
@@ -260,8 +262,8 @@ def test_hard_gate_confines_self_attention_to_regions_in_every_layer(comfy, fami
     their whole attention, as SAG does). (At 2×2, SD2's middle block, the partition has one region.)"""
     import comfy.ldm.modules.attention as comfy_attention
 
-    from cxr_counterfactual.attention.host_comfy import transformer_keys
     from cxr_counterfactual.attention.regions import partition
+    from cxr_counterfactual.hosts.comfy.unet_layout import transformer_keys
 
     calls: list[tuple] = []
 
@@ -310,7 +312,7 @@ def test_strength_zero_is_stock_and_regulation_changes_the_output(comfy, family)
 
 @pytest.mark.slow
 def test_boost_raises_the_captured_in_target_share(comfy, family) -> None:
-    from cxr_counterfactual.attention.host_comfy import run_state
+    from cxr_counterfactual.hosts.comfy.patch import run_state
 
     sigma_end = float(family.model.get_model_object("model_sampling").percent_to_sigma(BOOST["end_percent"]))
     shares = {}
@@ -327,7 +329,7 @@ def test_boost_raises_the_captured_in_target_share(comfy, family) -> None:
 @pytest.mark.slow
 def test_full_chain_with_refinement_and_keep_region(comfy, family) -> None:
     """Gate → boost → capture → refinement sampler on the keep latent → exact paste, against the stock chain."""
-    from cxr_counterfactual.attention.host_comfy import run_state
+    from cxr_counterfactual.hosts.comfy.patch import run_state
     from cxr_counterfactual.nodes.keep import latent_keep_mask
 
     edit, _, _ = run(comfy.node("CXREditKeepRegions"), organ_masks=family.masks, **REGIONS)

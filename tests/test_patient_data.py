@@ -24,7 +24,7 @@ from PIL import Image
 from test_workflows import by_type, small
 
 from conftest import need
-from cxr_counterfactual.testing.paths import PACK_ROOT
+from cxr_counterfactual.runner.comfyui_path import PACK_ROOT
 
 pytestmark = pytest.mark.slow
 

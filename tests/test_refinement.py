@@ -21,8 +21,8 @@ from cxr_counterfactual.attention.refinement import (
     refinement_step,
     smooth_maps,
 )
+from cxr_counterfactual.demo.tiny_checkpoint import TWO_LEVEL_UNET_CONFIG, random_unet_model
 from cxr_counterfactual.errors import CXRInputError
-from cxr_counterfactual.testing.tiny_checkpoint import TWO_LEVEL_UNET_CONFIG, random_unet_model
 
 # Fixed benchmark settings of the proof (constants of the test, not tunable defaults).
 STEPS, CFG, SEED = 8, 5.0, 3
@@ -149,10 +149,10 @@ def record_of(sampler, out) -> dict:
 
 def capture_energy(comfy, model, c, x: torch.Tensor, sigma: float) -> float:
     """An independent pass: CaptureStage on the encoder layers of the energy grid, one SamplerCustom step."""
-    from cxr_counterfactual.attention.host_comfy import install_stage, run_state
     from cxr_counterfactual.attention.organs import OrganMasks
     from cxr_counterfactual.attention.regions import coverage
     from cxr_counterfactual.attention.stages import CaptureStage
+    from cxr_counterfactual.hosts.comfy.patch import install_stage, run_state
 
     target = OrganMasks(("target",), c.masks.union(["left_lung"])[None])
     stage = CaptureStage("probe", 1e9, 0.0, frozenset({"input"}), label="probe",
@@ -281,7 +281,7 @@ def test_refinement_probe_passes_leave_capture_and_trace_alone(comfy, tiny_model
     """The energy passes are probes, not model calls of the run: a capture on a layer they run through (the 16×14
     one, before the 4×4 energy layer) records the same layers per step as under plain Euler and keeps no autograd
     graph (which would hold the weight clones after sampling); the trace sees only the run's model calls."""
-    from cxr_counterfactual.attention.host_comfy import run_state
+    from cxr_counterfactual.hosts.comfy.patch import run_state
 
     c = chest128
     model = run(comfy.node("CXRCaptureAttention"), model=tiny_model.model, tokens=c.tokens, label="probe",

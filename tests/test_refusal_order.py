@@ -16,8 +16,9 @@ import pydicom.data
 import pytest
 
 from conftest import need
-from cxr_counterfactual.testing.server import ExecutionFailed, _link
-from cxr_counterfactual.testing.tiny_checkpoint import TWO_LEVEL_UNET_CONFIG, build_tiny_sd15_checkpoint
+from cxr_counterfactual.demo.tiny_checkpoint import TWO_LEVEL_UNET_CONFIG, build_tiny_sd15_checkpoint
+from cxr_counterfactual.runner.protocol import ExecutionFailed
+from cxr_counterfactual.runner.server import _link
 
 pytestmark = pytest.mark.slow
 

@@ -169,7 +169,7 @@ def test_failed_rows_are_retried_a_bounded_number_of_times_and_kept_apart(
 
 def test_rows_are_spread_over_two_servers(comfy_server, comfyui_path, tiny_checkpoint, pack_import_path, data_dir,
                                           chexmask_example, tmp_path):
-    from cxr_counterfactual.testing.server import ComfyServer
+    from cxr_counterfactual.runner.server import ComfyServer
 
     manifest = write_manifest(tmp_path / "rows.csv", data_dir, chexmask_example, seeds=[11, 12, 13, 14])
     with ComfyServer(comfyui_path, checkpoints=[tiny_checkpoint], base_dir=tmp_path / "second") as second:
@@ -183,7 +183,7 @@ def test_rows_are_spread_over_two_servers(comfy_server, comfyui_path, tiny_check
 
 def test_a_server_that_goes_down_mid_batch_leaves_its_rows_to_the_other(
         comfy_server, comfyui_path, tiny_checkpoint, pack_import_path, data_dir, chexmask_example, tmp_path):
-    from cxr_counterfactual.testing.server import ComfyServer
+    from cxr_counterfactual.runner.server import ComfyServer
 
     manifest = write_manifest(tmp_path / "rows.csv", data_dir, chexmask_example, seeds=list(range(30, 42)))
     out = tmp_path / "out"

@@ -22,8 +22,8 @@ from cxr_counterfactual.runner.manifest import (
     row_key,
 )
 from cxr_counterfactual.runner.results import ResultsBook, commit
+from cxr_counterfactual.runner.server import free_port
 from cxr_counterfactual.runner.worker import RowOutcome
-from cxr_counterfactual.testing.server import free_port
 
 CHEXMASK = "cxr_chexmask_edit"
 DICOM = "cxr_dicom_masked_edit"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_counterfactual.testing.paths import PACK_ROOT
+from cxr_counterfactual.runner.comfyui_path import PACK_ROOT
 
 UNPICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
 

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_counterfactual.testing.paths import PACK_ROOT
-from cxr_counterfactual.testing.server import (
-    ComfyServer,
+from cxr_counterfactual.runner.comfyui_path import PACK_ROOT
+from cxr_counterfactual.runner.protocol import (
     ComfyServerError,
     ExecutionFailed,
     ExecutionInterrupted,
     ProgressEvent,
     PromptRejected,
 )
+from cxr_counterfactual.runner.server import ComfyServer
 
 pytestmark = pytest.mark.slow
 
@@ -185,7 +185,7 @@ def _alive(pid: int) -> bool:
 _PARENT_SCRIPT = """
 import sys, time
 from pathlib import Path
-from cxr_counterfactual.testing.server import ComfyServer
+from cxr_counterfactual.runner.server import ComfyServer
 server = ComfyServer(Path(sys.argv[1]), base_dir=Path(sys.argv[2])).start()
 sys.stdout.write(f"{server.pid}\\n")
 sys.stdout.flush()

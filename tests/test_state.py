@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxr_counterfactual.testing.server import ExecutionInterrupted
-from cxr_counterfactual.testing.tiny_checkpoint import build_tiny_sd15_checkpoint
+from cxr_counterfactual.demo.tiny_checkpoint import build_tiny_sd15_checkpoint
+from cxr_counterfactual.runner.protocol import ExecutionInterrupted
 
 pytestmark = pytest.mark.slow
 

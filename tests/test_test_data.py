@@ -20,8 +20,8 @@ from test_chexmask import LOW_DICE_MIMIC, REAL_FILES
 from test_workflows import SAVED
 
 from cxr_counterfactual.imaging.atlas import ATLAS_PATH
-from cxr_counterfactual.testing import paths
-from cxr_counterfactual.testing.paths import REPO_TEST_DATA
+from cxr_counterfactual.runner import comfyui_path as paths
+from cxr_counterfactual.testing.data import REPO_TEST_DATA
 
 EXAMPLE = [*MASK_FILES.values(), *LANDMARK_FILES, "utils_example1.jpg"]
 ROW_FILES = sorted({*REAL_FILES, CSV_ROWS, "ChestX-Ray8.csv"})  # ChestX-Ray8: the workflow, runner, browser tests

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cxr_counterfactual.testing import tiny_checkpoint as tc
-from cxr_counterfactual.testing.paths import PACK_ROOT
+from cxr_counterfactual.demo import tiny_checkpoint as tc
+from cxr_counterfactual.runner.comfyui_path import PACK_ROOT
 
 PROMPT = "chest x-ray, small left pleural effusion"
 
@@ -143,7 +143,7 @@ def test_weights_follow_the_seed(comfy) -> None:
 
 @pytest.mark.slow
 def test_cli_rebuilds_a_byte_identical_file(comfyui_path: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """``python -m cxr_counterfactual.testing.tiny_checkpoint OUT --seed 0`` in a fresh interpreter
+    """``python -m cxr_counterfactual.demo.tiny_checkpoint OUT --seed 0`` in a fresh interpreter
     writes exactly the file the in-process fixture built: the recipe is deterministic."""
     out = tmp_path / "again.safetensors"
     # The CLI runs as a module of the package, so the subprocess needs a folder holding the package.
@@ -152,7 +152,7 @@ def test_cli_rebuilds_a_byte_identical_file(comfyui_path: Path, tiny_checkpoint:
     (package_parent / "cxr_counterfactual").symlink_to(PACK_ROOT, target_is_directory=True)
     env = {**os.environ, "PYTHONPATH": str(package_parent), "COMFYUI_PATH": str(comfyui_path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_counterfactual.testing.tiny_checkpoint", str(out), "--seed", "0"],
+        [sys.executable, "-m", "cxr_counterfactual.demo.tiny_checkpoint", str(out), "--seed", "0"],
         env=env,
         capture_output=True,
         text=True,

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import need
-from cxr_counterfactual.testing.paths import PACK_ROOT
-from cxr_counterfactual.workflow_format import VIRTUAL_NODES, api_to_ui, check_values, ui_to_api, widget_values
+from cxr_counterfactual.runner.comfyui_path import PACK_ROOT
+from cxr_counterfactual.tools.workflow_format import VIRTUAL_NODES, api_to_ui, check_values, ui_to_api, widget_values
 
 FOLDER = PACK_ROOT / "workflows"
 NAMES = sorted(p.stem for p in FOLDER.glob("*.json"))

@@ -20,7 +20,7 @@ _link = Path(tempfile.mkdtemp()) / "cxr_counterfactual"
 _link.symlink_to(ROOT, target_is_directory=True)
 sys.path.insert(0, str(_link.parent))
 
-from cxr_counterfactual.workflow_format import api_to_ui  # noqa: E402
+from cxr_counterfactual.tools.workflow_format import api_to_ui  # noqa: E402
 
 CHECKPOINT = "tiny-sd15.safetensors"  # `python -m cxr_counterfactual tiny-checkpoint`; swap in a CXR SD1.5 model
 EDIT_PROMPT = "chest x-ray, large left pleural effusion, left lung, normal heart"
@@ -245,7 +245,7 @@ def main() -> None:
     if len(sys.argv) > 1:  # a saved /object_info (JSON) instead of a server of our own
         object_info = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     else:
-        from cxr_counterfactual.testing.server import ComfyServer
+        from cxr_counterfactual.runner.server import ComfyServer
 
         with ComfyServer() as server:
             object_info = server.object_info()

@@ -28,7 +28,8 @@ sys.path.insert(0, str(_link.parent))
 from PIL import Image, ImageDraw  # noqa: E402
 
 from cxr_counterfactual.imaging.overlay import sized_font  # noqa: E402
-from cxr_counterfactual.testing.paths import require_comfyui, test_data_dir  # noqa: E402
+from cxr_counterfactual.runner.comfyui_path import require_comfyui  # noqa: E402
+from cxr_counterfactual.testing.data import test_data_dir  # noqa: E402
 
 DOCS = ROOT / "docs" / "images"
 WORKFLOWS = ROOT / "workflows"
@@ -79,14 +80,14 @@ def image_of(result, graph: dict, class_type: str, nth: int = 0, index: int = 0)
 
 def tiny_checkpoint() -> Path:
     """The tiny test checkpoint, built once (in a subprocess that imports ComfyUI) in the demo's cache."""
-    from cxr_counterfactual.testing.tiny_checkpoint import CHECKPOINT_NAME
+    from cxr_counterfactual.demo.tiny_checkpoint import CHECKPOINT_NAME
 
     cache = Path(os.environ.get("CXR_DEMO_CACHE", Path.home() / ".cache" / "cxr-counterfactual"))
     path = cache / CHECKPOINT_NAME
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "COMFYUI_PATH": str(require_comfyui()), "PYTHONPATH": str(_link.parent)}
-        subprocess.run([sys.executable, "-m", "cxr_counterfactual.testing.tiny_checkpoint", str(path)], check=True,
+        subprocess.run([sys.executable, "-m", "cxr_counterfactual.demo.tiny_checkpoint", str(path)], check=True,
                        env=env, cwd=tempfile.gettempdir())
     return path
 
@@ -94,7 +95,7 @@ def tiny_checkpoint() -> Path:
 def main() -> None:
     import pydicom.data
 
-    from cxr_counterfactual.testing.server import ComfyServer
+    from cxr_counterfactual.runner.server import ComfyServer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="an SD1.5 CXR checkpoint (default: the tiny test one)")

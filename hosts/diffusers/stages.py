@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from ..errors import CXRInputError
-from .organs import OrganMasks, parse_names
-from .schedule import DiscreteSchedule
-from .stages import BoostStage, CaptureStage, GateStage
-from .tokens import TokenMap, build_token_map, parse_anatomy, parse_words
+from ...attention.organs import OrganMasks, parse_names
+from ...attention.schedule import DiscreteSchedule
+from ...attention.stages import BoostStage, CaptureStage, GateStage
+from ...attention.tokens import TokenMap, build_token_map, parse_anatomy, parse_words
+from ...errors import CXRInputError
 
 ALL_BLOCKS = ("input", "middle", "output")
 BACKGROUNDS = ("free", "confined")

@@ -20,7 +20,7 @@ Importing this module does not import ``comfy``; the build functions do, so Comf
 (and ``comfy.cli_args.args.cpu`` set where wanted) before they are called. :func:`prepare_comfy_import`
 does both; the CLI calls it::
 
-    python -m cxr_counterfactual.testing.tiny_checkpoint OUT.safetensors [--seed N]
+    python -m cxr_counterfactual.demo.tiny_checkpoint OUT.safetensors [--seed N]
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .paths import require_comfyui
+from ..hosts.comfy.standalone import prepare_comfy_import
 
 if TYPE_CHECKING:
     import torch
@@ -98,25 +97,6 @@ _CONSTRUCTOR_INITIALISED = frozenset({"vae_scale", "vae_shift"})
 _UNET_PREFIX = "model.diffusion_model."
 _CLIP_PREFIX = "cond_stage_model.transformer."
 _VAE_PREFIX = "first_stage_model."
-
-
-def prepare_comfy_import(comfyui_path: Path | None = None) -> Path:
-    """Make ``import comfy`` work in this process, on the CPU.
-
-    Puts ComfyUI's folder (``comfyui_path``, else :func:`~.paths.require_comfyui`) first on ``sys.path``
-    unless it is already there, and sets ``comfy.cli_args.args.cpu = True``: that flag only takes effect
-    when set before anything imports ``comfy.model_management``.
-
-    Returns:
-        ComfyUI's folder.
-    """
-    root = Path(comfyui_path) if comfyui_path is not None else require_comfyui()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    return root
 
 
 def _init_module_(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -318,7 +298,7 @@ def ensure_tiny_checkpoint(cache_dir: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: build the checkpoint at the given path and print that path."""
     parser = argparse.ArgumentParser(
-        prog="python -m cxr_counterfactual.testing.tiny_checkpoint",
+        prog="python -m cxr_counterfactual.demo.tiny_checkpoint",
         description="Build a tiny random-weight SD1.5-shaped checkpoint for tests (needs ComfyUI).",
     )
     parser.add_argument("out", type=Path, help="output .safetensors path")

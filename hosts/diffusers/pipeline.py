@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import CXRInputError
-from .host_diffusers import COND, UNCOND, EnergyProbe, EnergyProbeDone, Regulation
-from .organs import OrganMasks
-from .refinement import RefineConfig, concentration_energy, grid_at, refinement_step
-from .regions import coverage
-from .schedule import DiscreteSchedule, max_denoise, noised
+from ...attention.layer_call import COND, UNCOND
+from ...attention.organs import OrganMasks
+from ...attention.refinement import RefineConfig, concentration_energy, grid_at, refinement_step
+from ...attention.regions import coverage
+from ...attention.schedule import DiscreteSchedule, max_denoise, noised
+from ...errors import CXRInputError
+from .processors import EnergyProbe, EnergyProbeDone, Regulation
 
 logger = logging.getLogger("cxr_counterfactual")
 

@@ -27,9 +27,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .testing.paths import PACK_ROOT, find_comfyui
+from ..runner.comfyui_path import PACK_ROOT, find_comfyui
 
-logger = logging.getLogger("cxr_counterfactual.demo")
+logger = logging.getLogger("cxr_counterfactual.demo.run")
 
 WORKFLOW = PACK_ROOT / "workflows" / "api" / "cxr_dicom_masked_edit.json"
 OUTLINES = PACK_ROOT / "assets" / "rg1_uncr_organs.json"
@@ -58,7 +58,7 @@ def write_mask_files(folder: Path) -> dict[str, str]:
     import numpy as np
     from PIL import Image
 
-    from .imaging.mask_files import read_polygon_json
+    from ..imaging.mask_files import read_polygon_json
 
     masks = read_polygon_json(OUTLINES)
     names = {}
@@ -71,7 +71,7 @@ def write_mask_files(folder: Path) -> dict[str, str]:
 
 def tiny_checkpoint(cache: Path, comfyui: Path) -> Path:
     """Build (once) the tiny test checkpoint in a subprocess that imports ComfyUI."""
-    from .testing.tiny_checkpoint import CHECKPOINT_NAME
+    from .tiny_checkpoint import CHECKPOINT_NAME
 
     path = cache / CHECKPOINT_NAME
     if not path.is_file():
@@ -79,7 +79,7 @@ def tiny_checkpoint(cache: Path, comfyui: Path) -> Path:
         logger.info("building the tiny test checkpoint (about a minute, once) ...")
         env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
         subprocess.run(
-            [sys.executable, "-m", "cxr_counterfactual.testing.tiny_checkpoint", str(path)],
+            [sys.executable, "-m", "cxr_counterfactual.demo.tiny_checkpoint", str(path)],
             # its stdout (the checkpoint's path) is dropped: the demo's stdout is the run folder, nothing else
             check=True, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL,
         )
@@ -133,7 +133,8 @@ def unique_dir(parent: Path) -> Path:
 
 def run_demo(out: Path, checkpoint: Path | None, comfyui: Path | None, seed: int, prompt: str,
              mask_source: str = "atlas") -> Path:
-    from .testing.server import ComfyServer, ComfyServerError
+    from ..runner.protocol import ComfyServerError
+    from ..runner.server import ComfyServer
 
     comfy_path = comfyui or find_comfyui()
     if comfy_path is None:

@@ -1,4 +1,4 @@
-"""Where ComfyUI and the real test data live."""
+"""Where ComfyUI is: the runner, the demo and the commands start it from here."""
 
 from __future__ import annotations
 
@@ -38,14 +38,3 @@ def require_comfyui() -> Path:
         where = os.environ.get("COMFYUI_PATH") or "~/comfy/ComfyUI"
         raise FileNotFoundError(f"ComfyUI not found at {where}. {COMFYUI_HINT}")
     return path
-
-
-# The small real fixtures the tests use, shipped with the repo (licences and provenance in its README.md).
-REPO_TEST_DATA = PACK_ROOT / "tests" / "data"
-
-
-def test_data_dir() -> Path:
-    """Real CXR test material: ``CXR_TEST_DATA`` (a folder with the same ``cxr/...`` layout), else the repo's
-    own ``tests/data``, so a plain clone runs every test."""
-    env = os.environ.get("CXR_TEST_DATA")
-    return Path(env).expanduser() if env else REPO_TEST_DATA

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import CXRInputError
-from .gating import gated_self_attention, token_masked_cross_attention
-from .kernels import sdpa, sdpa_with_lse
-from .layer_call import (
+from ...attention.gating import gated_self_attention, token_masked_cross_attention
+from ...attention.kernels import sdpa, sdpa_with_lse
+from ...attention.layer_call import (
     COND,
     UNCOND,
     active_stages,
@@ -43,9 +42,10 @@ from .layer_call import (
     self_gate,
     wanted_captures,
 )
-from .run_state import Key, RunState
-from .schedule import DiscreteSchedule
-from .stages import Grid, Stage
+from ...attention.run_state import Key, RunState
+from ...attention.schedule import DiscreteSchedule
+from ...attention.stages import Grid, Stage
+from ...errors import CXRInputError
 
 logger = logging.getLogger("cxr_counterfactual")
 
@@ -345,5 +345,3 @@ def remove_regulation(regulation: Regulation) -> None:
     regulation.remove()
 
 
-__all__ = ["COND", "UNCOND", "CXRAttnProcessor", "EnergyProbe", "EnergyProbeDone", "Regulation", "StepContext",
-           "install_regulation", "layer_keys", "remove_regulation"]

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CXRInputError
+from ...errors import CXRInputError
 
 logger = logging.getLogger("cxr_counterfactual")
 
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--comfyui", type=Path, help="ComfyUI folder (default: COMFYUI_PATH, or ~/comfy/ComfyUI)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from .testing.tiny_checkpoint import prepare_comfy_import
+    from .standalone import prepare_comfy_import
 
     try:
         prepare_comfy_import(args.comfyui)

@@ -29,17 +29,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from ..runner.client import (  # noqa: F401  (re-exported: tests and tools import them from here)
-    ComfyClient,
+from .client import ComfyClient
+from .comfyui_path import PACK_ROOT, require_comfyui
+from .protocol import (
     ComfyServerError,
-    ExecutionFailed,
-    ExecutionInterrupted,
-    ProgressEvent,
-    PromptRejected,
-    RunResult,
     ServerUnreachable,
 )
-from .paths import PACK_ROOT, require_comfyui
 
 logger = logging.getLogger(__name__)
 

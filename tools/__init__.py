@@ -1,0 +1,1 @@
+"""Developer tools: workflow generation and the documentation's images. Not part of the installed package."""
