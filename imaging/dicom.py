@@ -298,12 +298,8 @@ def _windowed(values: np.ndarray, ds: Dataset) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
             y_min, y_max = apply_windowing(np.array([-1e300, 1e300]), ds, 0)
     except Exception as err:  # noqa: BLE001 - bad width / unknown VOI LUT Function
-        logger.debug("windowing failed: %s", type(err).__name__)
-        raise CXRInputError(
-            "the file's window (Window Center / Width or VOI LUT Function) is invalid.",
-            input_name="window",
-            fix="Choose 'full_range'.",
-        ) from None
+        raise _voi_failed("windowing", err, "the file's window (Window Center / Width or VOI LUT Function) is "
+                          "invalid.", fix="Choose 'full_range'.") from None
     return _normalise_voi(out, float(y_min), float(y_max))
 
 
@@ -327,13 +323,16 @@ def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
         out = apply_voi(index, shim, 0).astype(np.float64)
         table = apply_voi(np.arange(first_map, first_map + nr_entries, dtype=np.int64), shim, 0)
     except Exception as err:  # noqa: BLE001 - malformed descriptor or LUT data
-        logger.debug("VOI LUT failed: %s", type(err).__name__)
-        raise CXRInputError(
-            "the file's VOI LUT Sequence is malformed.",
-            input_name="window",
-            fix="Choose 'window' (the file's Window Center/Width) or 'full_range'.",
-        ) from None
+        raise _voi_failed("VOI LUT", err, "the file's VOI LUT Sequence is malformed.",
+                          fix="Choose 'window' (the file's Window Center/Width) or 'full_range'.") from None
     return _normalise_voi(out, float(np.min(table)), float(np.max(table)))
+
+
+def _voi_failed(step: str, err: Exception, message: str, *, fix: str) -> CXRInputError:
+    """The error for a VOI step pydicom could not apply. Only the exception's type is logged: its text may quote
+    the header."""
+    logger.debug("%s failed: %s", step, type(err).__name__)
+    return CXRInputError(message, input_name="window", fix=fix)
 
 
 def _normalise_voi(out: np.ndarray, y_min: float, y_max: float) -> np.ndarray:

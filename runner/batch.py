@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,30 @@ from .results import ResultsBook
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
+
+
+def classify_failure(err: BaseException, server_running: Callable[[], bool]) -> tuple[str, str]:
+    """What a failed attempt means for the retry policy: ``(kind, message)`` with kind ``rejected`` (the server
+    refused the graph), ``down`` (the server is unreachable or has stopped) or ``failed`` (this attempt failed)."""
+    if isinstance(err, PromptRejected):
+        return "rejected", str(err)
+    down = isinstance(err, ServerUnreachable) or not server_running()
+    return ("down" if down else "failed"), f"{type(err).__name__}: {err}"
+
+
+def requeue_after_failure(book: ResultsBook, job: RowJob, kind: str, message: str, *, where: str,
+                          retries: int) -> bool:
+    """Record a failed attempt of ``job`` (see :func:`classify_failure`) and say whether it goes back to the queue.
+
+    The retry policy of both backends, in one place: a row whose server went down goes back for the others (not the
+    row's fault); a failed row goes back until it has had ``1 + retries`` attempts; a rejected graph never does (the
+    same graph would be rejected again).
+    """
+    book.add_failure(job.key, message)
+    again = kind == "down" or (kind == "failed" and book.attempts[job.key] <= retries)
+    if again:
+        logger.warning("row %s failed on %s (attempt %d): %s", job.key, where, book.attempts[job.key], message)
+    return again
 
 
 @dataclass
@@ -144,17 +168,10 @@ def run_batch(jobs: Sequence[RowJob], book: ResultsBook, workers: Sequence[Worke
         """Run one row; returns (the row again if it should be retried, whether this server is down)."""
         try:
             outcome = worker.run(job, timeout=timeout)
-        except PromptRejected as err:  # the same graph would be rejected again: no retry
-            book.add_failure(job.key, str(err))
-            bar.step(job.key, False, worker.client.url)
-            return None, False
         except (ComfyServerError, TimeoutError, OSError) as err:
-            down = isinstance(err, ServerUnreachable) or not worker.client.is_running()
-            book.add_failure(job.key, f"{type(err).__name__}: {err}")
-            if down or book.attempts[job.key] <= retries:
-                logger.warning("row %s failed on %s (attempt %d): %s", job.key, worker.client.url,
-                               book.attempts[job.key], err)
-                return job, down
+            kind, message = classify_failure(err, worker.client.is_running)
+            if requeue_after_failure(book, job, kind, message, where=worker.client.url, retries=retries):
+                return job, kind == "down"
             bar.step(job.key, False, worker.client.url)
             return None, False
         folder = book.add_success(job, outcome)

@@ -35,8 +35,6 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 
-
-
 def _multipart(fields: Mapping[str, str], file_field: str, file_name: str, data: bytes) -> tuple[bytes, str]:
     """A ``multipart/form-data`` body (what ``POST /upload/image`` reads) and its content type."""
     boundary = uuid.uuid4().hex

@@ -17,9 +17,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .batch import BatchSummary, Progress
+from .batch import BatchSummary, Progress, classify_failure, requeue_after_failure
 from .manifest import RowJob, Upload
-from .protocol import PromptRejected, ServerUnreachable
 from .results import ResultsBook
 
 logger = logging.getLogger(__name__)
@@ -71,11 +70,8 @@ class ComfyActorImpl:
         self._refs.update(refs)
         try:
             return "ok", self.worker.run(job, timeout=timeout)
-        except PromptRejected as err:
-            return "rejected", str(err)
         except Exception as err:  # noqa: BLE001 - every failure is reported to the driver with its type
-            down = isinstance(err, ServerUnreachable) or not self.server.is_running()
-            return ("down" if down else "failed"), f"{type(err).__name__}: {err}"
+            return classify_failure(err, self.server.is_running)
 
     def stop(self) -> None:
         self.server.stop()
@@ -157,9 +153,7 @@ def run_batch_ray(jobs: list[RowJob], book: ResultsBook, *, actors: int | None, 
                 bar.step(job.key, True, name)
                 idle.append((actor, name))
                 continue
-            book.add_failure(job.key, value)
-            if kind == "down" or (kind == "failed" and book.attempts[job.key] <= retries):
-                logger.warning("row %s failed on %s (attempt %d): %s", job.key, name, book.attempts[job.key], value)
+            if requeue_after_failure(book, job, kind, value, where=name, retries=retries):
                 todo.appendleft(job)
             else:
                 bar.step(job.key, False, name)

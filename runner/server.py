@@ -31,10 +31,7 @@ from pathlib import Path
 
 from .client import ComfyClient
 from .comfyui_path import PACK_ROOT, require_comfyui
-from .protocol import (
-    ComfyServerError,
-    ServerUnreachable,
-)
+from .protocol import ComfyServerError, ServerUnreachable
 
 logger = logging.getLogger(__name__)
 
