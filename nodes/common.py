@@ -76,11 +76,6 @@ def input_file_problem(node: str, input_name: str, name: str, *, optional: bool 
     return None
 
 
-def input_file_path(name: str) -> Path:
-    """The on-disk path of a file chosen from ComfyUI's input folder (see :func:`resolve_input_file`)."""
-    return resolve_input_file(name)
-
-
 def require_choice(node: str, input_name: str, value: str, options: list[str] | tuple[str, ...]) -> None:
     """ComfyUI 0.3.64 does not check V3 combo values against their options: check one here."""
     if value not in options:
@@ -119,7 +114,7 @@ def file_fingerprint(*names: str) -> str:
     for name in names:
         if name and name != NONE_CHOICE:
             try:
-                st = os.stat(input_file_path(name))
+                st = os.stat(resolve_input_file(name))
                 parts.append(f"{name}:{st.st_mtime_ns}:{st.st_size}")
             except OSError:
                 parts.append(f"{name}:missing")

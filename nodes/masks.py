@@ -14,9 +14,9 @@ from .common import (
     OrganMasksType,
     check_numbers,
     file_fingerprint,
-    input_file_path,
     input_file_problem,
     input_image_files,
+    resolve_input_file,
     user_errors,
 )
 
@@ -82,7 +82,7 @@ class CXRLoadOrganMasks(io.ComfyNode):
         for name, value in (("right_lung", right_lung), ("left_lung", left_lung), ("heart", heart)):
             if value and value != NONE_CHOICE:
                 with user_errors(cls.TITLE, name):
-                    masks[name] = read_mask_image(input_file_path(value), threshold)
+                    masks[name] = read_mask_image(resolve_input_file(value), threshold)
                     OrganMasks.from_dict({name: masks[name]})  # empty or unreadable: name this organ's input
         if not masks:
             raise CXRInputError("no mask file chosen.", node=cls.TITLE, fix="Pick at least one organ's mask image.")
@@ -138,7 +138,7 @@ class CXRLoadOrganLabelMap(io.ComfyNode):
     @classmethod
     def execute(cls, label_map: str, mapping: str) -> io.NodeOutput:
         with user_errors(cls.TITLE, "mapping"):
-            return io.NodeOutput(read_label_map(input_file_path(label_map), mapping))
+            return io.NodeOutput(read_label_map(resolve_input_file(label_map), mapping))
 
 
 def _single_mask(mask: torch.Tensor, node: str, input_name: str) -> torch.Tensor:
