@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the folder holding the pack, importable as cxr_counterfactual
@@ -69,7 +70,7 @@ def make_case(case: str, n: int, d: int, device: str):
     if case == "comfy_default":
         import comfy.ldm.modules.attention as attention
 
-        flat = [t.transpose(1, 2).reshape(2, n, 8 * d) for t in (q, k, v)]
+        flat = [rearrange(t, "b heads n d -> b n (heads d)") for t in (q, k, v)]  # ComfyUI's [B, N, heads·d]
         return lambda: attention.optimized_attention(*flat, 8)
     raise ValueError(case)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from ..attention.organs import OrganMasks
 from ..errors import CXRInputError
@@ -172,7 +173,7 @@ def _outline_geometry(poly: torch.Tensor, subdivide: int = 4) -> tuple[torch.Ten
     """Closed outlines ``[B, n, 2]`` → segment midpoints, vectors, lengths, outward normals, signed area·2."""
     t = (torch.arange(subdivide, dtype=poly.dtype) / subdivide)[None, None, :, None]
     nxt = torch.roll(poly, -1, dims=1)
-    q = (poly[:, :, None] + t * (nxt - poly)[:, :, None]).flatten(1, 2)  # denser outline, [B, n·m, 2]
+    q = rearrange(poly[:, :, None] + t * (nxt - poly)[:, :, None], "b n m xy -> b (n m) xy")  # denser outline
     seg = torch.roll(q, -1, dims=1) - q
     mid = q + seg / 2
     length = seg.norm(dim=-1).clamp_min(1e-9)

@@ -7,10 +7,11 @@ and the padding so an edit, a mask or a metric map can be brought back to native
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from ..errors import CXRInputError
 
@@ -39,9 +40,6 @@ class NativeGeometry:
     photometric: str | None = None
     source: str = "image"
     source_path: str | None = field(default=None, compare=False, repr=False)
-
-    def with_size(self, height: int, width: int) -> NativeGeometry:
-        return replace(self, height=height, width=width)
 
 
 @dataclass(frozen=True)
@@ -170,7 +168,7 @@ def composite_native(source: torch.Tensor, edited: torch.Tensor, edit_region: to
         raise CXRInputError(f"batch sizes {', '.join(f'{k} {v}' for k, v in sizes.items())} do not pair up.",
                             input_name=odd, fix="Use batch 1 or the same batch size on every input.")
     region = undo_fit(with_region.to(edited.device), fit).clamp(0, 1)[:, 0]
-    native = undo_fit(edited.movedim(-1, 1).float(), fit).movedim(1, -1)
+    native = rearrange(undo_fit(rearrange(edited.float(), "b h w c -> b c h w"), fit), "b c h w -> b h w c")
     src = source.float().to(native.device)
     if src.shape[-1] == native.shape[-1] and bool((src == src[..., :1]).all()):
         native = native.mean(-1, keepdim=True).expand_as(native)

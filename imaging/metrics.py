@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import kornia
 import torch
 import torch.nn.functional as F
+from einops import reduce
 
 from ..attention.organs import OrganMasks, aspect_matches
 from ..attention.regions import fit_to_layer
@@ -105,7 +106,7 @@ class MetricsReport:
 
 def grey(image: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE ``[B, H, W, C]`` → ``[B, 1, H, W]`` float32: the mean of the colour channels."""
-    return image[..., :3].float().mean(-1, keepdim=True).movedim(-1, 1).cpu()
+    return reduce(image[..., :3].float(), "b h w c -> b 1 h w", "mean").cpu()
 
 
 def region_on(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
