@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("workflow", help="API workflow file, or a shipped one by name (e.g. cxr_dicom_masked_edit)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="'TITLE.INPUT=VALUE'",
                    help="set a widget value of the node with that title (repeatable)")
-    p.add_argument("--manifest", type=Path, help="batch mode: a CSV with one edit per row (see the README)")
+    p.add_argument("--manifest", type=Path, help="batch mode: a CSV with one edit per row (see docs/runner.md)")
     p.add_argument("--out", type=Path, default=Path("cxr-runs"), help="output folder (never overwritten)")
     one = p.add_argument_group("single run")
     one.add_argument("--input", action="append", default=[], type=Path, metavar="FILE",

@@ -5,7 +5,9 @@ checkpoint with real radiographs (outputs checked as files and floats, never as 
 from __future__ import annotations
 
 import csv
+import importlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -208,13 +210,55 @@ def test_the_server_offers_the_workflows_as_templates_with_thumbnails(comfy_serv
             assert json.loads(r.read())["nodes"]
 
 
-def test_the_readme_documents_every_node_and_shows_pictures_made_by_the_pack(comfy_server):
+DOCS = PACK_ROOT / "docs"
+
+
+def test_the_docs_document_every_node_and_the_readme_shows_pictures_made_by_the_pack(comfy_server):
+    nodes_page = (DOCS / "nodes.md").read_text(encoding="utf-8")
     readme = (PACK_ROOT / "README.md").read_text(encoding="utf-8")
     ours = [name for name, spec in comfy_server.object_info().items() if spec["python_module"].endswith(
         "cxr_counterfactual")]
     assert len(ours) >= 30
-    missing = [name for name in ours if f"(`{name}`)" not in readme]
-    assert not missing, f"nodes without a row in the README's node reference: {missing}"
+    missing = [name for name in ours if f"(`{name}`)" not in nodes_page]
+    assert not missing, f"nodes without a row in docs/nodes.md: {missing}"
     for picture in ("frontend_cxr_counterfactual_edit-outputs.png", "full_edit.png", "full_edit_attention.png",
                     "ablation.png"):
-        assert f"docs/images/{picture}" in readme and (PACK_ROOT / "docs" / "images" / picture).is_file(), picture
+        assert f"docs/images/{picture}" in readme and (DOCS / "images" / picture).is_file(), picture
+
+
+def test_the_readme_links_every_docs_page_and_every_link_resolves():
+    readme = (PACK_ROOT / "README.md").read_text(encoding="utf-8")
+    pages = sorted(p.name for p in DOCS.glob("*.md"))
+    assert len(pages) >= 8
+    assert not [name for name in pages if f"(docs/{name})" not in readme]
+    # every relative link and picture of the README and the docs points at a file that exists
+    for doc in [PACK_ROOT / "README.md", PACK_ROOT / "CHANGELOG.md", *DOCS.glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
+            if "://" not in target:
+                assert (doc.parent / target).exists(), f"{doc.name}: {target}"
+
+
+def test_the_readme_test_command_is_the_one_ci_runs():
+    readme = (PACK_ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (PACK_ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    (line,) = [ln for ln in readme.splitlines() if "pytest" in ln and "pip install" in ln]
+    install, command = (part.strip() for part in line.split("&&"))
+    (ci_command,) = [re.sub(r"^timeout \d+ ", "", ln.strip()) for ln in ci.splitlines()
+                     if re.fullmatch(r"\s*(timeout \d+ )?python -m pytest\s*", ln)]
+    assert command == ci_command == "python -m pytest"
+    requirement_files = re.findall(r"-r (\S+)", install)
+    assert requirement_files == ["requirements.txt", "requirements-test.txt"]
+    assert any(all(f"-r {f}" in ln for f in requirement_files) for ln in ci.splitlines() if "pip install" in ln)
+
+
+def test_the_docs_name_only_modules_that_exist():
+    # Module paths in backticks and the Python import lines of the README and the docs: a move must update them.
+    docs = [PACK_ROOT / "README.md", *DOCS.glob("*.md")]
+    dirs = "attention|imaging|hosts|nodes|runner|demo|testing|tools|benchmarks|scripts|tests"
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        for path in re.findall(rf"`((?:{dirs})/[\w/]+\.py)`", text):
+            assert (PACK_ROOT / path).is_file(), f"{doc.name}: {path}"
+        for module, names in re.findall(r"^from (cxr_counterfactual\.[\w.]+) import ([\w, ]+)$", text, re.M):
+            imported = importlib.import_module(module)
+            assert all(hasattr(imported, n.strip()) for n in names.split(",")), f"{doc.name}: {module}"
