@@ -13,7 +13,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-from cxr_counterfactual.runner.comfyui_path import PACK_ROOT
+from conftest import need
+from cxr_counterfactual.runner.comfyui_path import COMFYUI_HINT, PACK_ROOT, find_comfyui
 
 PYPROJECT = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())
 
@@ -236,7 +237,7 @@ print(json.dumps(needs_comfy))
 """.replace("COMFY", repr(set(COMFY)))
 
 
-def test_wheel_holds_only_the_shipped_package_and_every_module_imports(tmp_path, comfyui_path):
+def test_wheel_holds_only_the_shipped_package_and_every_module_imports(tmp_path):
     # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
     src = tmp_path / "src"
     shutil.copytree(PACK_ROOT, src, ignore=shutil.ignore_patterns(".git", "__pycache__", ".*_cache", ".hypothesis",
@@ -275,4 +276,6 @@ def test_wheel_holds_only_the_shipped_package_and_every_module_imports(tmp_path,
     needs_comfy = import_all("", modules)
     assert needs_comfy and all(m.startswith(("cxr_counterfactual.nodes", "cxr_counterfactual.hosts.comfy"))
                                for m in needs_comfy), needs_comfy
+    comfyui_path = find_comfyui()  # checked only here: the wheel's contents and the rest need no ComfyUI
+    need(comfyui_path is not None, f"ComfyUI not found. {COMFYUI_HINT}")
     assert import_all(str(comfyui_path), needs_comfy) == []
