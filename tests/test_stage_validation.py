@@ -142,16 +142,18 @@ def test_both_hosts_refuse_a_bad_input_with_the_same_message(comfy, hosts, case)
 
 
 def test_the_valid_inputs_build_the_same_stage_in_both_hosts(comfy, hosts):
-    """The baseline of every case is valid in both hosts, and builds stages with the same settings."""
+    """The baseline of every case is valid in both hosts and builds stages with the same settings; the ComfyUI
+    host patches exactly the attention kinds the stage states."""
     from cxr_counterfactual.hosts.comfy.patch import run_state
 
     model, chest, tokens, schedule = hosts
-    for node_id in (GATE, BOOST, CAPTURE):
-        inputs = _node_inputs(node_id, model, chest, {})
+    for node_id, overrides in ((GATE, {}), (GATE, {"token_strength": 0.0}), (BOOST, {}), (CAPTURE, {})):
+        inputs = _node_inputs(node_id, model, chest, overrides)
         patched = run(comfy.node(node_id), **inputs)[0]
         assert patched is not model and run_state(patched) is not None
         stage = _diffusers_build(node_id, tokens, schedule, inputs, {})
         replace = patched.model_options["transformer_options"]["patches_replace"]
+        assert {k for k in ("attn1", "attn2") if replace.get(k)} == set(stage.kinds)  # the host read the kinds
         ours = next(iter(replace[stage.kinds[-1]].values())).stages[-1]
         assert type(ours) is type(stage) and ours.kinds == stage.kinds and ours.blocks == stage.blocks
         for name in ("organs", "self_leak", "token_leak", "background", "token_words", "positions", "factors",
