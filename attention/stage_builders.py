@@ -45,10 +45,6 @@ FACTOR_MIN, FACTOR_MAX = 0.05, 50.0
 #: Organ growth before labelling tokens, in pixels of the masks' grid.
 MARGIN_MAX = 256
 
-__all__ = ["BACKGROUNDS", "BLOCK_CHOICES", "FACTOR_MAX", "FACTOR_MIN", "GRID_FACTORS", "MARGIN_MAX", "UNET_PARTS",
-           "boost_stage", "capture_stage", "check_choice", "check_number", "check_window", "gate_stage",
-           "parse_grid_factor", "target_region", "unet_parts", "word_factors"]
-
 
 # --------------------------------------------------------------------------------------------------
 # the checks every builder uses

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..attention.gating import BACKGROUNDS
 from ..attention.organs import OrganMasks
-from ..attention.stage_builders import BACKGROUNDS, BLOCK_CHOICES, MARGIN_MAX, gate_stage
+from ..attention.stage_builders import BLOCK_CHOICES, MARGIN_MAX, gate_stage
 from ..attention.tokens import TokenMap
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
 from ..hosts.comfy.unet_layout import transformer_keys
