@@ -33,7 +33,8 @@ import torch
 from .kernels import Kernel, LseKernel, masked_reference, sdpa, sdpa_with_lse
 from .regions import RegionPartition
 
-BACKGROUND_POLICIES = ("confined", "free")
+#: The background policies, in the order the gate node lists them (saved workflows store the value).
+BACKGROUNDS = ("free", "confined")
 
 
 def _check_leak(leak: float) -> None:
@@ -79,8 +80,8 @@ def gated_self_attention(
         ``[B, H, N, D]`` in q's dtype.
     """
     _check_leak(leak)
-    if background not in BACKGROUND_POLICIES:
-        raise ValueError(f"background must be one of {BACKGROUND_POLICIES}, got {background!r}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     n = q.shape[2]
     if n != part.height * part.width or k.shape[2] != n:
         raise ValueError(f"self-attention over {n} tokens does not match the {part.height}×{part.width} grid")

@@ -5,8 +5,10 @@ processors) call these functions, so the two hosts pick the same stages, the sam
 biases and record the same captures:
 
 - :func:`active_stages`: the stages acting at this layer and sigma;
-- :func:`self_gate`: the gate that confines self-attention (the first active one with ``self_leak < 1``);
-- :func:`cross_bias` / :func:`wanted_captures`: the summed ``[N, T]`` cross-attention bias and the captures;
+- :func:`self_gate`: the gate that confines self-attention (the first active stage whose ``self_gate`` hook
+  answers one);
+- :func:`cross_bias` / :func:`wanted_captures`: the summed ``[N, T]`` cross-attention bias and the captures
+  (the stages' ``cross_bias`` and ``capture_at`` hooks);
 - :func:`regulated_rows`: the batch rows to regulate (the positive prompt's, and the negative's for a gate
   with ``apply_to_uncond``);
 - :func:`record_capture`: per-word maps and the in-target share of one layer into the run's record;
@@ -36,7 +38,7 @@ def active_stages(stages: Sequence[Stage], key: Key, sigma: float) -> list[Stage
 
 def self_gate(active: Sequence[Stage]) -> GateStage | None:
     """The gate that confines self-attention at this call (None: stock self-attention)."""
-    return next((s for s in active if isinstance(s, GateStage) and s.self_leak < 1.0), None)
+    return next((g for g in (s.self_gate() for s in active) if g is not None), None)
 
 
 def cross_bias(active: Sequence[Stage], h: int, w: int, latent: Grid, context_len: int,
@@ -48,7 +50,7 @@ def cross_bias(active: Sequence[Stage], h: int, w: int, latent: Grid, context_le
 
 def wanted_captures(active: Sequence[Stage], h: int, w: int, latent: Grid) -> list[CaptureStage]:
     """The active capture stages that record this layer's grid."""
-    return [s for s in active if isinstance(s, CaptureStage) and s.wants(h, w, latent)]
+    return [c for c in (s.capture_at(h, w, latent) for s in active) if c is not None]
 
 
 def regulated_rows(cond_or_uncond: Sequence[int], batch: int, include_uncond: bool) -> torch.Tensor | None:

@@ -1,10 +1,9 @@
 """The regulation stages a node adds to a model: immutable settings plus per-grid caches.
 
-A stage acts inside its window of sigmas and on the UNet parts it covers. Hosts call:
-- ``partition`` (gate only) for self-attention regions;
-- ``cross_bias`` for an additive ``[N, T]`` cross-attention bias (gate: anatomy tokens; boost: pathology
-  tokens); biases of several active stages add up;
-- ``CaptureStage`` observes cross-attention (it never changes it).
+Every stage follows the :class:`Stage` protocol: it states which attention kinds it acts on, its sigma window,
+the UNet parts it covers and when it is neutral, and it answers the per-call hooks that :mod:`.layer_call` (the
+one row rule both hosts run) calls. Hosts never ask which type a stage is, so a new stage type is a subclass
+here, a builder in :mod:`.stage_builders` and one node; the hosts stay as they are.
 
 Stages are shared, not copied, when a host deep-copies model options: their settings never change and
 their caches derive from them.
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -30,7 +30,29 @@ Grid = tuple[int, int]
 
 @dataclass(eq=False)
 class Stage:
-    """What every stage has: the node title (for errors), a sigma window, the UNet parts covered."""
+    """The stage protocol: what a stage needs from a host, and the hooks the per-call rule calls.
+
+    What it needs (read by the hosts when they install it and at every attention call):
+
+    - ``kinds``: the attention kinds it acts on, ``"attn1"`` (self-attention) and/or ``"attn2"``
+      (cross-attention); a host patches those layers of every transformer block the stage ``covers``;
+    - its window: active while ``sigma_end ≤ σ ≤ sigma_start`` (:meth:`active`), and the UNet parts
+      (``blocks``: input, middle, output) it covers (:meth:`covers`);
+    - ``neutral``: the settings cannot change any attention, so hosts never select it.
+
+    Hooks, called by :mod:`.layer_call` for the active stages of one layer call, in install order (the base
+    answers "nothing"; a stage overrides those it acts through):
+
+    - :meth:`self_gate`: the gate that confines this self-attention (the first one wins), or None;
+    - :meth:`cross_bias`: an additive ``[N, T]`` cross-attention bias, or None (the active stages' biases add up);
+    - :meth:`capture_at`: the capture that records this cross-attention grid, or None (it only observes).
+
+    ``title`` names the node (or builder) in errors raised while sampling.
+    """
+
+    #: The attention kinds every stage of this type acts on (a stage whose kinds depend on its settings
+    #: overrides :attr:`kinds`).
+    KINDS: ClassVar[tuple[str, ...]] = ()
 
     title: str
     sigma_start: float
@@ -40,6 +62,11 @@ class Stage:
 
     def __deepcopy__(self, memo: dict) -> Stage:
         return self
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The attention kinds this stage acts on (``"attn1"``, ``"attn2"``): the layers a host patches."""
+        return self.KINDS
 
     def active(self, sigma: float) -> bool:
         return self.sigma_end <= sigma <= self.sigma_start
@@ -57,7 +84,17 @@ class Stage:
     def located(self, err: CXRInputError, input_name: str) -> CXRInputError:
         return err.located(self.title, input_name, "Use the organ masks of 'Fit Radiograph to Model' for this latent.")
 
+    # ---- hooks of the per-call rule (:mod:`.layer_call`) ----
+    def self_gate(self) -> GateStage | None:
+        """The gate confining self-attention at this call (None: this stage leaves self-attention)."""
+        return None
+
     def cross_bias(self, h: int, w: int, latent: Grid, context_len: int, device) -> torch.Tensor | None:
+        """The additive ``[N, T]`` bias on this cross-attention's scores (None: no bias from this stage)."""
+        return None
+
+    def capture_at(self, h: int, w: int, latent: Grid) -> CaptureStage | None:
+        """The capture recording this ``h×w`` cross-attention grid (None: this stage records nothing here)."""
         return None
 
 
@@ -76,8 +113,17 @@ class GateStage(Stage):
     token_words: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...] = ()
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        # self-attention when it confines, cross-attention when anatomy words are hidden (cross_bias's own rule)
+        return tuple(k for k, on in (("attn1", self.self_leak < 1.0),
+                                     ("attn2", bool(self.token_words) and self.token_leak < 1.0)) if on)
+
+    @property
     def neutral(self) -> bool:
         return self.self_leak >= 1.0 and (not self.token_words or self.token_leak >= 1.0)
+
+    def self_gate(self) -> GateStage | None:
+        return self if self.self_leak < 1.0 else None
 
     def partition(self, h: int, w: int, latent: Grid, device):
         def build():
@@ -121,6 +167,8 @@ def _target_tokens(stage: Stage, target: OrganMasks, h: int, w: int, latent: Gri
 class BoostStage(Stage):
     """Pathology boosting: ``positions`` word → indices, ``factors`` word → f, ``damping`` outside."""
 
+    KINDS = ("attn2",)
+
     target: OrganMasks = None  # type: ignore[assignment]
     positions: dict[str, tuple[int, ...]] = field(default_factory=dict)
     factors: dict[str, float] = field(default_factory=dict)
@@ -149,6 +197,8 @@ class CaptureStage(Stage):
     """Records per-word cross-attention maps at one grid (``latent // grid_factor``) and, with a target,
     the pathology words' attention share inside it, per step."""
 
+    KINDS = ("attn2",)
+
     label: str = "capture"
     positions: dict[str, tuple[int, ...]] = field(default_factory=dict)
     pathology: tuple[str, ...] = ()
@@ -158,6 +208,9 @@ class CaptureStage(Stage):
 
     def wants(self, h: int, w: int, latent: Grid) -> bool:
         return (-(-latent[0] // self.grid_factor), -(-latent[1] // self.grid_factor)) == (h, w)
+
+    def capture_at(self, h: int, w: int, latent: Grid) -> CaptureStage | None:
+        return self if self.wants(h, w, latent) else None
 
     def target_tokens(self, h: int, w: int, latent: Grid, device) -> torch.Tensor | None:
         if self.target is None:

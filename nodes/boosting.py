@@ -2,80 +2,29 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 from comfy_api.latest import io
 
-from ..attention.organs import OrganMasks, parse_names
-from ..attention.stages import BoostStage, CaptureStage
+from ..attention.organs import OrganMasks
+from ..attention.stage_builders import (
+    BLOCK_CHOICES,
+    FACTOR_MAX,
+    FACTOR_MIN,
+    GRID_FACTORS,
+    boost_stage,
+    capture_stage,
+    target_region,
+)
 from ..attention.tokens import TokenMap
-from ..errors import CXRInputError
-from ..hosts.comfy.patch import install_stage, percent_window
+from ..hosts.comfy.patch import install_stage, percent_to_sigma
 from ..hosts.comfy.unet_layout import grid_factor_keys, transformer_keys
-from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, require_choice, user_errors
-from .gating import _WINDOW_TIP, BLOCK_CHOICES
-
-GRID_FACTORS = ("2", "1", "4", "8")
-FACTOR_MAX = 50.0
+from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, user_errors
+from .gating import _WINDOW_TIP
 
 
-def _target(title: str, organ_masks: OrganMasks | None, organs: str, mask: torch.Tensor | None) -> OrganMasks:
-    """The one-region target: a MASK when connected, else the union of organs from ORGAN_MASKS."""
-    if mask is not None:
-        batch = mask.reshape(-1, *mask.shape[-2:]).float().cpu()
-        if batch.shape[0] != 1:
-            raise CXRInputError(f"got a batch of {batch.shape[0]} target masks; the target is one region.",
-                                node=title, input_name="target_mask",
-                                fix="Connect one mask (e.g. pick one with a batch-select node).")
-        m = batch[0]
-        if not bool(torch.isfinite(m).all()):
-            raise CXRInputError("the target mask contains NaN or infinite values.", node=title,
-                                input_name="target_mask",
-                                fix="Fix the node that made the MASK (values must be 0 to 1).")
-        if float(m.max()) <= 0:
-            raise CXRInputError("the target mask is empty.", node=title, input_name="target_mask",
-                                fix="Connect a mask that marks the target region (1 = inside).")
-        return OrganMasks(("target",), m.clamp(0, 1)[None])
-    if organ_masks is None:
-        raise CXRInputError("no target region.", node=title, input_name="organ_masks",
-                            fix="Connect the fitted organ masks (and name target organs) or a target MASK.")
-    with user_errors(title, "target_organs"):
-        return OrganMasks(("target",), organ_masks.union(parse_names(organs))[None])
-
-
-def _factors(title: str, spec: str, tokens: TokenMap, default: float) -> dict[str, float]:
-    """``"effusion=3, consolidation"`` → per-word factors; empty = every pathology word at ``default``."""
-    words: dict[str, float] = {}
-    for part in re.split(r"[,;\n]+", spec):
-        if not part.strip():
-            continue
-        word, _, value = part.partition("=")
-        try:
-            words[word.strip()] = float(value) if value.strip() else default
-        except ValueError:
-            raise CXRInputError(f"'{value.strip()}' is not a number.", node=title, input_name="words",
-                                fix="Write word=factor, e.g. effusion=3.") from None
-    if not words:
-        words = {w: default for w in tokens.pathology}
-    if not words:
-        raise CXRInputError("no pathology word to boost.", node=title, input_name="words",
-                            fix="List pathology words in CXR Text Encode (e.g. effusion).")
-    for w, f in words.items():
-        if not 0 < f <= FACTOR_MAX:  # also refuses NaN and infinity, which would make every share NaN
-            raise CXRInputError(f"factor {f} for '{w}' is not a number above 0 and at most {FACTOR_MAX:g}.",
-                                node=title, input_name="words",
-                                fix=f"Use a factor above 0 and at most {FACTOR_MAX:g} (1 = unchanged, 2–5 = boost).")
-    return words
-
-
-def _window(title: str, model, start: float, end: float) -> tuple[float, float]:
-    if start > end:
-        raise CXRInputError(f"start {start} is after end {end}.", node=title, input_name="start_percent",
-                            fix="Use start_percent ≤ end_percent.")
+def _check_model(title: str, model) -> None:
     with user_errors(title, "model"):
         transformer_keys(model)
-    return percent_window(model, start, end)
 
 
 class CXRPathologyBoost(io.ComfyNode):
@@ -97,7 +46,7 @@ class CXRPathologyBoost(io.ComfyNode):
                 io.String.Input("target_organs", default="left_lung", tooltip="Organs forming the target region."),
                 io.Mask.Input("target_mask", optional=True,
                               tooltip="A target MASK on the latent's field of view (overrides target_organs)."),
-                io.Float.Input("factor", default=3.0, min=0.05, max=FACTOR_MAX, step=0.05,
+                io.Float.Input("factor", default=3.0, min=FACTOR_MIN, max=FACTOR_MAX, step=0.05,
                                tooltip="Boost inside the target (1 = no change)."),
                 io.String.Input("words", default="",
                                 tooltip="Per-word factors 'effusion=3, consolidation=2'; empty = every pathology "
@@ -118,20 +67,17 @@ class CXRPathologyBoost(io.ComfyNode):
     def execute(cls, model, tokens: TokenMap, target_organs: str, factor: float, words: str,
                 outside_damping: float, blocks: str, start_percent: float, end_percent: float,
                 organ_masks: OrganMasks | None = None, target_mask: torch.Tensor | None = None) -> io.NodeOutput:
-        require_choice(cls.TITLE, "blocks", blocks, tuple(BLOCK_CHOICES))
         check_numbers(cls, factor=factor, outside_damping=outside_damping, start_percent=start_percent,
                       end_percent=end_percent)
-        factors = _factors(cls.TITLE, words, tokens, factor)
-        if all(f == 1.0 for f in factors.values()) and outside_damping == 1.0:
+        _check_model(cls.TITLE, model)
+        with user_errors(cls.TITLE):
+            target = target_region(organ_masks, target_organs, target_mask)
+            stage = boost_stage(tokens, target, percent_to_sigma(model), factor=factor, words=words,
+                                outside_damping=outside_damping, blocks=blocks, start_percent=start_percent,
+                                end_percent=end_percent, title=cls.TITLE)
+        if stage.neutral:
             return io.NodeOutput(model)  # nothing to do: exactly the unpatched model
-        with user_errors(cls.TITLE, "words"):
-            positions = {w: tokens.indices(w) for w in factors}
-        target = _target(cls.TITLE, organ_masks, target_organs, target_mask)
-        sigma_start, sigma_end = _window(cls.TITLE, model, start_percent, end_percent)
-        stage = BoostStage(cls.TITLE, sigma_start, sigma_end, frozenset(BLOCK_CHOICES[blocks]),
-                           target=target, positions=positions, factors=factors, damping=outside_damping,
-                           cond_len=tokens.cond_len)
-        return io.NodeOutput(install_stage(model, stage, ["attn2"]))
+        return io.NodeOutput(install_stage(model, stage))
 
 
 class CXRCaptureAttention(io.ComfyNode):
@@ -165,22 +111,16 @@ class CXRCaptureAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, tokens: TokenMap, label: str, grid_factor: str, target_organs: str,
                 start_percent: float, end_percent: float, organ_masks: OrganMasks | None = None) -> io.NodeOutput:
-        if grid_factor not in GRID_FACTORS:
-            raise CXRInputError(f"'{grid_factor}' is not one of {', '.join(GRID_FACTORS)}.", node=cls.TITLE,
-                                input_name="grid_factor", fix="Pick a value from the list.")
         check_numbers(cls, start_percent=start_percent, end_percent=end_percent)
-        positions = dict(tokens.positions)
-        if not positions:
-            raise CXRInputError("the token map has no words.", node=cls.TITLE, input_name="tokens",
-                                fix="List anatomy or pathology words in CXR Text Encode.")
-        target = _target(cls.TITLE, organ_masks, target_organs, None) if organ_masks is not None else None
-        sigma_start, sigma_end = _window(cls.TITLE, model, start_percent, end_percent)
+        _check_model(cls.TITLE, model)
+        with user_errors(cls.TITLE):
+            target = target_region(organ_masks, target_organs) if organ_masks is not None else None
+            stage = capture_stage(tokens, percent_to_sigma(model), label=label, grid_factor=grid_factor,
+                                  target=target, start_percent=start_percent, end_percent=end_percent,
+                                  title=cls.TITLE)
         # A grid without cross-attention would capture nothing, found out only by the previews after sampling.
-        grid_factor_keys(model.get_model_object("diffusion_model"), int(grid_factor), cls.TITLE)
-        stage = CaptureStage(cls.TITLE, sigma_start, sigma_end, frozenset(("input", "middle", "output")),
-                             label=label or "run", positions=positions, pathology=tuple(tokens.pathology),
-                             grid_factor=int(grid_factor), target=target, cond_len=tokens.cond_len)
-        return io.NodeOutput(install_stage(model, stage, ["attn2"]))
+        grid_factor_keys(model.get_model_object("diffusion_model"), stage.grid_factor, cls.TITLE)
+        return io.NodeOutput(install_stage(model, stage))
 
 
 NODES: list[type[io.ComfyNode]] = [CXRPathologyBoost, CXRCaptureAttention]

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.organs import OrganMasks, parse_names
-from ..attention.stages import GateStage
+from ..attention.gating import BACKGROUNDS
+from ..attention.organs import OrganMasks
+from ..attention.stage_builders import BLOCK_CHOICES, MARGIN_MAX, gate_stage
 from ..attention.tokens import TokenMap
-from ..errors import CXRInputError
-from ..hosts.comfy.patch import install_stage, percent_window
+from ..hosts.comfy.patch import install_stage, percent_to_sigma
 from ..hosts.comfy.unet_layout import transformer_keys
-from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, require_choice, user_errors
+from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, user_errors
 
-BLOCK_CHOICES = {
-    "all": ("input", "middle", "output"),
-    "input+middle": ("input", "middle"),
-    "middle+output": ("middle", "output"),
-    "input": ("input",),
-    "middle": ("middle",),
-    "output": ("output",),
-}
-BACKGROUNDS = ("free", "confined")
 _WINDOW_TIP = (
     " A fraction of the model's noise range (ComfyUI's convention, as ControlNet uses), not of the step count."
 )
@@ -73,7 +64,7 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
                     "more region.",
                 ),
                 io.Int.Input(
-                    "margin_px", default=0, min=0, max=256,
+                    "margin_px", default=0, min=0, max=MARGIN_MAX,
                     tooltip="Grow each organ by this many pixels of the masks' grid before labelling tokens.",
                 ),
                 io.Combo.Input(
@@ -113,48 +104,17 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
         apply_to_uncond: bool,
         tokens: TokenMap | None = None,
     ) -> io.NodeOutput:
-        require_choice(cls.TITLE, "background", background, BACKGROUNDS)
-        require_choice(cls.TITLE, "blocks", blocks, tuple(BLOCK_CHOICES))
-        for name, value in (("strength", strength), ("token_strength", token_strength)):
-            if not 0.0 <= value <= 1.0:
-                raise CXRInputError(f"{value} is outside [0, 1].", node=cls.TITLE, input_name=name,
-                                    fix="Use 0 (off) to 1 (hard).")
         check_numbers(cls, start_percent=start_percent, end_percent=end_percent)
-        if start_percent > end_percent:
-            raise CXRInputError(f"start {start_percent} is after end {end_percent}.", node=cls.TITLE,
-                                input_name="start_percent", fix="Use start_percent ≤ end_percent.")
         with user_errors(cls.TITLE, "model"):
-            transformer_keys(model)
-        with user_errors(cls.TITLE, "organs"):
-            names = tuple(parse_names(organs))
-            organ_masks.select(names)
-        token_words = cls._token_words(organ_masks, tokens) if tokens is not None and token_strength > 0 else ()
-        if strength == 0.0 and not token_words:
+            transformer_keys(model)  # an unsupported model first: it has no noise range to turn percents into
+        with user_errors(cls.TITLE):
+            stage = gate_stage(organ_masks, percent_to_sigma(model), tokens=tokens, strength=strength,
+                               token_strength=token_strength, organs=organs, background=background,
+                               margin_px=margin_px, blocks=blocks, start_percent=start_percent,
+                               end_percent=end_percent, apply_to_uncond=apply_to_uncond, title=cls.TITLE)
+        if stage.neutral:
             return io.NodeOutput(model)  # nothing to do: exactly the unpatched model
-        sigma_start, sigma_end = percent_window(model, start_percent, end_percent)
-        stage = GateStage(
-            title=cls.TITLE, masks=organ_masks, organs=names, self_leak=1.0 - strength,
-            token_leak=1.0 - token_strength, background=background, margin_px=margin_px,
-            sigma_start=sigma_start, sigma_end=sigma_end, blocks=frozenset(BLOCK_CHOICES[blocks]),
-            apply_to_uncond=apply_to_uncond, cond_len=tokens.cond_len if tokens else 77, token_words=token_words,
-        )
-        kinds = [k for k, on in (("attn1", strength > 0), ("attn2", bool(token_words))) if on]
-        return io.NodeOutput(install_stage(model, stage, kinds))
-
-    @classmethod
-    def _token_words(cls, masks: OrganMasks, tokens: TokenMap):
-        words = []
-        for word, organs in tokens.anatomy.items():
-            missing = [o for o in organs if o not in masks]
-            if missing:
-                raise CXRInputError(
-                    f"the anatomy word '{word}' is tied to {', '.join(missing)}, which the organ masks lack "
-                    f"(present: {', '.join(masks.names)}).",
-                    node=cls.TITLE, input_name="tokens",
-                    fix="Tie the word to a present organ in CXR Text Encode (e.g. 'lungs=right_lung+left_lung').",
-                )
-            words.append((tokens.indices(word), organs))
-        return tuple(words)
+        return io.NodeOutput(install_stage(model, stage))
 
 
 NODES: list[type[io.ComfyNode]] = [CXRAnatomyAttentionGate]

@@ -11,11 +11,11 @@ from PIL import Image, ImageDraw
 
 from ..attention.organs import OrganMasks
 from ..attention.refinement import RefineConfig, parse_thresholds
+from ..attention.stage_builders import GRID_FACTORS, check_window, parse_grid_factor, target_region
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
 from ..imaging.attention_view import PLOT_COLOURS
 from ..imaging.overlay import sized_font
-from .boosting import GRID_FACTORS, _target
 from .common import CATEGORY_ATTENTION, CATEGORY_ROOT, OrganMasksType, TokensType, check_numbers, user_errors
 from .gating import _WINDOW_TIP
 from .refinement_sampler import TITLE, RefinementSampler, energy_keys
@@ -92,14 +92,12 @@ class CXRRefinementSampler(io.ComfyNode):
     def execute(cls, tokens: TokenMap, organ_masks: OrganMasks, target_organs: str, iterations: int,
                 step_size: float, start_percent: float, end_percent: float, thresholds: str, grid_factor: str,
                 smoothing: float, extent_weight: float, extent_threshold: float, model=None) -> io.NodeOutput:
-        if grid_factor not in GRID_FACTORS:
-            raise CXRInputError(f"'{grid_factor}' is not one of {', '.join(GRID_FACTORS)}.", node=TITLE,
-                                input_name="grid_factor", fix="Pick a value from the list.")
+        with user_errors(TITLE):
+            factor = parse_grid_factor(grid_factor)
         check_numbers(cls, step_size=step_size, start_percent=start_percent, end_percent=end_percent,
                       smoothing=smoothing, extent_weight=extent_weight, extent_threshold=extent_threshold)
-        if start_percent > end_percent:
-            raise CXRInputError(f"start {start_percent} is after end {end_percent}.", node=TITLE,
-                                input_name="start_percent", fix="Use start_percent ≤ end_percent.")
+        with user_errors(TITLE):
+            check_window(start_percent, end_percent)
         if not tokens.pathology:
             raise CXRInputError("the token map has no pathology word.", node=TITLE, input_name="tokens",
                                 fix="List pathology words in CXR Text Encode (e.g. effusion).")
@@ -108,11 +106,12 @@ class CXRRefinementSampler(io.ComfyNode):
         with user_errors(TITLE, "thresholds"):
             stops = parse_thresholds(thresholds)
         if model is not None:  # the sampler checks its model again when sampling starts (same rule)
-            energy_keys(model.get_model_object("diffusion_model"), int(grid_factor))
-        target = _target(TITLE, organ_masks, target_organs, None)
+            energy_keys(model.get_model_object("diffusion_model"), factor)
+        with user_errors(TITLE):
+            target = target_region(organ_masks, target_organs)
         config = RefineConfig(iterations, step_size, start_percent, end_percent, stops, smoothing, extent_weight,
                               extent_threshold)
-        fn = RefinementSampler(config, target, positions, tokens.cond_len, int(grid_factor))
+        fn = RefinementSampler(config, target, positions, tokens.cond_len, factor)
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn, {}, {}))
 
 

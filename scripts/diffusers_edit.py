@@ -10,10 +10,11 @@
 
 Steps (each one a function of the pack): read the radiograph (PNG/JPEG, or DICOM through the pack's reader) and
 its organ masks (mask files, or a CheXmask row mapped onto the image); fit both to the model's grid
-(``imaging.geometry``); encode with the pipeline's VAE; gate + boost the UNet's attention (processors from
-``attention.host_diffusers``); run ``attention.diffusers_edit.img2img`` with the keep region (only the edit
-organs may change) and optional latent refinement; decode, bring back to native size and composite so every
-pixel outside the edit region is the source's own.
+(``imaging.geometry``); encode with the pipeline's VAE; gate + boost the UNet's attention (stages from the core
+builders through ``hosts.diffusers.stages``, processors from ``hosts.diffusers.processors``); run
+``hosts.diffusers.pipeline.img2img`` with the keep region (only the edit organs may change) and optional latent
+refinement; decode, bring back to native size and composite so every pixel outside the edit region is the
+source's own.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from PIL import Image
 from cxr_counterfactual.attention.organs import OrganMasks, edit_and_keep, parse_names
 from cxr_counterfactual.attention.refinement import RefineConfig
 from cxr_counterfactual.attention.schedule import DiscreteSchedule
+from cxr_counterfactual.attention.stage_builders import target_region
 from cxr_counterfactual.hosts.diffusers.pipeline import Refinement, img2img
 from cxr_counterfactual.hosts.diffusers.processors import install_regulation
-from cxr_counterfactual.hosts.diffusers.stages import boost_stage, gate_stage, target_region, token_map
+from cxr_counterfactual.hosts.diffusers.stages import boost_stage, gate_stage, token_map
 from cxr_counterfactual.imaging.geometry import apply_fit, composite_native, plan_fit
 from cxr_counterfactual.imaging.mask_files import read_mask_image
 

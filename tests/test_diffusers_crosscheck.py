@@ -56,7 +56,8 @@ def twins(comfy, comfyui_path, chexmask_example):
 
 def _stages(t, which: str):
     from cxr_counterfactual.attention.schedule import DiscreteSchedule
-    from cxr_counterfactual.hosts.diffusers.stages import boost_stage, capture_stage, gate_stage, target_region
+    from cxr_counterfactual.attention.stage_builders import target_region
+    from cxr_counterfactual.hosts.diffusers.stages import boost_stage, capture_stage, gate_stage
 
     schedule = DiscreteSchedule(torch.tensor([0.9, 0.5]))  # windows 0..1 are the same on every schedule
     target = target_region(t["masks"], "left_lung")

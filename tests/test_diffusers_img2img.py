@@ -20,10 +20,11 @@ from diffusers_helpers import PROMPT, fitted_masks, require_diffusers, tiny_pipe
 from cxr_counterfactual.attention.organs import edit_and_keep
 from cxr_counterfactual.attention.refinement import RefineConfig, concentration_energy
 from cxr_counterfactual.attention.schedule import DiscreteSchedule
+from cxr_counterfactual.attention.stage_builders import target_region
 from cxr_counterfactual.errors import CXRInputError
 from cxr_counterfactual.hosts.diffusers.pipeline import Refinement, energy_layers, img2img, latent_mask
 from cxr_counterfactual.hosts.diffusers.processors import install_regulation
-from cxr_counterfactual.hosts.diffusers.stages import boost_stage, gate_stage, target_region, token_map
+from cxr_counterfactual.hosts.diffusers.stages import boost_stage, gate_stage, token_map
 
 STEPS, GUIDANCE, GRID = 6, 5.0, 2
 

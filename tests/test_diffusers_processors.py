@@ -28,9 +28,10 @@ from diffusers_helpers import (
 
 from cxr_counterfactual.attention.layer_call import COND, UNCOND, layer_grid
 from cxr_counterfactual.attention.schedule import DiscreteSchedule
+from cxr_counterfactual.attention.stage_builders import target_region
 from cxr_counterfactual.errors import CXRInputError
 from cxr_counterfactual.hosts.diffusers.processors import CXRAttnProcessor, install_regulation
-from cxr_counterfactual.hosts.diffusers.stages import boost_stage, capture_stage, gate_stage, target_region, token_map
+from cxr_counterfactual.hosts.diffusers.stages import boost_stage, capture_stage, gate_stage, token_map
 
 LATENT = (9, 8)
 

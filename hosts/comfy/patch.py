@@ -324,8 +324,10 @@ def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfor
 
 # --------------------------------------------------------------------------------------------------
 # installing
-def install_stage(model, stage: Stage, kinds: Sequence[str] = ("attn1", "attn2")):
-    """A clone of ``model`` with ``stage`` on every transformer block it covers.
+def install_stage(model, stage: Stage, kinds: Sequence[str] | None = None):
+    """A clone of ``model`` with ``stage`` on the attention kinds it acts on (``stage.kinds``; ``kinds``
+    overrides them, e.g. for a test that patches more layers than the stage needs) of every transformer block
+    it covers.
 
     A key already holding our replace gains the stage; a key holding another pack's replace (3-part, or
     the block's 2-part key) has it wrapped as our kernel, never overwritten.
@@ -336,7 +338,7 @@ def install_stage(model, stage: Stage, kinds: Sequence[str] = ("attn1", "attn2")
     # clone() deep-copied the options, so an existing holder is already this clone's own copy.
     state: RunState = to.get(HOLDER_KEY) or RunState()
     table = to.get("patches_replace", {})
-    for kind in kinds:
+    for kind in stage.kinds if kinds is None else kinds:
         current = table.get(kind, {})
         for key in keys:
             existing = current.get(key)
@@ -356,10 +358,11 @@ def install_stage(model, stage: Stage, kinds: Sequence[str] = ("attn1", "attn2")
     return m
 
 
-def percent_window(model, start_percent: float, end_percent: float) -> tuple[float, float]:
-    """ComfyUI's convention: percents of the model's noise range (not of steps) → (sigma_start, sigma_end)."""
+def percent_to_sigma(model) -> Callable[[float], float]:
+    """ComfyUI's convention: a percent of the model's noise range (not of steps) → its sigma (the stage
+    builders' ``to_sigma``)."""
     sampling = model.get_model_object("model_sampling")
-    return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
+    return lambda percent: float(sampling.percent_to_sigma(percent))
 
 
 def run_state(model) -> RunState | None:

@@ -4,10 +4,12 @@ a diffusers ``UNet2DConditionModel``. ComfyUI users never need it (``pip install
 This module never imports diffusers itself: it works on the UNet object it is given (its ``attn_processors``,
 ``set_attn_processor`` and the ``Attention`` modules' projections), so importing the pack needs no diffusers.
 
-How it mirrors the ComfyUI adapter (:mod:`.host_comfy`) so both hosts compute the same thing:
+How it mirrors the ComfyUI adapter (:mod:`..comfy.patch`) so both hosts compute the same thing:
 - every self-attention (``attn1``) and cross-attention (``attn2``) of every transformer block gets a
   :class:`CXRAttnProcessor`, keyed like ComfyUI's ``(block, number, transformer_index)`` (derived from the
-  UNet's structure, never a hard-coded list), carrying the same :mod:`.stages` objects;
+  UNet's structure, never a hard-coded list), carrying the same core stage objects (:mod:`...attention.stages`);
+  every layer of both kinds, whatever the stages' ``kinds``, since an energy probe reads cross-attention even
+  where no stage acts;
 - at each call the processor picks the active stages, the rows and the biases with :mod:`.layer_call` and
   runs the same core kernels (:func:`.gating.gated_self_attention`, :func:`.gating.token_masked_cross_attention`);
   outside every stage it calls the layer's original processor, so it is the stock model bit for bit;
@@ -324,7 +326,7 @@ def install_regulation(target, stages: Sequence[Stage], *, scheduler=None,
 
     Args:
         target: a pipeline (with ``.unet`` and ``.scheduler``) or a UNet.
-        stages: core stages (gate, boost, capture; see :mod:`.diffusers_stages` for builders).
+        stages: core stages (gate, boost, capture; built by :mod:`.stages`, i.e. the core stage builders).
         scheduler: for a bare UNet, the scheduler whose timesteps its callers pass (enables the pre-hook).
         cond_or_uncond: for a bare UNet with a scheduler, the batch layout of its calls (default: all cond).
             A pipeline's layout follows its ``do_classifier_free_guidance`` (negative first, diffusers' order).
