@@ -197,12 +197,13 @@ def gate_stage(masks: OrganMasks, to_sigma: ToSigma, *, tokens: TokenMap | None 
                      cond_len=tokens.cond_len if tokens else 77, token_words=tuple(words))
 
 
-def boost_stage(tokens: TokenMap, target: OrganMasks, to_sigma: ToSigma, *, factor: float = 3.0,
+def boost_stage(tokens: TokenMap, target: OrganMasks | None, to_sigma: ToSigma, *, factor: float = 3.0,
                 words: str | Mapping[str, float] = "", outside_damping: float = 1.0,
                 blocks: str | Iterable[str] = "all", start_percent: float = 0.0, end_percent: float = 0.4,
                 title: str = "") -> BoostStage:
     """Pathology boosting: the words (:func:`word_factors`) weighted by their factor inside ``target``
-    (:func:`target_region`) and by ``outside_damping`` outside. Neutral at factors 1 and damping 1."""
+    (:func:`target_region`) and by ``outside_damping`` outside. Neutral at factors 1 and damping 1, where a
+    missing target is accepted (a boost switched off by its factor needs no region, as before the builders)."""
     parts = unet_parts(blocks)
     check_number("factor", factor, FACTOR_MIN, FACTOR_MAX)
     check_number("outside_damping", outside_damping, 0.0, 1.0)
@@ -212,6 +213,8 @@ def boost_stage(tokens: TokenMap, target: OrganMasks, to_sigma: ToSigma, *, fact
         positions = {w: tokens.indices(w) for w in factors}
     except CXRInputError as err:
         raise _located(err, "words") from None
+    if target is None and not (all(f == 1.0 for f in factors.values()) and outside_damping == 1.0):
+        target_region(None)  # refuses: "no target region"
     sigma_start, sigma_end = to_sigma(start_percent), to_sigma(end_percent)
     return BoostStage(title, sigma_start, sigma_end, parts, target=target, positions=positions, factors=factors,
                       damping=outside_damping, cond_len=tokens.cond_len)

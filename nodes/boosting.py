@@ -71,7 +71,8 @@ class CXRPathologyBoost(io.ComfyNode):
                       end_percent=end_percent)
         _check_model(cls.TITLE, model)
         with user_errors(cls.TITLE):
-            target = target_region(organ_masks, target_organs, target_mask)
+            connected = organ_masks is not None or target_mask is not None
+            target = target_region(organ_masks, target_organs, target_mask) if connected else None
             stage = boost_stage(tokens, target, percent_to_sigma(model), factor=factor, words=words,
                                 outside_damping=outside_damping, blocks=blocks, start_percent=start_percent,
                                 end_percent=end_percent, title=cls.TITLE)
