@@ -13,10 +13,20 @@ from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
 from ..hosts.comfy.patch import install_stage, percent_window
 from ..hosts.comfy.unet_layout import grid_factor_keys, transformer_keys
-from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, require_choice, user_errors
-from .gating import _WINDOW_TIP, BLOCK_CHOICES
+from .common import check_inputs, user_errors
+from .schema import (
+    BLOCK_CHOICES,
+    CATEGORY_ATTENTION,
+    GRID_FACTORS,
+    TokensType,
+    described,
+    fraction_input,
+    organ_masks_input,
+    patched_model_output,
+    target_organs_input,
+    window_inputs,
+)
 
-GRID_FACTORS = ("2", "1", "4", "8")
 FACTOR_MAX = 50.0
 
 
@@ -79,22 +89,22 @@ def _window(title: str, model, start: float, end: float) -> tuple[float, float]:
 
 
 class CXRPathologyBoost(io.ComfyNode):
+    """Stage 3 of the method: strengthens the cross-attention of pathology words ('effusion') inside the target
+    region (e.g. the left lung) during early denoising, and optionally damps them outside, so the lesion appears
+    where asked. A query's pathology share P becomes fP / (fP + 1 − P). Composes with the gate in either order."""
+
     TITLE = "CXR Pathology Boost"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRPathologyBoost", display_name=cls.TITLE, category=CATEGORY_ATTENTION, is_experimental=True,
-            description="Stage 3 of the method: strengthens the cross-attention of pathology words ('effusion') "
-            "inside the target region (e.g. the left lung) during early denoising, and optionally damps them "
-            "outside, so the lesion appears where asked. A query's pathology share P becomes fP / (fP + 1 − P). "
-            "Composes with the gate in either order.",
+            description=described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The model (plain or already gated)."),
                 TokensType.Input("tokens", tooltip="From CXR Text Encode: where the pathology words sit."),
-                OrganMasksType.Input("organ_masks", optional=True,
-                                     tooltip="Fitted organ masks; the target is the union of 'target_organs'."),
-                io.String.Input("target_organs", default="left_lung", tooltip="Organs forming the target region."),
+                organ_masks_input("Fitted organ masks; the target is the union of 'target_organs'.", optional=True),
+                target_organs_input(),
                 io.Mask.Input("target_mask", optional=True,
                               tooltip="A target MASK on the latent's field of view (overrides target_organs)."),
                 io.Float.Input("factor", default=3.0, min=0.05, max=FACTOR_MAX, step=0.05,
@@ -102,25 +112,22 @@ class CXRPathologyBoost(io.ComfyNode):
                 io.String.Input("words", default="",
                                 tooltip="Per-word factors 'effusion=3, consolidation=2'; empty = every pathology "
                                 "word of the token map at 'factor'."),
-                io.Float.Input("outside_damping", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Multiplier for the same words outside the target (1 = leave, 0 = hide)."),
+                fraction_input("outside_damping", 1.0,
+                               "Multiplier for the same words outside the target (1 = leave, 0 = hide)."),
                 io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="all",
                                tooltip="Which UNet parts are boosted."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Boosting starts here." + _WINDOW_TIP),
-                io.Float.Input("end_percent", default=0.4, min=0.0, max=1.0, step=0.01,
-                               tooltip="Boosting ends here (default: the early, layout-forming steps)." + _WINDOW_TIP),
+                *window_inputs("Boosting starts here.",
+                               "Boosting ends here (default: the early, layout-forming steps).", end=0.4),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="A patched copy of the model.")],
+            outputs=[patched_model_output()],
         )
 
     @classmethod
     def execute(cls, model, tokens: TokenMap, target_organs: str, factor: float, words: str,
                 outside_damping: float, blocks: str, start_percent: float, end_percent: float,
                 organ_masks: OrganMasks | None = None, target_mask: torch.Tensor | None = None) -> io.NodeOutput:
-        require_choice(cls.TITLE, "blocks", blocks, tuple(BLOCK_CHOICES))
-        check_numbers(cls, factor=factor, outside_damping=outside_damping, start_percent=start_percent,
-                      end_percent=end_percent)
+        check_inputs(cls, blocks=blocks, factor=factor, outside_damping=outside_damping, start_percent=start_percent,
+                     end_percent=end_percent)
         factors = _factors(cls.TITLE, words, tokens, factor)
         if all(f == 1.0 for f in factors.values()) and outside_damping == 1.0:
             return io.NodeOutput(model)  # nothing to do: exactly the unpatched model
@@ -135,40 +142,35 @@ class CXRPathologyBoost(io.ComfyNode):
 
 
 class CXRCaptureAttention(io.ComfyNode):
+    """Records, while the sampler runs, each word's cross-attention map (mean over heads and over the layers at one
+    resolution) and the pathology words' attention share inside the target, per step. Never changes the result. It
+    records the maps with every CXR stage of the sampled model applied, wherever it sits among gate and boost; view
+    it with CXR Attention Preview wired to the sampler's LATENT."""
+
     TITLE = "CXR Capture Attention"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRCaptureAttention", display_name=cls.TITLE, category=CATEGORY_ATTENTION,
-            description="Records, while the sampler runs, each word's cross-attention map (mean over heads and "
-            "over the layers at one resolution) and the pathology words' attention share inside the target, per "
-            "step. Never changes the result. It records the maps with every CXR stage of the sampled model applied, "
-            "wherever it sits among gate and boost; view it with CXR Attention Preview wired to the sampler's LATENT.",
+            description=described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The model to observe (stock, gated or boosted)."),
                 TokensType.Input("tokens", tooltip="From CXR Text Encode: the words to map."),
                 io.String.Input("label", default="run", tooltip="A name for this capture (shown in previews)."),
                 io.Combo.Input("grid_factor", options=list(GRID_FACTORS), default="2",
                                tooltip="Capture the layers whose grid is the latent's size ÷ this (2 = half)."),
-                OrganMasksType.Input("organ_masks", optional=True,
-                                     tooltip="Fitted organ masks, for the in-target share."),
-                io.String.Input("target_organs", default="left_lung", tooltip="Organs forming the target region."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Capture from here." + _WINDOW_TIP),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Capture until here." + _WINDOW_TIP),
+                organ_masks_input("Fitted organ masks, for the in-target share.", optional=True),
+                target_organs_input(),
+                *window_inputs("Capture from here.", "Capture until here."),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="The model with capture on (same output).")],
+            outputs=[patched_model_output("The model with capture on (same output).")],
         )
 
     @classmethod
     def execute(cls, model, tokens: TokenMap, label: str, grid_factor: str, target_organs: str,
                 start_percent: float, end_percent: float, organ_masks: OrganMasks | None = None) -> io.NodeOutput:
-        if grid_factor not in GRID_FACTORS:
-            raise CXRInputError(f"'{grid_factor}' is not one of {', '.join(GRID_FACTORS)}.", node=cls.TITLE,
-                                input_name="grid_factor", fix="Pick a value from the list.")
-        check_numbers(cls, start_percent=start_percent, end_percent=end_percent)
+        check_inputs(cls, grid_factor=grid_factor, start_percent=start_percent, end_percent=end_percent)
         positions = dict(tokens.positions)
         if not positions:
             raise CXRInputError("the token map has no words.", node=cls.TITLE, input_name="tokens",

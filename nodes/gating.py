@@ -10,23 +10,26 @@ from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
 from ..hosts.comfy.patch import install_stage, percent_window
 from ..hosts.comfy.unet_layout import transformer_keys
-from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, require_choice, user_errors
-
-BLOCK_CHOICES = {
-    "all": ("input", "middle", "output"),
-    "input+middle": ("input", "middle"),
-    "middle+output": ("middle", "output"),
-    "input": ("input",),
-    "middle": ("middle",),
-    "output": ("output",),
-}
-BACKGROUNDS = ("free", "confined")
-_WINDOW_TIP = (
-    " A fraction of the model's noise range (ComfyUI's convention, as ControlNet uses), not of the step count."
+from .common import check_inputs, user_errors
+from .schema import (
+    BACKGROUNDS,
+    BLOCK_CHOICES,
+    CATEGORY_ATTENTION,
+    TokensType,
+    described,
+    fraction_input,
+    organ_masks_input,
+    patched_model_output,
+    window_inputs,
 )
 
 
 class CXRAnatomyAttentionGate(io.ComfyNode):
+    """Stage 2 of the method: keeps each organ's structure to itself. Self-attention of every UNet transformer block
+    is confined to the organ a token belongs to (strength 1: hard; less: other regions leak in with weight 1 −
+    strength), and anatomy words of the prompt ('left lung', 'heart') are hidden from image tokens outside their
+    organ. Returns a patched copy of the model; composes with other attention patches applied before it."""
+
     TITLE = "CXR Anatomy Attention Gate"
 
     @classmethod
@@ -36,32 +39,20 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
             display_name=cls.TITLE,
             category=CATEGORY_ATTENTION,
             is_experimental=True,
-            description="Stage 2 of the method: keeps each organ's structure to itself. Self-attention of every "
-            "UNet transformer block is confined to the organ a token belongs to (strength 1: hard; less: other "
-            "regions leak in with weight 1 − strength), and anatomy words of the prompt ('left lung', 'heart') "
-            "are hidden from image tokens outside their organ. Returns a patched copy of the model; composes "
-            "with other attention patches applied before it.",
+            description=described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (SD1.x / SD2.x / SDXL UNet)."),
-                OrganMasksType.Input(
-                    "organ_masks",
-                    tooltip="Organ masks on the latent's field of view: use the masks output of Fit Radiograph "
-                    "to Model.",
-                ),
+                organ_masks_input("Organ masks on the latent's field of view: use the masks output of Fit Radiograph "
+                                  "to Model."),
                 TokensType.Input(
                     "tokens", optional=True,
                     tooltip="From CXR Text Encode: enables anatomy-token masking in cross-attention.",
                 ),
-                io.Float.Input(
-                    "strength", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="Self-attention gating: 1 = each token attends only to its own organ (hard, and "
-                    "faster than stock); 0 = off. Cross-organ weights are scaled by 1 − strength.",
-                ),
-                io.Float.Input(
-                    "token_strength", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="Anatomy-token masking: 1 = tokens outside an anatomy word's organ do not see that "
-                    "word; 0 = off. Needs 'tokens'.",
-                ),
+                fraction_input("strength", 1.0, "Self-attention gating: 1 = each token attends only to its own "
+                               "organ (hard, and faster than stock); 0 = off. Cross-organ weights are scaled by 1 − "
+                               "strength."),
+                fraction_input("token_strength", 1.0, "Anatomy-token masking: 1 = tokens outside an anatomy word's "
+                               "organ do not see that word; 0 = off. Needs 'tokens'."),
                 io.String.Input(
                     "organs", default="right_lung, left_lung, heart",
                     tooltip="Organs that form regions, in priority order (a token covered by two organs goes "
@@ -80,21 +71,14 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
                     "blocks", options=list(BLOCK_CHOICES), default="all",
                     tooltip="Which UNet parts are gated (every transformer block in them).",
                 ),
-                io.Float.Input(
-                    "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="Gating starts at this point of denoising." + _WINDOW_TIP,
-                ),
-                io.Float.Input(
-                    "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="Gating ends at this point of denoising." + _WINDOW_TIP,
-                ),
+                *window_inputs("Gating starts at this point of denoising.", "Gating ends at this point of denoising."),
                 io.Boolean.Input(
                     "apply_to_uncond", default=False,
                     tooltip="Also gate the negative (uncond) pass's self-attention. Token masking always acts "
                     "on the positive prompt only.",
                 ),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="A patched copy of the model.")],
+            outputs=[patched_model_output()],
         )
 
     @classmethod
@@ -113,13 +97,12 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
         apply_to_uncond: bool,
         tokens: TokenMap | None = None,
     ) -> io.NodeOutput:
-        require_choice(cls.TITLE, "background", background, BACKGROUNDS)
-        require_choice(cls.TITLE, "blocks", blocks, tuple(BLOCK_CHOICES))
+        check_inputs(cls, background=background, blocks=blocks)
         for name, value in (("strength", strength), ("token_strength", token_strength)):
             if not 0.0 <= value <= 1.0:
                 raise CXRInputError(f"{value} is outside [0, 1].", node=cls.TITLE, input_name=name,
                                     fix="Use 0 (off) to 1 (hard).")
-        check_numbers(cls, start_percent=start_percent, end_percent=end_percent)
+        check_inputs(cls, start_percent=start_percent, end_percent=end_percent)
         if start_percent > end_percent:
             raise CXRInputError(f"start {start_percent} is after end {end_percent}.", node=cls.TITLE,
                                 input_name="start_percent", fix="Use start_percent ≤ end_percent.")
