@@ -48,12 +48,17 @@ MARGIN_MAX = 256
 
 # --------------------------------------------------------------------------------------------------
 # the checks every builder uses
-def check_number(name: str, value: float, lo: float, hi: float) -> None:
-    """Refuse NaN, infinity and anything outside ``[lo, hi]`` (every comparison with NaN is false, so a plain
-    range test would let it through)."""
-    if math.isfinite(value) and lo <= value <= hi:
+def check_number(name: str, value: float, lo: float | None, hi: float | None) -> None:
+    """Refuse NaN, infinity and anything outside ``[lo, hi]`` (None: unbounded on that side). Every comparison
+    with NaN is false, so a plain range test would let it through."""
+    if math.isfinite(value) and (lo is None or value >= lo) and (hi is None or value <= hi):
         return
-    span = f"between {lo:g} and {hi:g}"
+    if lo is not None and hi is not None:
+        span = f"between {lo:g} and {hi:g}"
+    elif lo is not None or hi is not None:
+        span = f"at least {lo:g}" if lo is not None else f"at most {hi:g}"
+    else:
+        span = "that is finite"
     raise CXRInputError(f"{value} is not a number {span}.", input_name=name, fix=f"Use a number {span}.")
 
 
@@ -61,8 +66,9 @@ def check_choice(name: str, value: str, options: Iterable[str]) -> None:
     """Refuse a value that is not one of ``options`` (ComfyUI 0.3.64 checks no V3 combo value)."""
     options = tuple(options)
     if value not in options:
-        raise CXRInputError(f"'{value}' is not one of {', '.join(options)}.", input_name=name,
-                            fix="Pick a value from the list (an API prompt may hold any string).")
+        listed = ", ".join(options)
+        raise CXRInputError(f"'{value}' is not one of {listed}.", input_name=name,
+                            fix=f"Pick a value from the list: {listed} (an API prompt may hold any string).")
 
 
 def check_window(start_percent: float, end_percent: float) -> None:

@@ -18,8 +18,17 @@ from ..attention.stage_builders import (
 from ..attention.tokens import TokenMap
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
 from ..hosts.comfy.unet_layout import grid_factor_keys, transformer_keys
-from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, user_errors
-from .gating import _WINDOW_TIP
+from .common import check_inputs, user_errors
+from .schema import (
+    CATEGORY_ATTENTION,
+    TokensType,
+    described,
+    fraction_input,
+    organ_masks_input,
+    patched_model_output,
+    target_organs_input,
+    window_inputs,
+)
 
 
 def _check_model(title: str, model) -> None:
@@ -28,22 +37,22 @@ def _check_model(title: str, model) -> None:
 
 
 class CXRPathologyBoost(io.ComfyNode):
+    """Stage 3 of the method: strengthens the cross-attention of pathology words ('effusion') inside the target
+    region (e.g. the left lung) during early denoising, and optionally damps them outside, so the lesion appears
+    where asked. A query's pathology share P becomes fP / (fP + 1 − P). Composes with the gate in either order."""
+
     TITLE = "CXR Pathology Boost"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRPathologyBoost", display_name=cls.TITLE, category=CATEGORY_ATTENTION, is_experimental=True,
-            description="Stage 3 of the method: strengthens the cross-attention of pathology words ('effusion') "
-            "inside the target region (e.g. the left lung) during early denoising, and optionally damps them "
-            "outside, so the lesion appears where asked. A query's pathology share P becomes fP / (fP + 1 − P). "
-            "Composes with the gate in either order.",
+            description=described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The model (plain or already gated)."),
                 TokensType.Input("tokens", tooltip="From CXR Text Encode: where the pathology words sit."),
-                OrganMasksType.Input("organ_masks", optional=True,
-                                     tooltip="Fitted organ masks; the target is the union of 'target_organs'."),
-                io.String.Input("target_organs", default="left_lung", tooltip="Organs forming the target region."),
+                organ_masks_input("Fitted organ masks; the target is the union of 'target_organs'.", optional=True),
+                target_organs_input(),
                 io.Mask.Input("target_mask", optional=True,
                               tooltip="A target MASK on the latent's field of view (overrides target_organs)."),
                 io.Float.Input("factor", default=3.0, min=FACTOR_MIN, max=FACTOR_MAX, step=0.05,
@@ -51,24 +60,22 @@ class CXRPathologyBoost(io.ComfyNode):
                 io.String.Input("words", default="",
                                 tooltip="Per-word factors 'effusion=3, consolidation=2'; empty = every pathology "
                                 "word of the token map at 'factor'."),
-                io.Float.Input("outside_damping", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Multiplier for the same words outside the target (1 = leave, 0 = hide)."),
+                fraction_input("outside_damping", 1.0,
+                               "Multiplier for the same words outside the target (1 = leave, 0 = hide)."),
                 io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="all",
                                tooltip="Which UNet parts are boosted."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Boosting starts here." + _WINDOW_TIP),
-                io.Float.Input("end_percent", default=0.4, min=0.0, max=1.0, step=0.01,
-                               tooltip="Boosting ends here (default: the early, layout-forming steps)." + _WINDOW_TIP),
+                *window_inputs("Boosting starts here.",
+                               "Boosting ends here (default: the early, layout-forming steps).", end=0.4),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="A patched copy of the model.")],
+            outputs=[patched_model_output()],
         )
 
     @classmethod
     def execute(cls, model, tokens: TokenMap, target_organs: str, factor: float, words: str,
                 outside_damping: float, blocks: str, start_percent: float, end_percent: float,
                 organ_masks: OrganMasks | None = None, target_mask: torch.Tensor | None = None) -> io.NodeOutput:
-        check_numbers(cls, factor=factor, outside_damping=outside_damping, start_percent=start_percent,
-                      end_percent=end_percent)
+        check_inputs(cls, factor=factor, outside_damping=outside_damping, start_percent=start_percent,
+                     end_percent=end_percent)
         _check_model(cls.TITLE, model)
         with user_errors(cls.TITLE):
             connected = organ_masks is not None or target_mask is not None
@@ -82,37 +89,35 @@ class CXRPathologyBoost(io.ComfyNode):
 
 
 class CXRCaptureAttention(io.ComfyNode):
+    """Records, while the sampler runs, each word's cross-attention map (mean over heads and over the layers at one
+    resolution) and the pathology words' attention share inside the target, per step. Never changes the result. It
+    records the maps with every CXR stage of the sampled model applied, wherever it sits among gate and boost; view
+    it with CXR Attention Preview wired to the sampler's LATENT."""
+
     TITLE = "CXR Capture Attention"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRCaptureAttention", display_name=cls.TITLE, category=CATEGORY_ATTENTION,
-            description="Records, while the sampler runs, each word's cross-attention map (mean over heads and "
-            "over the layers at one resolution) and the pathology words' attention share inside the target, per "
-            "step. Never changes the result. It records the maps with every CXR stage of the sampled model applied, "
-            "wherever it sits among gate and boost; view it with CXR Attention Preview wired to the sampler's LATENT.",
+            description=described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The model to observe (stock, gated or boosted)."),
                 TokensType.Input("tokens", tooltip="From CXR Text Encode: the words to map."),
                 io.String.Input("label", default="run", tooltip="A name for this capture (shown in previews)."),
                 io.Combo.Input("grid_factor", options=list(GRID_FACTORS), default="2",
                                tooltip="Capture the layers whose grid is the latent's size ÷ this (2 = half)."),
-                OrganMasksType.Input("organ_masks", optional=True,
-                                     tooltip="Fitted organ masks, for the in-target share."),
-                io.String.Input("target_organs", default="left_lung", tooltip="Organs forming the target region."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Capture from here." + _WINDOW_TIP),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Capture until here." + _WINDOW_TIP),
+                organ_masks_input("Fitted organ masks, for the in-target share.", optional=True),
+                target_organs_input(),
+                *window_inputs("Capture from here.", "Capture until here."),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="The model with capture on (same output).")],
+            outputs=[patched_model_output("The model with capture on (same output).")],
         )
 
     @classmethod
     def execute(cls, model, tokens: TokenMap, label: str, grid_factor: str, target_organs: str,
                 start_percent: float, end_percent: float, organ_masks: OrganMasks | None = None) -> io.NodeOutput:
-        check_numbers(cls, start_percent=start_percent, end_percent=end_percent)
+        check_inputs(cls, start_percent=start_percent, end_percent=end_percent)
         _check_model(cls.TITLE, model)
         with user_errors(cls.TITLE):
             target = target_region(organ_masks, target_organs) if organ_masks is not None else None

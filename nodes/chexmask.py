@@ -30,7 +30,8 @@ from ..imaging.chexmask import (
     row_masks,
 )
 from ..imaging.chexmask_index import CheXmaskIndex, open_index
-from .common import CATEGORY_MASKS, OrganMasksType, check_numbers, file_fingerprint, resolve_input_file, user_errors
+from .common import check_inputs, file_fingerprint, resolve_input_file, user_errors
+from .schema import CATEGORY_MASKS, described, fraction_input, organ_masks_output
 
 AUTO = "auto"
 ID_CHOICES = (AUTO, *ID_COLUMNS)
@@ -90,7 +91,12 @@ def describe(
 
 
 class CXRLoadCheXmask(io.ComfyNode):
-    """Organ masks of one radiograph from a CheXmask CSV, on its grid or mapped onto the radiograph."""
+    """Loads the right lung, left lung and heart of one radiograph from a CheXmask CSV (MIMIC-CXR-JPG, CheXpert,
+    ChestX-Ray8, PadChest, VinDr-CXR, CANDID-PTX) by its image id. The CSV is streamed and indexed once (never read
+    whole), the RLE masks are decoded (an empty mask falls back to the landmark contour), and rows below the Dice
+    RCA threshold are refused. Connect the radiograph to get masks at its native size: rows on the 1024×1024
+    preprocessed grid are mapped back by undoing the dataset's pad-to-square and resize. Right/left are the
+    patient's sides: in a PA view the right lung is on the image's left."""
 
     TITLE = "Load Organ Masks (CheXmask)"
 
@@ -100,13 +106,7 @@ class CXRLoadCheXmask(io.ComfyNode):
             node_id="CXRLoadCheXmask",
             display_name=cls.TITLE,
             category=CATEGORY_MASKS,
-            description="Loads the right lung, left lung and heart of one radiograph from a CheXmask CSV "
-            "(MIMIC-CXR-JPG, CheXpert, ChestX-Ray8, PadChest, VinDr-CXR, CANDID-PTX) by its image id. The CSV "
-            "is streamed and indexed once (never read whole), the RLE masks are decoded (an empty mask falls "
-            "back to the landmark contour), and rows below the Dice RCA threshold are refused. Connect the "
-            "radiograph to get masks at its native size: rows on the 1024×1024 preprocessed grid are mapped "
-            "back by undoing the dataset's pad-to-square and resize. Right/left are the patient's sides: "
-            "in a PA view the right lung is on the image's left.",
+            description=described(cls),
             inputs=[
                 io.Combo.Input(
                     "csv_file", options=input_csv_files(),
@@ -123,11 +123,9 @@ class CXRLoadCheXmask(io.ComfyNode):
                     tooltip="Column holding the id. auto: the first of dicom_id, Path, Image Index, ImageID, "
                     "image_id found in the header.",
                 ),
-                io.Float.Input(
-                    "min_dice", default=DEFAULT_MIN_DICE, min=0.0, max=1.0, step=0.01,
-                    tooltip="Refuse rows whose 'Dice RCA (Mean)' (estimated segmentation quality) is below "
-                    "this. CheXmask's authors discard rows below 0.7; 0 accepts every row.",
-                ),
+                fraction_input("min_dice", DEFAULT_MIN_DICE, "Refuse rows whose 'Dice RCA (Mean)' (estimated "
+                               "segmentation quality) is below this. CheXmask's authors discard rows below 0.7; 0 "
+                               "accepts every row."),
                 io.Combo.Input(
                     "border_crop", options=list(BORDER_CROP_MODES), default=AUTO,
                     tooltip="MIMIC-CXR-JPG and PadChest radiographs had their black border cropped before "
@@ -141,10 +139,7 @@ class CXRLoadCheXmask(io.ComfyNode):
                 ),
             ],
             outputs=[
-                OrganMasksType.Output(
-                    display_name="organ_masks",
-                    tooltip="right_lung, left_lung and heart (patient's sides) as one bundle.",
-                ),
+                organ_masks_output("right_lung, left_lung and heart (patient's sides) as one bundle."),
                 io.String.Output(
                     display_name="quality",
                     tooltip="The row's Dice RCA scores, where each mask came from (RLE or landmarks) and "
@@ -160,11 +155,7 @@ class CXRLoadCheXmask(io.ComfyNode):
             if not image_id.strip():
                 raise CXRInputError("no image id given.", input_name="image_id",
                                     fix="Type the radiograph's id as the CSV writes it.")
-            for name, value, options in (("id_column", id_column, ID_CHOICES),
-                                         ("border_crop", border_crop, BORDER_CROP_MODES)):
-                if value not in options:
-                    raise CXRInputError(f"'{value}' is not one of {', '.join(options)}.", input_name=name,
-                                        fix="Pick a value from the list (an API prompt may hold any string).")
+            check_inputs(cls, id_column=id_column, border_crop=border_crop)
         except CXRInputError as err:
             return str(err.located(cls.TITLE, "csv_file"))
         return True
@@ -186,7 +177,7 @@ class CXRLoadCheXmask(io.ComfyNode):
         border_crop: str,
         image: torch.Tensor | None = None,
     ) -> io.NodeOutput:
-        check_numbers(cls, min_dice=min_dice)
+        check_inputs(cls, min_dice=min_dice)
         problem = cls.validate_inputs(csv_file, image_id, id_column, border_crop)
         if problem is not True:
             raise CXRInputError(str(problem))  # already names node, input and fix

@@ -1,28 +1,23 @@
-"""Conventions every node of the pack shares: category root, link types, error helpers."""
+"""Helpers every node of the pack shares: error location, ComfyUI's input and output folders, the input check.
+
+The names the schemas share (categories, link types, choices, tooltips) are in :mod:`.schema`.
+"""
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import folder_paths
 from comfy_api.latest import io
 
+from ..attention.stage_builders import check_choice, check_number
 from ..errors import CXRInputError
-
-CATEGORY_ROOT = "CXR Counterfactual"
-CATEGORY_INPUT = f"{CATEGORY_ROOT}/input"
-CATEGORY_MASKS = f"{CATEGORY_ROOT}/masks"
-CATEGORY_GEOMETRY = f"{CATEGORY_ROOT}/geometry"
-CATEGORY_ATTENTION = f"{CATEGORY_ROOT}/attention"
-
-# Link types of the pack. A custom type is a plain type string in ComfyUI.
-OrganMasksType = io.Custom("ORGAN_MASKS")
-GeometryType = io.Custom("CXR_GEOMETRY")
-TokensType = io.Custom("CXR_TOKENS")
+from .schema import NONE_CHOICE
 
 
 @contextmanager
@@ -32,9 +27,6 @@ def user_errors(node: str, input_name: str = "", fix: str = "") -> Iterator[None
         yield
     except CXRInputError as err:
         raise err.located(node, input_name, fix) from None
-
-
-NONE_CHOICE = "(none)"
 
 
 def input_image_files() -> list[str]:
@@ -76,36 +68,86 @@ def input_file_problem(node: str, input_name: str, name: str, *, optional: bool 
     return None
 
 
-def require_choice(node: str, input_name: str, value: str, options: list[str] | tuple[str, ...]) -> None:
-    """ComfyUI 0.3.64 does not check V3 combo values against their options: check one here."""
-    if value not in options:
-        raise CXRInputError(
-            f"'{value}' is not one of {', '.join(options)}.", node=node, input_name=input_name,
-            fix="Pick a value from the list (an API prompt may hold any string).",
-        )
+@dataclass(frozen=True)
+class _Declared:
+    """What a node's schema declares about one input: a number's range, or a combo's choices."""
+
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def check(self, name: str, value: float | str) -> None:
+        """The core's checks (one text for every node and both hosts)."""
+        if self.choices is not None:
+            check_choice(name, str(value), self.choices)
+        else:
+            check_number(name, float(value), self.low, self.high)
 
 
-def check_numbers(cls: type[io.ComfyNode], **values: float | None) -> None:
-    """Refuse NaN (and any number outside the input's declared min/max) for the named FLOAT inputs of ``cls``.
+@functools.cache
+def _declared(cls: type[io.ComfyNode]) -> tuple[str, dict[str, _Declared]]:
+    """The node's display name and its inputs' ranges and choices, read from its schema once per class: a
+    schema is rebuilt by every ``define_schema`` call, and some of those list ComfyUI's input folder."""
+    schema = cls.define_schema()
+    declared = {}
+    for i in schema.inputs:
+        if isinstance(i, (io.Float.Input, io.Int.Input)):
+            declared[i.id] = _Declared(low=i.min, high=i.max)
+        elif isinstance(i, io.Combo.Input):
+            declared[i.id] = _Declared(choices=tuple(i.options))
+    return schema.display_name or "", declared
+
+
+def check_inputs(cls: type[io.ComfyNode], **values: float | str | None) -> None:
+    """Check the named number and choice inputs of ``cls`` against its schema: the one input check of the pack.
 
     ComfyUI checks a number against its input's min/max before the graph runs, but every comparison with NaN
     is false: a NaN posted in an API prompt (JSON ``NaN``) passes and would spread through masks and the
-    sampler, or end in an index error deep inside ComfyUI. Unconnected optional inputs (None) are skipped.
+    sampler, or end in an index error deep inside ComfyUI. And ComfyUI 0.3.64 checks no V3 combo value against
+    its options. So a node names its numbers and choices here: NaN, infinity, a number outside the declared
+    min/max and a value that is not one of the options are refused, in the order named. Unconnected optional
+    inputs (None) are skipped. A combo that lists files is checked where the file is opened
+    (:func:`resolve_input_file`): the choices here are read once, the folder changes while ComfyUI runs.
 
     Raises:
-        CXRInputError: naming the node, the input and its range.
+        CXRInputError: naming the node, the input and what it accepts.
     """
-    schema = cls.define_schema()
-    limits = {i.id: (i.min, i.max) for i in schema.inputs if isinstance(i, io.Float.Input)}
+    node, declared = _declared(cls)
     for name, value in values.items():
         if value is None:
             continue
-        lo, hi = limits[name]
-        if math.isfinite(value) and (lo is None or value >= lo) and (hi is None or value <= hi):
-            continue
-        span = f"between {lo:g} and {hi:g}" if lo is not None and hi is not None else "that is finite"
-        raise CXRInputError(f"{value} is not a number {span}.", node=schema.display_name or "", input_name=name,
-                            fix=f"Use a number {span}.")
+        try:
+            declared[name].check(name, value)
+        except CXRInputError as err:
+            raise err.located(node, name) from None
+
+
+def validation_of(cls: type[io.ComfyNode], **values: float | str | None) -> bool | str:
+    """:func:`check_inputs` for ``validate_inputs``, which answers True or the message."""
+    try:
+        check_inputs(cls, **values)
+    except CXRInputError as err:
+        return str(err)
+    return True
+
+
+def require_single(node: str, input_name: str, count: int, what: str) -> None:
+    """Organ masks describe one radiograph: refuse a batch of ``count`` images or masks."""
+    if count != 1:
+        raise CXRInputError(f"got a batch of {count} {what}s; organ masks describe one radiograph.",
+                            node=node, input_name=input_name,
+                            fix=f"Pass a single {what} (e.g. pick one with a batch-select node).")
+
+
+def output_location(title: str, prefix: str, width: int, height: int) -> tuple[str, str, int, str]:
+    """ComfyUI's SaveImage placement: (folder, file stem, first free counter, subfolder) in the output folder."""
+    try:
+        folder, stem, counter, subfolder, _ = folder_paths.get_save_image_path(
+            prefix, folder_paths.get_output_directory(), width, height)
+    except Exception:  # noqa: BLE001 - ComfyUI raises a bare Exception for a prefix leaving the folder
+        raise CXRInputError(f"'{prefix}' leads outside ComfyUI's output folder.", node=title,
+                            input_name="filename_prefix", fix="Use a relative prefix such as 'cxr/edit'.") from None
+    return folder, stem, counter, subfolder
 
 
 def file_fingerprint(*names: str) -> str:

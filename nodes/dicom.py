@@ -24,7 +24,8 @@ from comfy_api.latest import io
 from ..errors import CXRInputError
 from ..imaging.dicom import WINDOW_MODES
 from ..imaging.radiograph import is_radiograph_name, read_radiograph
-from .common import CATEGORY_INPUT, GeometryType, file_fingerprint, resolve_input_file, user_errors
+from .common import check_inputs, file_fingerprint, resolve_input_file, user_errors
+from .schema import CATEGORY_INPUT, GeometryType, described
 
 _COPY_FIX = (
     "Copy the radiograph (DICOM, PNG or JPEG) into ComfyUI's input folder (ComfyUI/input, subfolders "
@@ -54,7 +55,12 @@ def _resolve(name: str) -> Path:
 
 
 class CXRLoadDICOM(io.ComfyNode):
-    """A DICOM, PNG or JPEG radiograph as a display-ready grey IMAGE and its geometry (id kept from DICOM-only days)."""
+    """Loads a chest radiograph from a DICOM, PNG or JPEG file in ComfyUI's input folder, recognised by its content.
+    DICOM: the file's rescale and VOI (window or VOI LUT), 12–16-bit data scaled by its real range, MONOCHROME1
+    shown inverted so bone is bright; a multi-frame file gives its first frame (with a warning in the log).
+    PNG/JPEG: the file's whole bit depth with no window (a 16-bit PNG keeps its 65536 grey levels), colour made
+    grey. Patient data (DICOM header, PNG text, EXIF) is never passed on. No upload button (the frontend's would
+    drop DICOM files): copy the file into ComfyUI/input and refresh."""
 
     TITLE = "Load Chest X-ray (DICOM/PNG/JPEG)"
 
@@ -64,13 +70,7 @@ class CXRLoadDICOM(io.ComfyNode):
             node_id="CXRLoadDICOM",
             display_name=cls.TITLE,
             category=CATEGORY_INPUT,
-            description="Loads a chest radiograph from a DICOM, PNG or JPEG file in ComfyUI's input folder, "
-            "recognised by its content. DICOM: the file's rescale and VOI (window or VOI LUT), 12–16-bit data "
-            "scaled by its real range, MONOCHROME1 shown inverted so bone is bright; a multi-frame file gives "
-            "its first frame (with a warning in the log). PNG/JPEG: the file's whole bit depth with no window "
-            "(a 16-bit PNG keeps its 65536 grey levels), colour made grey. Patient data (DICOM header, PNG "
-            "text, EXIF) is never passed on. No upload button (the frontend's would drop DICOM files): copy "
-            "the file into ComfyUI/input and refresh.",
+            description=described(cls),
             inputs=[
                 io.Combo.Input(
                     "dicom_file",
@@ -111,14 +111,8 @@ class CXRLoadDICOM(io.ComfyNode):
     def validate_inputs(cls, dicom_file: str, window: str = "auto") -> bool | str:
         # ComfyUI 0.3.64 does not check V3 combo values against their options, so both inputs are
         # checked here (a prompt posted through the API can hold any string).
-        if window not in WINDOW_MODES:
-            return str(
-                CXRInputError(
-                    f"unknown window mode '{window}'.", node=cls.TITLE, input_name="window",
-                    fix=f"Use one of {', '.join(WINDOW_MODES)}.",
-                )
-            )
         try:
+            check_inputs(cls, window=window)
             _resolve(dicom_file)
         except CXRInputError as err:
             return str(err.located(cls.TITLE, "dicom_file"))

@@ -11,14 +11,20 @@ from ..attention.organs import OrganMasks
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
 from ..hosts.comfy.patch import run_state
+from ..imaging.attention_view import mean_maps
 from ..imaging.export import exclusive_paths, write_new
 from ..imaging.metrics import MetricsReport, attention_iou, dice_per_organ, evaluate_pair, grey, region_on
 from ..imaging.metrics_report import difference_heat_map, format_table, to_csv, to_json
-from .common import OrganMasksType, TokensType, check_numbers, user_errors
-from .export import CATEGORY_OUTPUT, output_location
-from .inspect import CATEGORY_INSPECT, mean_maps
-
-MetricsType = io.Custom("CXR_METRICS")
+from .common import check_inputs, output_location, user_errors
+from .schema import (
+    CATEGORY_INSPECT,
+    CATEGORY_OUTPUT,
+    MetricsType,
+    OrganMasksType,
+    TokensType,
+    described,
+    fraction_input,
+)
 
 
 def _pair_batches(title: str, source: torch.Tensor, edited: torch.Tensor) -> int:
@@ -37,16 +43,18 @@ def _pair_batches(title: str, source: torch.Tensor, edited: torch.Tensor) -> int
 
 
 class CXREvaluateEdit(io.ComfyNode):
+    """Measures an edit against its source: preservation outside the edit region (SSIM, PSNR and mean |difference|
+    over keep pixels, from kornia), how much of the change lies inside the edit region, per-organ change, organ Dice
+    against masks of the edit, and the IoU of the pathology words' attention with the edit region when a capture
+    exists. Shows a table and a difference heat map."""
+
     TITLE = "CXR Evaluate Edit"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXREvaluateEdit", display_name=cls.TITLE, category=CATEGORY_INSPECT, is_output_node=True,
-            description="Measures an edit against its source: preservation outside the edit region (SSIM, PSNR and "
-            "mean |difference| over keep pixels, from kornia), how much of the change lies inside the edit region, "
-            "per-organ change, organ Dice against masks of the edit, and the IoU of the pathology words' attention "
-            "with the edit region when a capture exists. Shows a table and a difference heat map.",
+            description=described(cls),
             inputs=[
                 io.Image.Input("source", tooltip="The source radiograph (same grid as the edit: fitted or native)."),
                 io.Image.Input("edited", tooltip="The edited radiograph (e.g. VAE Decode of the sampler's LATENT)."),
@@ -65,8 +73,8 @@ class CXREvaluateEdit(io.ComfyNode):
                 io.Float.Input("attention_threshold", default=0.5, min=0.01, max=1.0, step=0.01,
                                tooltip="A token counts as attended when its pathology attention is at least this "
                                "fraction of the map's maximum."),
-                io.Float.Input("heat_scale", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="|difference| drawn at full colour; 0 = each pair's largest difference."),
+                fraction_input("heat_scale", 0.0,
+                               "|difference| drawn at full colour; 0 = each pair's largest difference."),
             ],
             outputs=[
                 io.Image.Output(display_name="heat_map", tooltip="edited − source over the dimmed source (red "
@@ -81,7 +89,7 @@ class CXREvaluateEdit(io.ComfyNode):
                 attention_threshold: float = 0.5, heat_scale: float = 0.0, organ_masks: OrganMasks | None = None,
                 edit_organ_masks: OrganMasks | None = None, model=None, latent: dict | None = None,
                 tokens: TokenMap | None = None) -> io.NodeOutput:
-        check_numbers(cls, attention_threshold=attention_threshold, heat_scale=heat_scale)
+        check_inputs(cls, attention_threshold=attention_threshold, heat_scale=heat_scale)
         n = _pair_batches(cls.TITLE, source, edited)
         if edit_organ_masks is not None and organ_masks is None:
             raise CXRInputError("Dice needs the source's masks too.", node=cls.TITLE, input_name="organ_masks",
@@ -148,14 +156,16 @@ class CXREvaluateEdit(io.ComfyNode):
 
 
 class CXRSaveMetrics(io.ComfyNode):
+    """Saves the metrics of CXR Evaluate Edit as JSON (with every metric's definition) and CSV (one row per image
+    pair) in ComfyUI's output folder, numbered like Save Image; never overwrites a file."""
+
     TITLE = "CXR Save Metrics"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRSaveMetrics", display_name=cls.TITLE, category=CATEGORY_OUTPUT, is_output_node=True,
-            description="Saves the metrics of CXR Evaluate Edit as JSON (with every metric's definition) and CSV (one "
-            "row per image pair) in ComfyUI's output folder, numbered like Save Image; never overwrites a file.",
+            description=described(cls),
             inputs=[
                 MetricsType.Input("metrics", tooltip="From CXR Evaluate Edit."),
                 io.String.Input("filename_prefix", default="cxr_counterfactual/metrics",

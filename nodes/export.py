@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 
-import folder_paths
 import torch
 from comfy.cli_args import args
 from comfy_api.latest import io, ui
@@ -23,25 +22,13 @@ from ..imaging.export import (
     write_new,
 )
 from ..imaging.geometry import FitRecord, undo_fit
-from .common import CATEGORY_ROOT, require_choice, user_errors
-from .geometry import FitType
+from .common import check_inputs, output_location, user_errors, validation_of
+from .schema import CATEGORY_OUTPUT, FitType, described
 
 logger = logging.getLogger(__name__)
 
-CATEGORY_OUTPUT = f"{CATEGORY_ROOT}/output"
 FORMATS = ("png", "dicom", "png+dicom")
 BIT_DEPTHS = ("auto", "8", "16")
-
-
-def output_location(title: str, prefix: str, width: int, height: int) -> tuple[str, str, int, str]:
-    """ComfyUI's SaveImage placement: (folder, file stem, first free counter, subfolder) in the output folder."""
-    try:
-        folder, stem, counter, subfolder, _ = folder_paths.get_save_image_path(
-            prefix, folder_paths.get_output_directory(), width, height)
-    except Exception:  # noqa: BLE001 - ComfyUI raises a bare Exception for a prefix leaving the folder
-        raise CXRInputError(f"'{prefix}' leads outside ComfyUI's output folder.", node=title,
-                            input_name="filename_prefix", fix="Use a relative prefix such as 'cxr/edit'.") from None
-    return folder, stem, counter, subfolder
 
 
 def native_grey(title: str, image: torch.Tensor, fit: FitRecord) -> torch.Tensor:
@@ -59,17 +46,18 @@ def native_grey(title: str, image: torch.Tensor, fit: FitRecord) -> torch.Tensor
 
 
 class CXRExportCounterfactual(io.ComfyNode):
+    """Writes the edit at the radiograph's native size into ComfyUI's output folder, never over an existing file: a
+    grey PNG (16-bit for a DICOM or 16-bit source) marked synthetic in its text chunks, and/or a DICOM Secondary
+    Capture marked SYNTHETIC COUNTERFACTUAL (Conversion Type SYN, Image Type DERIVED\\SECONDARY, new UIDs), with the
+    source DICOM's header copied and patient data removed unless kept on purpose."""
+
     TITLE = "Export Counterfactual (native size)"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRExportCounterfactual", display_name=cls.TITLE, category=CATEGORY_OUTPUT, is_output_node=True,
-            description="Writes the edit at the radiograph's native size into ComfyUI's output folder, never over an "
-            "existing file: a grey PNG (16-bit for a DICOM or 16-bit source) marked synthetic in its text chunks, "
-            "and/or a DICOM Secondary Capture marked SYNTHETIC COUNTERFACTUAL (Conversion Type SYN, Image Type "
-            "DERIVED\\SECONDARY, new UIDs), with the source DICOM's header copied and patient data removed unless "
-            "kept on purpose.",
+            description=described(cls),
             inputs=[
                 io.Image.Input("image", tooltip="The edit: on the fitted grid (decoded by the VAE) or already at "
                                "native size."),
@@ -98,19 +86,12 @@ class CXRExportCounterfactual(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, format: str = "png", bit_depth: str = "auto") -> bool | str:
-        # ComfyUI 0.3.64 checks no V3 combo value: stop a bad API value before the graph runs.
-        try:
-            require_choice(cls.TITLE, "format", format, FORMATS)
-            require_choice(cls.TITLE, "bit_depth", bit_depth, BIT_DEPTHS)
-        except CXRInputError as err:
-            return str(err)
-        return True
+        return validation_of(cls, format=format, bit_depth=bit_depth)  # a bad API value stops before the graph runs
 
     @classmethod
     def execute(cls, image: torch.Tensor, fit: FitRecord, filename_prefix: str, format: str, bit_depth: str,
                 keep_patient_data: bool, include_workflow: bool) -> io.NodeOutput:
-        require_choice(cls.TITLE, "format", format, FORMATS)
-        require_choice(cls.TITLE, "bit_depth", bit_depth, BIT_DEPTHS)
+        check_inputs(cls, format=format, bit_depth=bit_depth)
         grey = native_grey(cls.TITLE, image, fit)
         geometry = fit.geometry
         source_bits = max(8, min(16, geometry.bits_stored)) if geometry is not None else 8

@@ -10,14 +10,24 @@ from ..attention.stage_builders import BLOCK_CHOICES, MARGIN_MAX, gate_stage
 from ..attention.tokens import TokenMap
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
 from ..hosts.comfy.unet_layout import transformer_keys
-from .common import CATEGORY_ATTENTION, OrganMasksType, TokensType, check_numbers, user_errors
-
-_WINDOW_TIP = (
-    " A fraction of the model's noise range (ComfyUI's convention, as ControlNet uses), not of the step count."
+from .common import check_inputs, user_errors
+from .schema import (
+    CATEGORY_ATTENTION,
+    TokensType,
+    described,
+    fraction_input,
+    organ_masks_input,
+    patched_model_output,
+    window_inputs,
 )
 
 
 class CXRAnatomyAttentionGate(io.ComfyNode):
+    """Stage 2 of the method: keeps each organ's structure to itself. Self-attention of every UNet transformer block
+    is confined to the organ a token belongs to (strength 1: hard; less: other regions leak in with weight 1 −
+    strength), and anatomy words of the prompt ('left lung', 'heart') are hidden from image tokens outside their
+    organ. Returns a patched copy of the model; composes with other attention patches applied before it."""
+
     TITLE = "CXR Anatomy Attention Gate"
 
     @classmethod
@@ -27,32 +37,20 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
             display_name=cls.TITLE,
             category=CATEGORY_ATTENTION,
             is_experimental=True,
-            description="Stage 2 of the method: keeps each organ's structure to itself. Self-attention of every "
-            "UNet transformer block is confined to the organ a token belongs to (strength 1: hard; less: other "
-            "regions leak in with weight 1 − strength), and anatomy words of the prompt ('left lung', 'heart') "
-            "are hidden from image tokens outside their organ. Returns a patched copy of the model; composes "
-            "with other attention patches applied before it.",
+            description=described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (SD1.x / SD2.x / SDXL UNet)."),
-                OrganMasksType.Input(
-                    "organ_masks",
-                    tooltip="Organ masks on the latent's field of view: use the masks output of Fit Radiograph "
-                    "to Model.",
-                ),
+                organ_masks_input("Organ masks on the latent's field of view: use the masks output of Fit Radiograph "
+                                  "to Model."),
                 TokensType.Input(
                     "tokens", optional=True,
                     tooltip="From CXR Text Encode: enables anatomy-token masking in cross-attention.",
                 ),
-                io.Float.Input(
-                    "strength", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="Self-attention gating: 1 = each token attends only to its own organ (hard, and "
-                    "faster than stock); 0 = off. Cross-organ weights are scaled by 1 − strength.",
-                ),
-                io.Float.Input(
-                    "token_strength", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="Anatomy-token masking: 1 = tokens outside an anatomy word's organ do not see that "
-                    "word; 0 = off. Needs 'tokens'.",
-                ),
+                fraction_input("strength", 1.0, "Self-attention gating: 1 = each token attends only to its own "
+                               "organ (hard, and faster than stock); 0 = off. Cross-organ weights are scaled by 1 − "
+                               "strength."),
+                fraction_input("token_strength", 1.0, "Anatomy-token masking: 1 = tokens outside an anatomy word's "
+                               "organ do not see that word; 0 = off. Needs 'tokens'."),
                 io.String.Input(
                     "organs", default="right_lung, left_lung, heart",
                     tooltip="Organs that form regions, in priority order (a token covered by two organs goes "
@@ -71,21 +69,14 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
                     "blocks", options=list(BLOCK_CHOICES), default="all",
                     tooltip="Which UNet parts are gated (every transformer block in them).",
                 ),
-                io.Float.Input(
-                    "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="Gating starts at this point of denoising." + _WINDOW_TIP,
-                ),
-                io.Float.Input(
-                    "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip="Gating ends at this point of denoising." + _WINDOW_TIP,
-                ),
+                *window_inputs("Gating starts at this point of denoising.", "Gating ends at this point of denoising."),
                 io.Boolean.Input(
                     "apply_to_uncond", default=False,
                     tooltip="Also gate the negative (uncond) pass's self-attention. Token masking always acts "
                     "on the positive prompt only.",
                 ),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="A patched copy of the model.")],
+            outputs=[patched_model_output()],
         )
 
     @classmethod
@@ -104,7 +95,7 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
         apply_to_uncond: bool,
         tokens: TokenMap | None = None,
     ) -> io.NodeOutput:
-        check_numbers(cls, start_percent=start_percent, end_percent=end_percent)
+        check_inputs(cls, start_percent=start_percent, end_percent=end_percent)
         with user_errors(cls.TITLE, "model"):
             transformer_keys(model)  # an unsupported model first: it has no noise range to turn percents into
         with user_errors(cls.TITLE):

@@ -10,12 +10,15 @@ from comfy_api.latest import io
 from ..attention.organs import OrganMasks
 from ..errors import CXRInputError
 from ..imaging.geometry import FitRecord, NativeGeometry, apply_fit, composite_native, plan_fit, undo_fit
-from .common import CATEGORY_GEOMETRY, GeometryType, OrganMasksType, user_errors
-
-FitType = io.Custom("CXR_FIT")
+from .common import user_errors
+from .schema import CATEGORY_GEOMETRY, FitType, GeometryType, OrganMasksType, described
 
 
 class CXRFitToModel(io.ComfyNode):
+    """Scales the radiograph (aspect ratio kept) so its longer side is 'max_side', pads it to multiples of 8 with
+    black, and does the same to the organ masks, so image, masks and latent line up. The 'fit' output records how to
+    go back to native size (Restore Native Size)."""
+
     TITLE = "Fit Radiograph to Model"
 
     @classmethod
@@ -24,9 +27,7 @@ class CXRFitToModel(io.ComfyNode):
             node_id="CXRFitToModel",
             display_name=cls.TITLE,
             category=CATEGORY_GEOMETRY,
-            description="Scales the radiograph (aspect ratio kept) so its longer side is 'max_side', pads it to "
-            "multiples of 8 with black, and does the same to the organ masks, so image, masks and latent line up. "
-            "The 'fit' output records how to go back to native size (Restore Native Size).",
+            description=described(cls),
             inputs=[
                 io.Image.Input("image", tooltip="The radiograph at native size (from Load Image or Load DICOM)."),
                 io.Int.Input(
@@ -80,6 +81,9 @@ class CXRFitToModel(io.ComfyNode):
 
 
 class CXRRestoreNativeSize(io.ComfyNode):
+    """Crops the padding added by 'Fit Radiograph to Model' and scales the image (and an optional mask) back to the
+    radiograph's native size, so edits line up with the original."""
+
     TITLE = "Restore Native Size"
 
     @classmethod
@@ -88,8 +92,7 @@ class CXRRestoreNativeSize(io.ComfyNode):
             node_id="CXRRestoreNativeSize",
             display_name=cls.TITLE,
             category=CATEGORY_GEOMETRY,
-            description="Crops the padding added by 'Fit Radiograph to Model' and scales the image (and an "
-            "optional mask) back to the radiograph's native size, so edits line up with the original.",
+            description=described(cls),
             inputs=[
                 io.Image.Input("image", tooltip="An image on the fitted grid, e.g. the decoded edit."),
                 FitType.Input("fit", tooltip="The 'fit' output of Fit Radiograph to Model."),
@@ -113,6 +116,10 @@ class CXRRestoreNativeSize(io.ComfyNode):
 
 
 class CXRCompositeNative(io.ComfyNode):
+    """Puts the edit back into the patient's own radiograph at native size: inside the feathered edit region the
+    decoded edit (scaled back), outside it the source's original pixels, bit for bit. The VAE round trip and the
+    model's smaller grid would otherwise blur or change the whole image."""
+
     TITLE = "Composite Edit onto Radiograph (native size)"
 
     @classmethod
@@ -121,9 +128,7 @@ class CXRCompositeNative(io.ComfyNode):
             node_id="CXRCompositeNative",
             display_name=cls.TITLE,
             category=CATEGORY_GEOMETRY,
-            description="Puts the edit back into the patient's own radiograph at native size: inside the feathered "
-            "edit region the decoded edit (scaled back), outside it the source's original pixels, bit for bit. "
-            "The VAE round trip and the model's smaller grid would otherwise blur or change the whole image.",
+            description=described(cls),
             inputs=[
                 io.Image.Input("source", tooltip="The radiograph at native size (Load Chest X-ray (DICOM) or Load "
                                "Image): the one that went into Fit Radiograph to Model."),

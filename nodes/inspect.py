@@ -7,10 +7,9 @@ from comfy_api.latest import io, ui
 
 from ..errors import CXRInputError
 from ..hosts.comfy.patch import run_state
-from ..imaging.attention_view import labelled_grid, overlay_heat, share_plot
-from .common import CATEGORY_ROOT
+from ..imaging.attention_view import labelled_grid, mean_maps, overlay_heat, share_plot
+from .schema import CATEGORY_INSPECT, described
 
-CATEGORY_INSPECT = f"{CATEGORY_ROOT}/inspect"
 SLOTS = 3
 
 
@@ -26,16 +25,11 @@ def captured_run(title: str, slot: int, model, latent: dict) -> dict:
     return record
 
 
-def mean_maps(capture: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Per-word maps averaged over layers and captured steps, and the in-target share per step."""
-    steps = [capture["steps"][s] for s in sorted(capture["steps"], reverse=True)]  # early (high sigma) first
-    words = list(steps[0]["maps"])
-    maps = {w: sum(st["maps"][w] / st["layers"] for st in steps) / len(steps) for w in words}
-    shares = [st["share_sum"] / st["share_layers"] for st in steps if st["share_layers"]]
-    return maps, shares
-
-
 class CXRAttentionPreview(io.ComfyNode):
+    """Shows what each stage does to attention: per-word cross-attention maps over the radiograph (rows = runs, e.g.
+    stock / gated / boosted from one graph; columns = words) and the pathology words' attention share inside the
+    target per step. Reads the capture of exactly the run that produced each LATENT."""
+
     TITLE = "CXR Attention Preview"
 
     @classmethod
@@ -49,10 +43,7 @@ class CXRAttentionPreview(io.ComfyNode):
             ]
         return io.Schema(
             node_id="CXRAttentionPreview", display_name=cls.TITLE, category=CATEGORY_INSPECT, is_output_node=True,
-            description="Shows what each stage does to attention: per-word cross-attention maps over the radiograph "
-            "(rows = runs, e.g. stock / gated / boosted from one graph; columns = words) and the pathology words' "
-            "attention share inside the target per step. Reads the capture of exactly the run that produced each "
-            "LATENT.",
+            description=described(cls),
             inputs=inputs,
             outputs=[
                 io.Image.Output(display_name="maps", tooltip="Rows of per-word attention maps, one row per run."),

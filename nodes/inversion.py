@@ -1,10 +1,8 @@
-"""Real-image inversion: the patient's latent mapped deterministically to the noise it would come from.
+"""Real-image inversion nodes: the patient's latent mapped deterministically to the noise it would come from.
 
-``CXRInvertLatent`` runs the DDIM inversion of ``attention/inversion.py`` *inside* ComfyUI's own sampling
-machinery: a ``comfy.samplers.CFGGuider`` with the given model, conditioning and cfg samples with a
-``KSAMPLER`` whose sampler function is the inversion loop. So the denoiser it inverts is exactly the one
-SamplerCustom will call later (same latent scaling ``process_latent_in/out``, same cond processing, same
-model patches and wrappers), and the node needs no private copy of ComfyUI's CFG code.
+``CXRInvertLatent`` runs the DDIM inversion of ``attention/inversion.py`` inside ComfyUI's own sampling
+machinery (the guider and sampler glue is ``hosts/comfy/inversion.py``), so the denoiser it inverts is
+exactly the one SamplerCustom will call later.
 
 Outputs, and how they plug into ComfyUI's samplers (sampler ``euler`` or ``ddim``, the same cfg):
 - ``inverted`` LATENT + ``sigmas`` → SamplerCustom with ``add_noise`` off (or SamplerCustomAdvanced with
@@ -13,155 +11,57 @@ Outputs, and how they plug into ComfyUI's samplers (sampler ``euler`` or ``ddim`
   SamplerCustomAdvanced: ComfyUI starts at ``source + sigma * eps`` (the inverted latent) and noises the
   kept region with that same ``eps`` at every step, so inversion and keep region compose.
 
-Both outputs carry an :class:`InversionRecord` (which model, conditioning, cfg and schedule were inverted,
-and the inverted trajectory). ``CXRInversionGuider``, a CFGGuider for SamplerCustomAdvanced, refuses a
-regeneration that does not match, and feeds a kept region the patient's own inverted trajectory instead of
-ComfyUI's straight-line ``source + sigma * eps`` (see :class:`CheckedGuider`).
+Both outputs carry the inversion's record. ``CXRInversionGuider``, a CFGGuider for SamplerCustomAdvanced,
+refuses a regeneration that does not match it, and feeds a kept region the patient's own inverted trajectory
+instead of ComfyUI's straight-line ``source + sigma * eps``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-from dataclasses import dataclass, field
 
-import comfy.model_sampling
-import comfy.sampler_helpers
-import comfy.samplers
-import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..attention.inversion import InversionReport, check_schedule, ddim_invert, implied_noise
-from ..attention.run_state import latent_fingerprint
 from ..errors import CXRInputError
-from .common import CATEGORY_ROOT, check_numbers, require_choice
+from ..hosts.comfy.inversion import (
+    RECORD_KEY,
+    SCHEDULERS,
+    CheckedGuider,
+    InversionRecord,
+    InvertedNoise,
+    conditioning_key,
+    inversion_sigmas,
+    invert,
+    model_key,
+    require_eps_model,
+)
+from .common import check_inputs
+from .schema import CATEGORY_EDIT, described
 
 logger = logging.getLogger("cxr_counterfactual")
 
-CATEGORY_EDIT = f"{CATEGORY_ROOT}/edit"
-RECORD_KEY = "cxr_inversion"  # LATENT dict key; ComfyUI's samplers copy unknown keys to their output
-# Schedulers that can be restricted exactly to [sigma_min, sigma_start] (others read the model's whole table).
-SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "kl_optimal")
 
-
-@dataclass(frozen=True)
-class InversionRecord:
-    """What an inversion used: a regeneration must use the same model, negative prompt, cfg and schedule."""
-
-    model_key: str
-    positive_key: str
-    negative_key: str
-    cfg: float
-    sigmas: tuple[float, ...]
-    source_key: str
-    inverted_key: str
-    noise_key: str
-    # The inverted latents at sigmas[:-1] (model space, CPU): what a kept region is fed while regenerating.
-    trajectory: tuple[torch.Tensor, ...] = field(default=(), repr=False)
-
-
-def model_key(model) -> str:
-    """The model's weights and noise schedule: the loaded checkpoint object, its weight patches (LoRA) and
-    its model sampling. Attention patches and wrappers (gate, boost, capture) do not count."""
-    ms = model.get_model_object("model_sampling")
-    return (f"{type(model.model).__name__}@{id(model.model):x}/{model.patches_uuid}/{type(ms).__name__}:"
-            f"{float(ms.sigma_min):.6g}-{float(ms.sigma_max):.6g}")
-
-
-def conditioning_key(conditioning) -> str:
-    """A digest of a CONDITIONING: its tensors (context, pooled output, masks) and plain options."""
-    h = hashlib.sha1()
-    for tensor, options in conditioning:
-        h.update(latent_fingerprint(tensor).encode())
-        for k in sorted(options):
-            v = options[k]
-            if isinstance(v, torch.Tensor):
-                h.update(f"{k}={latent_fingerprint(v)}".encode())
-            elif isinstance(v, (int, float, str, bool, tuple, type(None))):
-                h.update(f"{k}={v!r}".encode())
-            else:
-                h.update(f"{k}:{type(v).__name__}".encode())
-    return h.hexdigest()
-
-
-class _Range:
-    """A model sampling seen through a lower sigma_max, so ComfyUI's normal/sgm schedulers span [min, start]."""
-
-    def __init__(self, ms, sigma_max: float) -> None:
-        self._ms = ms
-        self.sigma_max = torch.tensor(sigma_max)
-        self.sigma_min = ms.sigma_min
-
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return self._ms.timestep(sigma)
-
-    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
-        return self._ms.sigma(timestep)
-
-
-def inversion_sigmas(model, scheduler: str, steps: int, start_percent: float, title: str) -> torch.Tensor:
-    """``steps`` steps of ``scheduler`` from ``percent_to_sigma(start_percent)`` (capped at sigma_max) to 0."""
-    ms = model.get_model_object("model_sampling")
-    sigma_min, sigma_max = float(ms.sigma_min), float(ms.sigma_max)
-    start = min(float(ms.percent_to_sigma(start_percent)), sigma_max)
-    if start <= sigma_min * (1 + 1e-6):
-        raise CXRInputError(
-            f"start_percent {start_percent} is at the end of the noise range (sigma {start:.4g}): nothing to invert.",
-            node=title, input_name="start_percent", fix="Use a start below 1, e.g. 0.3–0.7.")
-    if scheduler in ("normal", "sgm_uniform"):
-        sigmas = comfy.samplers.normal_scheduler(_Range(ms, start), steps, sgm=scheduler == "sgm_uniform")
-    else:
-        handler = comfy.samplers.SCHEDULER_HANDLERS[scheduler].handler
-        sigmas = handler(n=steps, sigma_min=sigma_min, sigma_max=start)
-    try:
-        check_schedule(sigmas)
-    except CXRInputError as err:  # a collapsed schedule is a steps/start problem, not one of a wired input
-        raise CXRInputError(f"{steps} steps from sigma {start:.4g}: {err.problem}", node=title, input_name="steps",
-                            fix="Use fewer steps or a smaller start_percent.") from None
-    return sigmas.float().cpu()
-
-
-def _max_denoise(ms, sigma: float) -> bool:
-    """ComfyUI's test (``Sampler.max_denoise``) for starting from pure noise, where it scales the noise by
-    sqrt(1 + sigma²) instead of sigma."""
-    sigma_max = float(ms.sigma_max)
-    return math.isclose(sigma_max, sigma, rel_tol=1e-05) or sigma > sigma_max
-
-
-class InvertedNoise:
-    """NOISE for SamplerCustomAdvanced: the inversion's ``eps``, valid only with the latent it inverted."""
-
-    def __init__(self, eps: torch.Tensor, record: InversionRecord, title: str) -> None:
-        self.seed = 0  # SamplerCustomAdvanced passes it on as the run's seed; nothing here is random
-        self.eps = eps
-        self.record = record
-        self.title = title
-
-    def generate_noise(self, input_latent: dict) -> torch.Tensor:
-        samples = input_latent["samples"]
-        if latent_fingerprint(samples) != self.record.source_key:
-            raise CXRInputError(
-                f"the sampler's latent_image ({tuple(samples.shape)}) is not the latent this noise was inverted "
-                "from.", node=self.title, input_name="latent",
-                fix="Give SamplerCustomAdvanced the same source latent (or its Apply Keep Region output); for the "
-                "'inverted' latent use SamplerCustom with add_noise off instead.")
-        return self.eps.to(samples.dtype).clone()
+def cfg_input(tooltip: str) -> io.Input:
+    """The guidance scale: one range for the inversion and the regeneration that must match it."""
+    return io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01, tooltip=tooltip)
 
 
 class CXRInvertLatent(io.ComfyNode):
+    """Maps the patient's encoded radiograph deterministically to the noisy latent at 'start_percent' (DDIM
+    inversion with the model, prompt and cfg given, refined by fixed-point steps). Sampling back with euler/ddim,
+    the returned sigmas and the same prompt gives the patient again; an edited prompt gives the counterfactual. Use
+    'inverted' with SamplerCustom (add_noise off), or 'noise' with the source latent (and its keep region) in
+    SamplerCustomAdvanced."""
+
     TITLE = "Invert Radiograph (DDIM)"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRInvertLatent", display_name=cls.TITLE, category=CATEGORY_EDIT, is_experimental=True,
-            description="Maps the patient's encoded radiograph deterministically to the noisy latent at "
-            "'start_percent' (DDIM inversion with the model, prompt and cfg given, refined by fixed-point "
-            "steps). Sampling back with euler/ddim, the returned sigmas and the same prompt gives the patient "
-            "again; an edited prompt gives the counterfactual. Use 'inverted' with SamplerCustom (add_noise "
-            "off), or 'noise' with the source latent (and its keep region) in SamplerCustomAdvanced.",
+            description=described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The edit's checkpoint (SD1.x/2.x/SDXL), plain or gated; not boosted "
                                "(boosting targets the edit prompt's words). Regenerate with the same checkpoint."),
@@ -170,9 +70,8 @@ class CXRInvertLatent(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The negative prompt; use the same one for the edit."),
                 io.Latent.Input("latent", tooltip="The encoded radiograph (VAE Encode; Apply Keep Region's output is "
                                 "fine, its mask is ignored here)."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance during inversion; use the same cfg to regenerate. 1 "
-                               "inverts most exactly; higher values amplify the inversion error."),
+                cfg_input("Classifier-free guidance during inversion; use the same cfg to regenerate. 1 inverts most "
+                          "exactly; higher values amplify the inversion error."),
                 io.Int.Input("steps", default=20, min=1, max=1000,
                              tooltip="Steps from the start sigma down to 0 ('sigmas' has steps + 1 values)."),
                 io.Combo.Input("scheduler", options=list(SCHEDULERS), default="karras",
@@ -199,14 +98,8 @@ class CXRInvertLatent(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent: dict, cfg: float, steps: int, scheduler: str,
                 start_percent: float, refine: int) -> io.NodeOutput:
-        require_choice(cls.TITLE, "scheduler", scheduler, SCHEDULERS)
-        check_numbers(cls, cfg=cfg)
-        if not 0.0 <= start_percent < 1.0:
-            raise CXRInputError(f"start_percent {start_percent} is outside [0, 1).", node=cls.TITLE,
-                                input_name="start_percent", fix="Use 0 (pure noise) up to below 1, e.g. 0.5.")
-        if steps < 1 or refine < 0:
-            raise CXRInputError(f"steps {steps} / refine {refine}.", node=cls.TITLE, input_name="steps",
-                                fix="Use at least 1 step and 0 or more refinements.")
+        # Start 1 (no noise left) is refused by inversion_sigmas: the end of the model's noise range is the rule.
+        check_inputs(cls, scheduler=scheduler, cfg=cfg, start_percent=start_percent, steps=steps, refine=refine)
         if RECORD_KEY in latent:
             raise CXRInputError("this latent is already an inversion result (a noisy latent).", node=cls.TITLE,
                                 input_name="latent", fix="Invert the encoded radiograph (VAE Encode's output).")
@@ -214,150 +107,37 @@ class CXRInvertLatent(io.ComfyNode):
         if samples.ndim != 4 or torch.count_nonzero(samples) == 0:
             raise CXRInputError(f"the latent ({tuple(samples.shape)}) is empty or not an image latent.",
                                 node=cls.TITLE, input_name="latent", fix="Connect VAE Encode of the radiograph.")
-        ms = model.get_model_object("model_sampling")
-        if not isinstance(ms, comfy.model_sampling.EPS):  # flow models (CONST) mix x0 and noise differently
-            raise CXRInputError(f"unsupported model sampling {type(ms).__name__} (inversion assumes x = x0 + σ·ε).",
-                                node=cls.TITLE, input_name="model",
-                                fix="Use an SD1.x, SD2.x or SDXL-family checkpoint (CXR models such as RoentGen).")
+        require_eps_model(model, cls.TITLE)
         sigmas = inversion_sigmas(model, scheduler, steps, start_percent, cls.TITLE)
-        x_t, x0, report = cls._invert(model, positive, negative, samples, cfg, sigmas, refine)
-        sigma_t = float(sigmas[0])
-        eps = implied_noise(x_t, x0, sigma_t)
-        if _max_denoise(ms, sigma_t):  # ComfyUI will scale this noise by sqrt(1 + σ²), not σ
-            eps = eps * (sigma_t / math.sqrt(1.0 + sigma_t * sigma_t))
-        inverted_samples = model.model.process_latent_out(x_t).to(samples.dtype)
-        record = InversionRecord(
-            model_key=model_key(model), positive_key=conditioning_key(positive),
-            negative_key=conditioning_key(negative), cfg=float(cfg), sigmas=tuple(float(s) for s in sigmas),
-            source_key=latent_fingerprint(samples), inverted_key=latent_fingerprint(inverted_samples),
-            noise_key=latent_fingerprint(eps), trajectory=report.trajectory)
+        result = invert(model, positive, negative, samples, cfg, sigmas, refine)
         inverted = {k: v for k, v in latent.items() if k != "noise_mask"}  # the keep path needs the source
-        inverted.update(samples=inverted_samples, **{RECORD_KEY: record})
+        inverted.update(samples=result.samples, **{RECORD_KEY: result.record})
+        report = result.report
         finite = [r for r in report.residuals if math.isfinite(r)]
         logger.info("%s: %d steps from sigma %.4g (%d model calls), worst fixed-point residual %s", cls.TITLE,
-                    report.steps, sigma_t, report.model_calls, f"{max(finite):.2e}" if finite else "n/a")
-        return io.NodeOutput(inverted, InvertedNoise(eps, record, cls.TITLE), sigmas.clone())
-
-    @classmethod
-    def _invert(cls, model, positive, negative, samples: torch.Tensor, cfg: float, sigmas: torch.Tensor,
-                refine: int) -> tuple[torch.Tensor, torch.Tensor, InversionReport]:
-        """Run the inversion as a ComfyUI sampler: returns x_T and x0 in the model's space (CPU), and the report."""
-        pbar = comfy.utils.ProgressBar(len(sigmas) - 1)
-        held: dict = {}
-
-        def inversion_sampler(model_k, x, sigmas_dev, extra_args=None, callback=None, disable=None):
-            extra = extra_args or {}
-            s_in = x.new_ones([x.shape[0]])
-
-            def denoise(latent: torch.Tensor, sigma: float) -> torch.Tensor:
-                return model_k(latent, sigma * s_in, **extra)
-
-            held["x0"] = x.detach().float().cpu().clone()  # the source after process_latent_in
-            x_t, held["report"] = ddim_invert(denoise, x, sigmas_dev, refine=refine,
-                                              progress=lambda i, n: pbar.update_absolute(i, n))
-            held["x_t"] = x_t.detach().float().cpu().clone()
-            return x_t
-
-        guider = comfy.samplers.CFGGuider(model)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        # The noise is zero, so ComfyUI's noise scaling hands the sampler the source latent unchanged.
-        zeros = torch.zeros_like(samples, device="cpu")
-        with torch.inference_mode():
-            guider.sample(zeros, samples, comfy.samplers.KSAMPLER(inversion_sampler), sigmas, denoise_mask=None,
-                          callback=None, disable_pbar=True, seed=0)
-        return held["x_t"], held["x0"], held["report"]
-
-
-class CheckedGuider(comfy.samplers.CFGGuider):
-    """A CFGGuider that refuses a regeneration whose schedule or start is not the inversion's, and in a kept
-    region feeds the model the patient's own inverted trajectory.
-
-    ComfyUI's keep path feeds the kept region ``source + eps * sigma`` with one fixed ``eps``; a DDIM path
-    is not that straight line (eps drifts along it), so the edited region would see a context slightly
-    different from the one it was inverted with. At every call whose sigma is on the inversion's schedule
-    (every call of euler/ddim), this guider replaces the keep part of the model input by the trajectory
-    (exactly where the mask is 0, blended by the mask in the feather), so the source prompt retraces the
-    inversion and an edit starts from the patient's own path. The kept output is still ComfyUI's source.
-    """
-
-    def __init__(self, model, record: InversionRecord, title: str) -> None:
-        super().__init__(model)
-        self.record = record
-        self.title = title
-        self._keep: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (mask, noise, source in)
-
-    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
-               seed=None):
-        rec = self.record
-        given = [float(s) for s in sigmas.flatten().tolist()]
-        if len(given) != len(rec.sigmas) or not all(
-                math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(given, rec.sigmas, strict=False)):
-            raise CXRInputError(
-                f"the sampler's sigmas ({len(given) - 1} steps from {given[0]:.4g}) are not the inversion's "
-                f"({len(rec.sigmas) - 1} steps from {rec.sigmas[0]:.4g}).", node=self.title, input_name="inverted",
-                fix="Connect Invert Radiograph's 'sigmas' output to the sampler's sigmas, unchanged.")
-        key = latent_fingerprint(latent_image)
-        if key == rec.inverted_key:
-            if denoise_mask is not None:
-                raise CXRInputError(
-                    "the inverted (noisy) latent carries a noise mask: ComfyUI would keep the noise there.",
-                    node=self.title, input_name="inverted",
-                    fix="Give the sampler the source latent with the keep region and the inversion's 'noise'.")
-        elif key == rec.source_key:
-            if latent_fingerprint(noise) != rec.noise_key:
-                raise CXRInputError(
-                    "the sampler got the source latent but not the inversion's noise.", node=self.title,
-                    input_name="inverted", fix="Connect Invert Radiograph's 'noise' output to SamplerCustomAdvanced.")
-            if denoise_mask is not None and rec.trajectory:
-                self._keep = (denoise_mask, noise, latent_image)
-        else:
-            raise CXRInputError(
-                "the sampler's latent is neither the inverted latent nor the source it came from.", node=self.title,
-                input_name="inverted", fix="Use the latent that was inverted (or the inversion's 'inverted' output).")
-        try:
-            return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
-        finally:
-            self._keep = None
-
-    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
-        if self._keep is not None:
-            x = self._follow_trajectory(x, timestep)
-        return super().predict_noise(x, timestep, model_options, seed)
-
-    def _follow_trajectory(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        sigma = float(timestep.flatten()[0])
-        step = next((i for i, s in enumerate(self.record.sigmas[:-1]) if math.isclose(s, sigma, rel_tol=1e-5)), None)
-        if step is None:  # an intermediate sigma (heun, dpm_2 ...): ComfyUI's own keep input stays
-            return x
-        raw_mask, noise, source = self._keep
-        model = self.inner_model
-        mask = comfy.sampler_helpers.prepare_mask(raw_mask, x.shape, x.device).to(x.dtype)
-        path = self.record.trajectory[step].to(x.device, x.dtype).expand_as(x)
-        # What KSamplerX0Inpaint put in the keep part: the source noised with the fixed eps.
-        noised = model.scale_latent_inpaint(x=x, sigma=timestep, noise=noise.to(x.device, x.dtype),
-                                            latent_image=model.process_latent_in(source.to(x.device, x.dtype)))
-        return torch.where(mask == 0, path, x + (1 - mask) * (path - noised))
+                    report.steps, float(sigmas[0]), report.model_calls, f"{max(finite):.2e}" if finite else "n/a")
+        return io.NodeOutput(inverted, InvertedNoise(result.eps, result.record, cls.TITLE), sigmas.clone())
 
 
 class CXRInversionGuider(io.ComfyNode):
+    """ComfyUI's CFG guider for SamplerCustomAdvanced that first checks the regeneration matches the inversion: same
+    checkpoint (attention patches such as the gate are fine), same negative prompt, and at sampling time the
+    inversion's sigmas and start latent/noise. The positive prompt may differ: that is the edit (the same prompt
+    regenerates the patient)."""
+
     TITLE = "Inversion Guider (checked CFG)"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRInversionGuider", display_name=cls.TITLE, category=CATEGORY_EDIT, is_experimental=True,
-            description="ComfyUI's CFG guider for SamplerCustomAdvanced that first checks the regeneration matches the "
-            "inversion: same checkpoint (attention patches such as the gate are fine), same negative prompt, and at "
-            "sampling time the inversion's sigmas and start latent/noise. The positive prompt may differ: that is "
-            "the edit (the same prompt regenerates the patient).",
+            description=described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The edit's model (e.g. gated and boosted)."),
                 io.Conditioning.Input("positive", tooltip="The edit prompt (the counterfactual finding)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt: the same as the inversion's."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance; a cfg other than the inversion's is allowed but "
-                               "logged (the kept anatomy then drifts more)."),
+                cfg_input("Classifier-free guidance; a cfg other than the inversion's is allowed but logged (the kept "
+                          "anatomy then drifts more)."),
                 io.Latent.Input("inverted", tooltip="Invert Radiograph's 'inverted' output: its record is checked."),
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="A CFGGuider for SamplerCustomAdvanced.")],
@@ -365,7 +145,7 @@ class CXRInversionGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, inverted: dict) -> io.NodeOutput:
-        check_numbers(cls, cfg=cfg)
+        check_inputs(cls, cfg=cfg)
         record = inverted.get(RECORD_KEY)
         if not isinstance(record, InversionRecord):
             raise CXRInputError("this latent is not an inversion result.", node=cls.TITLE, input_name="inverted",
@@ -383,9 +163,7 @@ class CXRInversionGuider(io.ComfyNode):
                            "inversion exactly.", cls.TITLE, cfg, record.cfg)
         if conditioning_key(positive) == record.positive_key:
             logger.info("%s: the positive prompt is the inversion's: this regenerates the patient.", cls.TITLE)
-        guider = CheckedGuider(model, record, cls.TITLE)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        return io.NodeOutput(guider)
+        return io.NodeOutput(CheckedGuider(model, record, cls.TITLE, positive, negative, cfg))
+
 
 NODES: list[type[io.ComfyNode]] = [CXRInvertLatent, CXRInversionGuider]

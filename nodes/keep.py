@@ -24,8 +24,9 @@ from comfy_api.latest import io, ui
 
 from ..attention.organs import aspect_matches
 from ..errors import CXRInputError
+from ..hosts.comfy.inversion import RECORD_KEY
 from ..imaging.overlay import ORGAN_COLOURS
-from .inversion import CATEGORY_EDIT, RECORD_KEY
+from .schema import CATEGORY_EDIT, described
 
 logger = logging.getLogger("cxr_counterfactual")
 
@@ -82,16 +83,18 @@ def region_preview(image: torch.Tensor | None, edit: torch.Tensor, kept: torch.T
 
 
 class CXRApplyKeepRegion(io.ComfyNode):
+    """Keeps the patient's anatomy outside the edit: sets the edit region as the latent's noise mask (as
+    SetLatentNoiseMask), so every ComfyUI sampler feeds the model the source noised to the current step outside it
+    and blends the feathered border at every step. Shows the regions: edit tinted amber, the fully kept region (kept
+    bit for bit by Paste Keep Region) outlined cyan."""
+
     TITLE = "Apply Keep Region"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRApplyKeepRegion", display_name=cls.TITLE, category=CATEGORY_EDIT,
-            description="Keeps the patient's anatomy outside the edit: sets the edit region as the latent's noise mask "
-            "(as SetLatentNoiseMask), so every ComfyUI sampler feeds the model the source noised to the current step "
-            "outside it and blends the feathered border at every step. Shows the regions: edit tinted amber, the "
-            "fully kept region (kept bit for bit by Paste Keep Region) outlined cyan.",
+            description=described(cls),
             inputs=[
                 io.Latent.Input("latent", tooltip="The encoded radiograph (VAE Encode of Fit Radiograph to Model's "
                                 "image)."),
@@ -150,16 +153,18 @@ class CXRApplyKeepRegion(io.ComfyNode):
 
 
 class CXRPasteKeepRegion(io.ComfyNode):
+    """After the sampler: copies the patient's latent bit for bit into every latent cell the sampler kept in full
+    (noise mask exactly 0), removing ComfyUI's float rounding there (~1e-5). Changes nothing inside the edit or its
+    feathered border, so it adds no seam. Logs a warning if the sampler had moved the kept cells by more than
+    rounding (a sampler that ignores the noise mask)."""
+
     TITLE = "Paste Keep Region (exact)"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRPasteKeepRegion", display_name=cls.TITLE, category=CATEGORY_EDIT,
-            description="After the sampler: copies the patient's latent bit for bit into every latent cell the sampler "
-            "kept in full (noise mask exactly 0), removing ComfyUI's float rounding there (~1e-5). Changes nothing "
-            "inside the edit or its feathered border, so it adds no seam. Logs a warning if the sampler had moved "
-            "the kept cells by more than rounding (a sampler that ignores the noise mask).",
+            description=described(cls),
             inputs=[
                 io.Latent.Input("samples", tooltip="The sampler's output LATENT."),
                 io.Latent.Input("source", tooltip="Apply Keep Region's output: the patient's latent with the keep "

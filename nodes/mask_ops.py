@@ -5,28 +5,31 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.organs import OrganMasks, edit_and_keep, parse_names
-from .common import CATEGORY_MASKS, OrganMasksType, check_numbers, require_choice, user_errors
+from .common import check_inputs, user_errors
+from .schema import CATEGORY_MASKS, described, organ_masks_input, organ_masks_output
 
 OPERATIONS = ("dilate", "erode", "feather")
 _ORGANS_TIP = "Organ names, comma-separated (e.g. 'left_lung, heart'); right/left are the patient's sides."
 
 
 def _masks_in() -> io.Input:
-    return OrganMasksType.Input("organ_masks", tooltip="The organ masks to work on.")
+    return organ_masks_input("The organ masks to work on.")
 
 
 def _masks_out(tip: str = "The resulting organ masks (the input bundle is left unchanged).") -> io.Output:
-    return OrganMasksType.Output(display_name="organ_masks", tooltip=tip)
+    return organ_masks_output(tip)
 
 
 class CXRSelectOrgans(io.ComfyNode):
+    """Keeps only the named organs of a bundle, in the given order."""
+
     TITLE = "Select Organs"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRSelectOrgans", display_name=cls.TITLE, category=CATEGORY_MASKS,
-            description="Keeps only the named organs of a bundle, in the given order.",
+            description=described(cls),
             inputs=[_masks_in(), io.String.Input("organs", default="right_lung, left_lung", tooltip=_ORGANS_TIP)],
             outputs=[_masks_out()],
         )
@@ -38,14 +41,16 @@ class CXRSelectOrgans(io.ComfyNode):
 
 
 class CXRCombineOrgans(io.ComfyNode):
+    """Adds a new named region: the union of 'organs' minus the union of 'subtract' (e.g. lungs = right_lung,
+    left_lung; or left_lung minus heart)."""
+
     TITLE = "Combine Organs"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRCombineOrgans", display_name=cls.TITLE, category=CATEGORY_MASKS,
-            description="Adds a new named region: the union of 'organs' minus the union of 'subtract' "
-            "(e.g. lungs = right_lung, left_lung; or left_lung minus heart).",
+            description=described(cls),
             inputs=[
                 _masks_in(),
                 io.String.Input("organs", default="right_lung, left_lung", tooltip=_ORGANS_TIP + " United."),
@@ -71,14 +76,16 @@ class CXRCombineOrgans(io.ComfyNode):
 
 
 class CXRMorphOrgans(io.ComfyNode):
+    """Grows (dilate) or shrinks (erode) organs by a disk, or softens their borders (feather, Gaussian). Sizes are
+    pixels of the masks' own grid."""
+
     TITLE = "Dilate / Erode / Feather Organs"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRMorphOrgans", display_name=cls.TITLE, category=CATEGORY_MASKS,
-            description="Grows (dilate) or shrinks (erode) organs by a disk, or softens their borders "
-            "(feather, Gaussian). Sizes are pixels of the masks' own grid.",
+            description=described(cls),
             inputs=[
                 _masks_in(),
                 io.String.Input("organs", default="left_lung", tooltip=_ORGANS_TIP + " Empty = every organ."),
@@ -98,8 +105,7 @@ class CXRMorphOrgans(io.ComfyNode):
 
     @classmethod
     def execute(cls, organ_masks: OrganMasks, organs: str, operation: str, size_px: float) -> io.NodeOutput:
-        require_choice(cls.TITLE, "operation", operation, OPERATIONS)
-        check_numbers(cls, size_px=size_px)
+        check_inputs(cls, operation=operation, size_px=size_px)
         names = parse_names(organs) if organs.strip() else None
         with user_errors(cls.TITLE, "organs"):
             if operation == "feather":
@@ -110,14 +116,16 @@ class CXRMorphOrgans(io.ComfyNode):
 
 
 class CXROrganToMask(io.ComfyNode):
+    """One organ (or the union of several) as a ComfyUI MASK, for core nodes such as SetLatentNoiseMask or mask
+    previews."""
+
     TITLE = "Organ to MASK"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXROrganToMask", display_name=cls.TITLE, category=CATEGORY_MASKS,
-            description="One organ (or the union of several) as a ComfyUI MASK, for core nodes such as "
-            "SetLatentNoiseMask or mask previews.",
+            description=described(cls),
             inputs=[_masks_in(), io.String.Input("organs", default="left_lung", tooltip=_ORGANS_TIP + " United.")],
             outputs=[io.Mask.Output(display_name="mask", tooltip="MASK [1, H, W] on the masks' grid.")],
         )
@@ -129,15 +137,17 @@ class CXROrganToMask(io.ComfyNode):
 
 
 class CXREditKeepRegions(io.ComfyNode):
+    """Defines where the counterfactual may change the radiograph (edit) and where the patient's own anatomy is kept
+    (keep = 1 − edit): the target organs grown by a margin, minus protected organs, with a feathered border. Feed
+    'edit_region' to SetLatentNoiseMask."""
+
     TITLE = "Edit / Keep Regions"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXREditKeepRegions", display_name=cls.TITLE, category=CATEGORY_MASKS,
-            description="Defines where the counterfactual may change the radiograph (edit) and where the "
-            "patient's own anatomy is kept (keep = 1 − edit): the target organs grown by a margin, minus "
-            "protected organs, with a feathered border. Feed 'edit_region' to SetLatentNoiseMask.",
+            description=described(cls),
             inputs=[
                 _masks_in(),
                 io.String.Input("edit_organs", default="left_lung", tooltip=_ORGANS_TIP + " Where the edit goes."),
@@ -168,7 +178,7 @@ class CXREditKeepRegions(io.ComfyNode):
     def execute(
         cls, organ_masks: OrganMasks, edit_organs: str, margin_px: int, feather_px: float, protect: str
     ) -> io.NodeOutput:
-        check_numbers(cls, feather_px=feather_px)
+        check_inputs(cls, feather_px=feather_px)
         with user_errors(cls.TITLE, "edit_organs"):
             edit, keep = edit_and_keep(
                 organ_masks,

@@ -9,55 +9,45 @@ from ..attention.organs import OrganMasks, normalise_name
 from ..errors import CXRInputError
 from ..imaging.mask_files import read_label_map, read_mask_image
 from .common import (
-    CATEGORY_MASKS,
-    NONE_CHOICE,
-    OrganMasksType,
-    check_numbers,
+    check_inputs,
     file_fingerprint,
     input_file_problem,
     input_image_files,
+    require_single,
     resolve_input_file,
     user_errors,
 )
+from .schema import CATEGORY_MASKS, NONE_CHOICE, described, organ_masks_input, organ_masks_output
 
 _SIDES = "Patient's side: in a PA radiograph the patient's right lung is on the image's left."
+# The organ inputs both mask loaders offer, in input order: (input name, what its tooltip calls it).
+_ORGANS = (("right_lung", "patient's right lung"), ("left_lung", "patient's left lung"), ("heart", "heart"))
+_PA_VIEW = {"right_lung": " (image left in a PA view)", "left_lung": " (image right in a PA view)"}
 
 
 class CXRLoadOrganMasks(io.ComfyNode):
-    """One mask image per organ, from ComfyUI's input folder."""
+    """Loads one mask image per organ (e.g. exported from a segmentation tool or drawn by hand) into an ORGAN_MASKS
+    bundle."""
 
     TITLE = "Load Organ Masks (files)"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         files = [NONE_CHOICE, *input_image_files()]
-
-        def organ(name: str, what: str) -> io.Combo.Input:
-            return io.Combo.Input(
-                name,
-                options=files,
-                default=NONE_CHOICE,
-                upload=io.UploadType.image,
-                tooltip=f"Mask image of the {what} (white = inside), same field of view as the radiograph. "
-                f"{NONE_CHOICE} leaves it out.",
-            )
-
         return io.Schema(
-            node_id="CXRLoadOrganMasks",
-            display_name=cls.TITLE,
-            category=CATEGORY_MASKS,
-            description="Loads one mask image per organ (e.g. exported from a segmentation tool or drawn by "
-            "hand) into an ORGAN_MASKS bundle. " + _SIDES,
+            node_id="CXRLoadOrganMasks", display_name=cls.TITLE, category=CATEGORY_MASKS,
+            description=described(cls, _SIDES),
             inputs=[
-                organ("right_lung", "patient's right lung (image left in a PA view)"),
-                organ("left_lung", "patient's left lung (image right in a PA view)"),
-                organ("heart", "heart"),
+                *(io.Combo.Input(name, options=files, default=NONE_CHOICE, upload=io.UploadType.image,
+                                 tooltip=f"Mask image of the {what}{_PA_VIEW.get(name, '')} (white = inside), same "
+                                 f"field of view as the radiograph. {NONE_CHOICE} leaves it out.")
+                  for name, what in _ORGANS),
                 io.Float.Input(
                     "threshold", default=0.5, min=0.01, max=1.0, step=0.01,
                     tooltip="Grey level (0–1) at or above which a pixel counts as inside the organ.",
                 ),
             ],
-            outputs=[OrganMasksType.Output(display_name="organ_masks", tooltip="The organs as one bundle.")],
+            outputs=[organ_masks_output()],
         )
 
     @classmethod
@@ -77,7 +67,7 @@ class CXRLoadOrganMasks(io.ComfyNode):
 
     @classmethod
     def execute(cls, right_lung: str, left_lung: str, heart: str, threshold: float) -> io.NodeOutput:
-        check_numbers(cls, threshold=threshold)
+        check_inputs(cls, threshold=threshold)
         masks: dict[str, torch.Tensor] = {}
         for name, value in (("right_lung", right_lung), ("left_lung", left_lung), ("heart", heart)):
             if value and value != NONE_CHOICE:
@@ -100,18 +90,15 @@ class CXRLoadOrganMasks(io.ComfyNode):
 
 
 class CXRLoadOrganLabelMap(io.ComfyNode):
-    """All organs from one label map (grey values) or colour map."""
+    """Loads every organ from one label map (each organ a grey value) or colour map (each organ a colour)."""
 
     TITLE = "Load Organ Masks (label map)"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="CXRLoadOrganLabelMap",
-            display_name=cls.TITLE,
-            category=CATEGORY_MASKS,
-            description="Loads every organ from one label map (each organ a grey value) or colour map "
-            "(each organ a colour). " + _SIDES,
+            node_id="CXRLoadOrganLabelMap", display_name=cls.TITLE, category=CATEGORY_MASKS,
+            description=described(cls, _SIDES),
             inputs=[
                 io.Combo.Input(
                     "label_map", options=input_image_files(), upload=io.UploadType.image,
@@ -124,7 +111,7 @@ class CXRLoadOrganLabelMap(io.ComfyNode):
                     "Any organ name is allowed; right/left are the patient's sides.",
                 ),
             ],
-            outputs=[OrganMasksType.Output(display_name="organ_masks", tooltip="The organs as one bundle.")],
+            outputs=[organ_masks_output()],
         )
 
     @classmethod
@@ -143,45 +130,31 @@ class CXRLoadOrganLabelMap(io.ComfyNode):
 
 def _single_mask(mask: torch.Tensor, node: str, input_name: str) -> torch.Tensor:
     """A ComfyUI MASK ``[B, H, W]`` reduced to one ``[H, W]`` mask (batch 1 expected)."""
-    if mask.ndim == 3 and mask.shape[0] != 1:
-        raise CXRInputError(
-            f"got a batch of {mask.shape[0]} masks; organ masks describe one radiograph.",
-            node=node, input_name=input_name,
-            fix="Pass a single mask (e.g. pick one with a batch-select node).",
-        )
+    if mask.ndim == 3:
+        require_single(node, input_name, mask.shape[0], "mask")
     return mask.reshape(mask.shape[-2], mask.shape[-1]).float().cpu()
 
 
 class CXROrganMasksFromMask(io.ComfyNode):
-    """Organ masks from ComfyUI MASK values (the mask editor, LoadImage's alpha, other packs)."""
+    """Builds (or extends) an ORGAN_MASKS bundle from MASK inputs, e.g. masks drawn in ComfyUI's mask editor on the
+    radiograph."""
 
     TITLE = "Organ Masks from MASK"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        def organ(name: str, what: str) -> io.Mask.Input:
-            return io.Mask.Input(name, optional=True, tooltip=f"MASK of the {what} (1 = inside).")
-
         return io.Schema(
-            node_id="CXROrganMasksFromMask",
-            display_name=cls.TITLE,
-            category=CATEGORY_MASKS,
-            description="Builds (or extends) an ORGAN_MASKS bundle from MASK inputs, e.g. masks drawn in "
-            "ComfyUI's mask editor on the radiograph. " + _SIDES,
+            node_id="CXROrganMasksFromMask", display_name=cls.TITLE, category=CATEGORY_MASKS,
+            description=described(cls, _SIDES),
             inputs=[
-                organ("right_lung", "patient's right lung"),
-                organ("left_lung", "patient's left lung"),
-                organ("heart", "heart"),
-                io.String.Input(
-                    "other_name", default="", tooltip="Name for the 'other' mask (e.g. clavicle, lesion)."
-                ),
+                *(io.Mask.Input(name, optional=True, tooltip=f"MASK of the {what} (1 = inside).")
+                  for name, what in _ORGANS),
+                io.String.Input("other_name", default="", tooltip="Name for the 'other' mask (e.g. clavicle, lesion)."),
                 io.Mask.Input("other", optional=True, tooltip="Any further organ or region; name it above."),
-                OrganMasksType.Input(
-                    "organ_masks", optional=True,
-                    tooltip="An existing bundle to extend (a mask given here replaces the organ of that name).",
-                ),
+                organ_masks_input("An existing bundle to extend (a mask given here replaces the organ of that name).",
+                                  optional=True),
             ],
-            outputs=[OrganMasksType.Output(display_name="organ_masks", tooltip="The organs as one bundle.")],
+            outputs=[organ_masks_output()],
         )
 
     @classmethod

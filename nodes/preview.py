@@ -7,10 +7,14 @@ from comfy_api.latest import io, ui
 
 from ..attention.organs import OrganMasks
 from ..imaging.overlay import overlay_organs
-from .common import CATEGORY_MASKS, OrganMasksType, check_numbers, user_errors
+from .common import check_inputs, user_errors
+from .schema import CATEGORY_MASKS, described, fraction_input, organ_masks_input
 
 
 class CXRPreviewOrganMasks(io.ComfyNode):
+    """Draws every organ in its own colour (tint, outline, legend) over the radiograph and shows it, so you can
+    check the masks sit on the right anatomy and the right side before sampling."""
+
     TITLE = "Preview Organ Masks"
 
     @classmethod
@@ -19,22 +23,19 @@ class CXRPreviewOrganMasks(io.ComfyNode):
             node_id="CXRPreviewOrganMasks",
             display_name=cls.TITLE,
             category=CATEGORY_MASKS,
-            description="Draws every organ in its own colour (tint, outline, legend) over the radiograph and "
-            "shows it, so you can check the masks sit on the right anatomy and the right side before sampling.",
+            description=described(cls),
             is_output_node=True,
             inputs=[
                 io.Image.Input("image", tooltip="The radiograph (any size with the masks' aspect ratio)."),
-                OrganMasksType.Input("organ_masks", tooltip="The organ masks to draw."),
-                io.Float.Input(
-                    "opacity", default=0.35, min=0.0, max=1.0, step=0.05, tooltip="Tint strength inside organs."
-                ),
+                organ_masks_input("The organ masks to draw."),
+                fraction_input("opacity", 0.35, "Tint strength inside organs.", step=0.05),
             ],
             outputs=[io.Image.Output(display_name="overlay", tooltip="The overlay as an IMAGE (for saving).")],
         )
 
     @classmethod
     def execute(cls, image: torch.Tensor, organ_masks: OrganMasks, opacity: float) -> io.NodeOutput:
-        check_numbers(cls, opacity=opacity)
+        check_inputs(cls, opacity=opacity)
         with user_errors(cls.TITLE, "organ_masks"):
             frames = [overlay_organs(frame, organ_masks, opacity) for frame in image]
         overlay = torch.stack(frames)

@@ -16,9 +16,9 @@ from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
 from ..imaging.attention_view import PLOT_COLOURS
 from ..imaging.overlay import sized_font
-from .common import CATEGORY_ATTENTION, CATEGORY_ROOT, OrganMasksType, TokensType, check_numbers, user_errors
-from .gating import _WINDOW_TIP
+from .common import check_inputs, user_errors
 from .refinement_sampler import TITLE, RefinementSampler, energy_keys
+from .schema import CATEGORY_ATTENTION, CATEGORY_INSPECT, WINDOW_TIP, OrganMasksType, TokensType, described
 
 
 def energy_plot(series: dict[str, list[float]], width: int = 640, height: int = 360) -> torch.Tensor:
@@ -44,17 +44,18 @@ def energy_plot(series: dict[str, list[float]], width: int = 640, height: int = 
 
 
 class CXRRefinementSampler(io.ComfyNode):
+    """A SAMPLER for SamplerCustom: Euler steps (the only method supported) that, at the early steps inside the
+    window, move the latent down the gradient of an attention-concentration energy E = 1 − (pathology attention
+    inside the target ÷ all pathology attention) (+ an optional extent term), Attend-and-Excite style. 0 iterations
+    = plain Euler. Energies per step go to the run's record (see CXR Refinement Preview)."""
+
     TITLE = TITLE
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CXRRefinementSampler", display_name=TITLE, category=CATEGORY_ATTENTION, is_experimental=True,
-            description="A SAMPLER for SamplerCustom: Euler steps (the only method supported) that, at the early "
-            "steps inside the window, move the latent down the gradient of an attention-concentration energy "
-            "E = 1 − (pathology attention inside the target ÷ all pathology attention) (+ an optional extent term), "
-            "Attend-and-Excite style. 0 iterations = plain Euler. Energies per step go to the run's record "
-            "(see CXR Refinement Preview).",
+            description=described(cls),
             inputs=[
                 TokensType.Input("tokens", tooltip="From CXR Text Encode: the pathology words whose attention moves."),
                 OrganMasksType.Input("organ_masks", tooltip="Fitted organ masks; the target is 'target_organs'."),
@@ -65,9 +66,9 @@ class CXRRefinementSampler(io.ComfyNode):
                                tooltip="Move per iteration: the latent shifts by step_size·σ (RMS) along the "
                                "normalised gradient."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Refinement starts here." + _WINDOW_TIP),
+                               tooltip="Refinement starts here." + WINDOW_TIP),
                 io.Float.Input("end_percent", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Refinement ends here (A&E: the first half)." + _WINDOW_TIP),
+                               tooltip="Refinement ends here (A&E: the first half)." + WINDOW_TIP),
                 io.String.Input("thresholds", default="",
                                 tooltip="Optional early stop 'percent:energy, ...' (e.g. 0:0.95, 0.2:0.5, 0.4:0.2): "
                                 "a step's iterations stop once the energy is at or below the value in force."),
@@ -94,8 +95,8 @@ class CXRRefinementSampler(io.ComfyNode):
                 smoothing: float, extent_weight: float, extent_threshold: float, model=None) -> io.NodeOutput:
         with user_errors(TITLE):
             factor = parse_grid_factor(grid_factor)
-        check_numbers(cls, step_size=step_size, start_percent=start_percent, end_percent=end_percent,
-                      smoothing=smoothing, extent_weight=extent_weight, extent_threshold=extent_threshold)
+        check_inputs(cls, step_size=step_size, start_percent=start_percent, end_percent=end_percent,
+                     smoothing=smoothing, extent_weight=extent_weight, extent_threshold=extent_threshold)
         with user_errors(TITLE):
             check_window(start_percent, end_percent)
         if not tokens.pathology:
@@ -116,16 +117,18 @@ class CXRRefinementSampler(io.ComfyNode):
 
 
 class CXRRefinementPreview(io.ComfyNode):
+    """Plots the refinement energy per refined step: before and after each step's gradient iterations, and
+    optionally a reference run (e.g. the same sampler at 0 iterations = unrefined). Reads the record of exactly the
+    run that produced each LATENT."""
+
     TITLE = "CXR Refinement Preview"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="CXRRefinementPreview", display_name=cls.TITLE, category=f"{CATEGORY_ROOT}/inspect",
+            node_id="CXRRefinementPreview", display_name=cls.TITLE, category=CATEGORY_INSPECT,
             is_output_node=True,
-            description="Plots the refinement energy per refined step: before and after each step's gradient "
-            "iterations, and optionally a reference run (e.g. the same sampler at 0 iterations = unrefined). Reads "
-            "the record of exactly the run that produced each LATENT.",
+            description=described(cls),
             inputs=[
                 io.Sampler.Input("sampler", tooltip="The CXR Refinement Sampler of the refined run."),
                 io.Latent.Input("latent", tooltip="That run's LATENT (SamplerCustom's output)."),

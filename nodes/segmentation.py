@@ -13,7 +13,8 @@ from comfy_api.latest import io
 
 from ..errors import CXRInputError
 from ..imaging import segmentation as seg
-from .common import CATEGORY_MASKS, OrganMasksType, check_numbers, user_errors
+from .common import check_inputs, require_single, user_errors
+from .schema import CATEGORY_MASKS, organ_masks_output
 
 LOG = logging.getLogger(__name__)
 MODEL_FOLDER = "cxr_segmentation"
@@ -79,10 +80,7 @@ class CXRSegmentOrgans(io.ComfyNode):
                     "lungs and heart, whose absence is an error.",
                 ),
             ],
-            outputs=[OrganMasksType.Output(
-                display_name="organ_masks",
-                tooltip=f"The structures found, as one bundle at the image's size: {names}.",
-            )],
+            outputs=[organ_masks_output(f"The structures found, as one bundle at the image's size: {names}.")],
         )
 
     @classmethod
@@ -103,12 +101,8 @@ class CXRSegmentOrgans(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: torch.Tensor, weights: str, threshold: float) -> io.NodeOutput:
-        check_numbers(cls, threshold=threshold)
-        if image.shape[0] != 1:
-            raise CXRInputError(
-                f"got a batch of {image.shape[0]} images; organ masks describe one radiograph.",
-                node=cls.TITLE, input_name="image", fix="Pass a single image (e.g. pick one with a batch-select node).",
-            )
+        check_inputs(cls, threshold=threshold)
+        require_single(cls.TITLE, "image", image.shape[0], "image")
         with user_errors(cls.TITLE, "weights"):
             seg.require_torchxrayvision()
             path = folder_paths.get_full_path(MODEL_FOLDER, weights) if weights else None

@@ -6,9 +6,8 @@ from comfy_api.latest import io
 
 from ..attention.tokens import TokenMap, build_token_map, parse_anatomy, parse_words
 from ..errors import CXRInputError
-from .common import CATEGORY_ROOT, TokensType, user_errors
-
-CATEGORY_TEXT = f"{CATEGORY_ROOT}/conditioning"
+from .common import user_errors
+from .schema import CATEGORY_TEXT, TokensType, described
 
 
 def _tokenizer_for(clip, key: str):
@@ -53,6 +52,10 @@ def locate_words(clip, text: str, anatomy: str, pathology: str) -> tuple[dict, T
 
 
 class CXRTextEncode(io.ComfyNode):
+    """Encodes the prompt like CLIP Text Encode and also finds where its anatomy words ('left lung', 'heart') and
+    pathology words ('effusion') sit in the conditioning, so the gate and boost nodes can act on exactly those
+    tokens. Type the prompt once."""
+
     TITLE = "CXR Text Encode (with token map)"
 
     @classmethod
@@ -61,9 +64,7 @@ class CXRTextEncode(io.ComfyNode):
             node_id="CXRTextEncode",
             display_name=cls.TITLE,
             category=CATEGORY_TEXT,
-            description="Encodes the prompt like CLIP Text Encode and also finds where its anatomy words "
-            "('left lung', 'heart') and pathology words ('effusion') sit in the conditioning, so the gate and "
-            "boost nodes can act on exactly those tokens. Type the prompt once.",
+            description=described(cls),
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder (from the checkpoint loader)."),
                 io.String.Input(
