@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bad_input_graphs import CSV_ROWS
+from bad_input_files import CSV_ROWS
 from PIL import Image
 from test_atlas import LANDMARK_FILES, MASK_FILES
 from test_chexmask import LOW_DICE_MIMIC, REAL_FILES
