@@ -20,7 +20,7 @@ from test_chexmask import LOW_DICE_MIMIC, REAL_FILES
 from test_workflows import SAVED
 
 from cxr_counterfactual.imaging.atlas import ATLAS_PATH
-from cxr_counterfactual.runner import comfyui_path as paths
+from cxr_counterfactual.testing import data as paths
 from cxr_counterfactual.testing.data import REPO_TEST_DATA
 
 EXAMPLE = [*MASK_FILES.values(), *LANDMARK_FILES, "utils_example1.jpg"]
