@@ -9,20 +9,41 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from api_graph import Graph
 from bad_input_graphs import (
     LONG_PROMPT,
     NAN,
     Bound,
     Case,
     Error,
-    Graph,
     Works,
+    anatomy_word_without_mask,
+    atlas,
+    attention_preview_without_capture,
     boost_target,
+    chexmask,
+    composite,
+    dicom,
+    evaluate_batch,
+    evaluate_nan_region,
+    file_masks,
+    fit_masks,
+    from_mask,
+    geometry,
+    guider_not_inverted,
     invert,
     keep_region,
+    label_map,
+    loader_atlas,
     mask_op,
+    paste_without_keep,
     pipeline,
+    preview_opacity,
+    preview_other_aspect,
     refine,
+    refinement_preview_plain_sampler,
+    save_metrics_outside,
+    segment,
 )
 
 FIT_LATENT = (1, 4, 8, 7)  # the radiograph fitted to 64 px: 64×56 px
@@ -31,156 +52,6 @@ FILES, FROM_MASK = "Load Organ Masks (files)", "Organ Masks from MASK"
 KEEP, REFINE, DICOM = "Apply Keep Region", "CXR Refinement Sampler (Euler)", "Load Chest X-ray (DICOM/PNG/JPEG)"
 CHEXMASK, TEXT = "Load Organ Masks (CheXmask)", "CXR Text Encode (with token map)"
 EDIT_KEEP, MORPH = "Edit / Keep Regions", "Dilate / Erode / Feather Organs"
-
-
-# ---- graph builders (each takes the Graph) ------------------------------------------------------------------------
-def from_mask(g: Graph, value: float = 1.0, width: int = 56, height: int = 64, batch: int = 1) -> None:
-    g.save_organs(g.from_mask(left_lung=g.solid(value, width, height, batch)), "left_lung")
-
-
-def file_masks(g: Graph, **files: str) -> None:
-    g.save_organs(g.file_masks(**files), ", ".join(files) or "left_lung")
-
-
-def label_map(g: Graph, name: str = "bi_labels.png", mapping: str = "right_lung=1, left_lung=2, heart=3") -> None:
-    g.save_organs([g.add("CXRLoadOrganLabelMap", label_map=name, mapping=mapping), 0], size=(56, 64))
-
-
-def fit_masks(g: Graph, masks: str = "full", image: str = "bi_cxr_112x128.png") -> None:
-    bundle = g.file_masks() if masks == "full" else g.from_mask(left_lung=g.solid(1.0, 300, 100))
-    _, fitted, _ = g.fitted(bundle, g.image(image))
-    g.save_organs(fitted, "left_lung")
-
-
-def preview_other_aspect(g: Graph) -> None:
-    masks = g.from_mask(left_lung=g.solid(1.0, 300, 100))
-    g.save_image([g.add("CXRPreviewOrganMasks", image=g.image(), organ_masks=masks, opacity=0.35), 0])
-
-
-def evaluate_batch(g: Graph, regions: int = 3) -> None:
-    image, masks, _ = g.fitted()
-    edit = g.batch_mask(g.edit_keep(masks)[0], regions)
-    node = g.add("CXREvaluateEdit", source=image, edited=image, edit_region=edit, attention_threshold=0.5,
-                 heat_scale=0.0)
-    g.save_image([node, 0])
-
-
-def atlas(g: Graph, min_quality: float) -> None:
-    node = g.add("CXRAtlasOrgans", image=g.image("bi_cxr_112x128.png"), min_quality=min_quality)
-    g.save_organs([node, 0])
-
-
-def segment(g: Graph) -> None:
-    node = g.add("CXRSegmentOrgans", image=g.image(), weights="no_such_weights.pth", threshold=0.5)
-    g.save_organs([node, 0])
-
-
-def dicom(g: Graph, name: str, window: str = "auto") -> None:
-    node = g.add("CXRLoadDICOM", dicom_file=name, window=window)
-    g.save_image([g.add("CXRFitToModel", image=[node, 0], max_side=64, geometry=[node, 1]), 0])
-
-
-def loader_atlas(g: Graph, name: str) -> None:
-    """A radiograph file through the loader into the atlas (whose fit-quality check must refuse a non-chest)."""
-    node = g.add("CXRLoadDICOM", dicom_file=name, window="auto")
-    g.save_organs([g.add("CXRAtlasOrgans", image=[node, 0], min_quality=0.5), 0], size=(56, 64))
-
-
-def chexmask(g: Graph, name: str, min_dice: float = 0.7) -> None:
-    node = g.add("CXRLoadCheXmask", csv_file=name, image_id=g.row_id, id_column="auto", min_dice=min_dice,
-                 border_crop="auto", image=g.image())
-    g.save_organs([node, 0], size=(56, 64))
-
-
-def capture_reversed(g: Graph) -> None:
-    pipeline(g, capture={"start_percent": 0.9, "end_percent": 0.1})
-
-
-def attention_preview_without_capture(g: Graph) -> None:
-    image, _, _ = g.fitted()
-    latent = g.sample(g.model, g.encode(), g.negative(), g.latent(image))
-    g.save_image([g.add("CXRAttentionPreview", image=image, model_1=g.model, latent_1=latent), 0])
-
-
-def refinement_preview_plain_sampler(g: Graph) -> None:
-    image, _, _ = g.fitted()
-    sampler = [g.add("KSamplerSelect", sampler_name="euler"), 0]
-    latent = g.refine_sample(g.encode(), g.negative(), g.latent(image), sampler)
-    g.save_image([g.add("CXRRefinementPreview", sampler=sampler, latent=latent), 0])
-
-
-def paste_without_keep(g: Graph) -> None:
-    image, _, _ = g.fitted()
-    latent = g.latent(image)
-    out = g.sample(g.model, g.encode(), g.negative(), latent)
-    g.save_latent([g.add("CXRPasteKeepRegion", samples=out, source=latent), 0])
-
-
-def guider_not_inverted(g: Graph) -> None:
-    image, _, _ = g.fitted()
-    positive, negative, latent = g.encode(), g.negative(), g.latent(image)
-    guider = [g.add("CXRInversionGuider", model=g.model, positive=positive, negative=negative, cfg=1.0,
-                    inverted=latent), 0]
-    sigmas = [g.add("BasicScheduler", model=g.model, scheduler="normal", steps=1, denoise=1.0), 0]
-    noise = [g.add("RandomNoise", noise_seed=1), 0]
-    sampler = [g.add("KSamplerSelect", sampler_name="euler"), 0]
-    g.save_latent([g.add("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                         latent_image=latent), 0])
-
-
-def geometry(g: Graph, class_type: str, **extra) -> None:
-    """Restore / composite / export fed the radiograph at native size where the fitted edit belongs."""
-    source = g.image()
-    _, masks, fit = g.fitted(image=source)
-    wrong = g.image("bi_cxr_112x128.png")
-    if class_type == "CXRRestoreNativeSize":
-        node = g.add(class_type, image=wrong, fit=fit)
-    elif class_type == "CXRCompositeNative":
-        node = g.add(class_type, source=source, edited=wrong, fit=fit, edit_region=g.edit_keep(masks)[0])
-    else:
-        inputs = dict(image=wrong, fit=fit, filename_prefix="bad_inputs/export", format="png", bit_depth="auto",
-                      keep_patient_data=False, include_workflow=False)
-        node = g.add(class_type, **{**inputs, **extra})
-    g.save_image([node, 0])
-
-
-def composite(g: Graph, region: str) -> None:
-    """Composite with a NaN edit region, or batches that do not pair (3 regions, 2 edits)."""
-    source = g.image()
-    fitted, masks, fit = g.fitted(image=source)
-    edited, edit = fitted, g.solid(NAN, 56, 64)
-    if region == "batches":
-        edited = [g.add("RepeatImageBatch", image=fitted, amount=2), 0]
-        edit = g.batch_mask(g.edit_keep(masks)[0], 3)
-    g.save_image([g.add("CXRCompositeNative", source=source, edited=edited, fit=fit, edit_region=edit), 0])
-
-
-def evaluate_nan_region(g: Graph) -> None:
-    image, _, _ = g.fitted()
-    node = g.add("CXREvaluateEdit", source=image, edited=image, edit_region=g.solid(NAN, 56, 64),
-                 attention_threshold=0.5, heat_scale=0.0)
-    g.save_image([node, 0])
-
-
-def anatomy_word_without_mask(g: Graph) -> None:
-    """The prompt ties 'heart' to the heart, but only the lungs' masks reach the gate."""
-    image, masks, _ = g.fitted()
-    lungs = [g.add("CXRSelectOrgans", organ_masks=masks, organs="right_lung, left_lung"), 0]
-    positive = g.encode()
-    model = g.gate(g.model, lungs, [positive[0], 1], organs="right_lung, left_lung")
-    g.save_latent(g.sample(model, positive, g.negative(), g.latent(image)))
-
-
-def preview_opacity(g: Graph, opacity: float) -> None:
-    image, masks, _ = g.fitted()
-    g.save_image([g.add("CXRPreviewOrganMasks", image=image, organ_masks=masks, opacity=opacity), 0])
-
-
-def save_metrics_outside(g: Graph) -> None:
-    image, masks, _ = g.fitted()
-    report = g.add("CXREvaluateEdit", source=image, edited=image, edit_region=g.edit_keep(masks)[0],
-                   attention_threshold=0.5, heat_scale=0.0)
-    g.add("CXRSaveMetrics", metrics=[report, 1], filename_prefix="../../outside/metrics")
 
 
 # ---- the table ----------------------------------------------------------------------------------------------------

@@ -1,37 +1,21 @@
-"""API-format graphs for the bad-input matrix (tests/test_bad_inputs.py): a small builder, the input files the
-graphs read, and the expectations a case can have.
+"""API-format graphs for the bad-input matrix (tests/test_bad_inputs.py): the expectations a case can have and
+the graphs the cases build (with tests/api_graph.py's builder).
 
 Every graph is small: the real CheXmask radiograph fitted to 64 px (latent 8×7), the tiny checkpoint, one or
-two sampler steps. File names all start with ``bi_`` and are written into the server's input folder by
-:func:`write_input_files` from real data (the CheXmask example, pydicom-data's RG1 DICOM, real CheXmask rows),
-corrupt ones by truncating or flipping bytes of a copy.
+two sampler steps. The files they read (``bi_*``) are written by tests/bad_input_files.py.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image
+from api_graph import Graph
+from cxr_helpers import PROMPT
 
-PROMPT = "chest x-ray, left lung with large pleural effusion, normal heart"
 # 45 × "clear," is 90 tokens: the anatomy and pathology words land in the second 77-token chunk.
 LONG_PROMPT = "chest x-ray, " + "clear, " * 45 + "left lung with large pleural effusion, normal heart"
-ORGANS = ("right_lung", "left_lung", "heart")
-MASK_FILES = {"right_lung": "RL", "left_lung": "LL", "heart": "H"}
-# (width, height) of the resized copies: 1×1, 8×8, 7×21, 21×7 and 3×9 latents, and a small image for full-size
-# masks.
-SIZES = ((8, 8), (64, 64), (168, 56), (56, 168), (72, 24), (112, 128))
-CSV_ROWS = "VinDr-CXR.csv"
 NAN = float("nan")
-
-Link = list  # [node id, output slot]
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # expectations
@@ -72,138 +56,9 @@ class Case:
     expect: Error | Bound | Works
 
 
+
 # --------------------------------------------------------------------------------------------------------------------
-# the builder
-@dataclass
-class Graph:
-    """An API-format graph under construction; node ids are numbers in insertion order."""
-
-    checkpoint: str
-    row_id: str = ""  # the CheXmask row the CSV cases ask for
-    nodes: dict[str, dict] = field(default_factory=dict)
-    output: str | None = None  # the SaveLatent node a Works check reads
-    _ckpt: str | None = None
-
-    def add(self, class_type: str, **inputs) -> str:
-        nid = str(len(self.nodes) + 1)
-        self.nodes[nid] = {"class_type": class_type, "inputs": inputs}
-        return nid
-
-    def _loader(self) -> str:
-        if self._ckpt is None:
-            self._ckpt = self.add("CheckpointLoaderSimple", ckpt_name=self.checkpoint)
-        return self._ckpt
-
-    @property
-    def model(self) -> Link:
-        return [self._loader(), 0]
-
-    @property
-    def clip(self) -> Link:
-        return [self._loader(), 1]
-
-    @property
-    def vae(self) -> Link:
-        return [self._loader(), 2]
-
-    # ---- inputs ----------------------------------------------------------------------------------------------
-    def image(self, name: str = "bi_cxr.jpg") -> Link:
-        return [self.add("LoadImage", image=name), 0]
-
-    def file_masks(self, size: tuple[int, int] | None = None, **files: str) -> Link:
-        """CXRLoadOrganMasks of the real masks (at ``size`` when given); ``files`` replaces some."""
-        names = {o: f"bi_{k}.png" if size is None else f"bi_{k}_{size[0]}x{size[1]}.png" for o, k in MASK_FILES.items()}
-        return [self.add("CXRLoadOrganMasks", **{**names, **files}, threshold=0.5), 0]
-
-    def solid(self, value: float, width: int, height: int, batch: int = 1) -> Link:
-        mask = [self.add("SolidMask", value=value, width=width, height=height), 0]
-        return self.batch_mask(mask, batch) if batch > 1 else mask
-
-    def batch_mask(self, mask: Link, amount: int) -> Link:
-        image = [self.add("MaskToImage", mask=mask), 0]
-        repeated = [self.add("RepeatImageBatch", image=image, amount=amount), 0]
-        return [self.add("ImageToMask", image=repeated, channel="red"), 0]
-
-    def from_mask(self, **masks) -> Link:
-        return [self.add("CXROrganMasksFromMask", other_name="", **masks), 0]
-
-    def fitted(self, masks: Link | None = None, image: Link | None = None,
-               max_side: int = 64) -> tuple[Link, Link, Link]:
-        """(image, organ masks, fit) of the radiograph and its masks fitted to the model grid."""
-        inputs = {"image": image or self.image(), "max_side": max_side,
-                  "organ_masks": masks or self.file_masks()}
-        fit = self.add("CXRFitToModel", **inputs)
-        return [fit, 0], [fit, 1], [fit, 2]
-
-    def encode(self, text: str = PROMPT, anatomy: str = "left lung, heart", pathology: str = "effusion") -> Link:
-        return [self.add("CXRTextEncode", clip=self.clip, text=text, anatomy=anatomy, pathology=pathology), 0]
-
-    def negative(self, text: str = "") -> Link:
-        return [self.add("CLIPTextEncode", clip=self.clip, text=text), 0]
-
-    def latent(self, image: Link) -> Link:
-        return [self.add("VAEEncode", pixels=image, vae=self.vae), 0]
-
-    # ---- stages ----------------------------------------------------------------------------------------------
-    def gate(self, model: Link, masks: Link, tokens: Link | None, **overrides) -> Link:
-        inputs = dict(model=model, organ_masks=masks, strength=1.0, token_strength=1.0,
-                      organs="right_lung, left_lung, heart", background="free", margin_px=0, blocks="all",
-                      start_percent=0.0, end_percent=1.0, apply_to_uncond=False)
-        if tokens is not None:
-            inputs["tokens"] = tokens
-        return [self.add("CXRAnatomyAttentionGate", **{**inputs, **overrides}), 0]
-
-    def boost(self, model: Link, tokens: Link, masks: Link | None, **overrides) -> Link:
-        inputs = dict(model=model, tokens=tokens, target_organs="left_lung", factor=3.0, words="",
-                      outside_damping=1.0, blocks="all", start_percent=0.0, end_percent=1.0)
-        if masks is not None:
-            inputs["organ_masks"] = masks
-        return [self.add("CXRPathologyBoost", **{**inputs, **overrides}), 0]
-
-    def capture(self, model: Link, tokens: Link, masks: Link | None, **overrides) -> Link:
-        inputs = dict(model=model, tokens=tokens, label="run", grid_factor="2", target_organs="left_lung",
-                      start_percent=0.0, end_percent=1.0)
-        if masks is not None:
-            inputs["organ_masks"] = masks
-        return [self.add("CXRCaptureAttention", **{**inputs, **overrides}), 0]
-
-    def edit_keep(self, masks: Link, **overrides) -> tuple[Link, Link, Link]:
-        inputs = dict(organ_masks=masks, edit_organs="left_lung", margin_px=4, feather_px=2.0, protect="heart")
-        node = self.add("CXREditKeepRegions", **{**inputs, **overrides})
-        return [node, 0], [node, 1], [node, 2]
-
-    def sample(self, model: Link, positive: Link, negative: Link, latent: Link, steps: int = 1,
-               cfg: float = 5.0) -> Link:
-        return [self.add("KSampler", model=model, seed=7, steps=steps, cfg=cfg, sampler_name="euler",
-                         scheduler="normal", positive=positive, negative=negative, latent_image=latent,
-                         denoise=1.0), 0]
-
-    def refine_sample(self, positive: Link, negative: Link, latent: Link, sampler: Link, steps: int = 2) -> Link:
-        sigmas = [self.add("BasicScheduler", model=self.model, scheduler="normal", steps=steps, denoise=1.0), 0]
-        return [self.add("SamplerCustom", model=self.model, add_noise=True, noise_seed=7, cfg=5.0, positive=positive,
-                         negative=negative, sampler=sampler, sigmas=sigmas, latent_image=latent), 0]
-
-    # ---- outputs ---------------------------------------------------------------------------------------------
-    def save_latent(self, latent: Link) -> None:
-        self.output = self.add("SaveLatent", samples=latent, filename_prefix="bad_inputs/latent")
-
-    def save_image(self, image: Link, size: tuple[int, int] | None = None) -> None:
-        """VAE-encode and save (first scaled to ``size`` = (w, h) by area: a native-size image is slow to
-        encode on a CPU); a NaN anywhere in the image reaches the saved latent."""
-        if size is not None:
-            image = [self.add("ImageScale", image=image, upscale_method="area", width=size[0], height=size[1],
-                              crop="disabled"), 0]
-        self.save_latent(self.latent(image))
-
-    def save_mask(self, mask: Link, size: tuple[int, int] | None = None) -> None:
-        self.save_image([self.add("MaskToImage", mask=mask), 0], size)
-
-    def save_organs(self, masks: Link, organs: str = "right_lung, left_lung, heart",
-                    size: tuple[int, int] | None = None) -> None:
-        combined = self.add("CXRCombineOrgans", organ_masks=masks, organs=organs, subtract="", name="all_organs")
-        self.save_mask([combined, 1], size)
-
-
+# graphs shared by several cases
 def pipeline(g: Graph, *, size: tuple[int, int] | None = None, text: str = PROMPT, negative: str = "",
              gate: dict | None = None, boost: dict | None = None, capture: dict | None = None,
              keep: dict | None = None, batch: int = 1, steps: int = 1, image: str = "bi_cxr.jpg") -> None:
@@ -264,10 +119,7 @@ def refine(g: Graph, size: tuple[int, int] | None = None, **overrides) -> None:
     else:
         image, masks = g.image(f"bi_cxr_{size[0]}x{size[1]}.png"), g.file_masks(size)
     positive = g.encode()
-    inputs = dict(tokens=[positive[0], 1], organ_masks=masks, target_organs="left_lung", iterations=1,
-                  step_size=0.1, start_percent=0.0, end_percent=1.0, thresholds="", grid_factor="2",
-                  smoothing=0.5, extent_weight=0.0, extent_threshold=0.5)
-    sampler = [g.add("CXRRefinementSampler", **{**inputs, **overrides}), 0]
+    sampler = g.refiner([positive[0], 1], masks, **overrides)
     g.save_latent(g.refine_sample(positive, g.negative(), g.latent(image), sampler))
 
 
@@ -286,113 +138,156 @@ def invert(g: Graph, empty: bool = False, **overrides) -> None:
     image, _, _ = g.fitted()
     latent = [g.add("EmptyLatentImage", width=56, height=64, batch_size=1), 0] if empty else g.latent(image)
     positive = g.encode()
-    inputs = dict(model=g.model, positive=positive, negative=g.negative(), latent=latent, cfg=1.0, steps=2,
-                  scheduler="karras", start_percent=0.5, refine=0)
-    g.save_latent([g.add("CXRInvertLatent", **{**inputs, **overrides}), 0])
+    inputs = dict(model=g.model, positive=positive, negative=g.negative(), latent=latent, steps=2, refine=0)
+    g.save_latent([g.node("CXRInvertLatent", **{**inputs, **overrides}), 0])
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# input files
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+
+# ---- graph builders (each takes the Graph) ------------------------------------------------------------------------
+def from_mask(g: Graph, value: float = 1.0, width: int = 56, height: int = 64, batch: int = 1) -> None:
+    g.save_organs(g.from_mask(left_lung=g.solid(value, width, height, batch)), "left_lung")
 
 
-def _flipped(data: bytes, start: int, length: int) -> bytes:
-    """``data`` with ``length`` bytes from ``start`` inverted (a damaged copy)."""
-    raw = bytearray(data)
-    for i in range(start, min(start + length, len(raw))):
-        raw[i] ^= 0xFF
-    return bytes(raw)
+def file_masks(g: Graph, **files: str) -> None:
+    g.save_organs(g.file_masks(**files), ", ".join(files) or "left_lung")
 
 
-def _csv_with(rows_file: Path, change: Callable[[list[list[str]]], None]) -> bytes:
-    with open(rows_file, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    change(rows)
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue().encode("utf-8")
+def label_map(g: Graph, name: str = "bi_labels.png", mapping: str = "right_lung=1, left_lung=2, heart=3") -> None:
+    g.save_organs([g.add("CXRLoadOrganLabelMap", label_map=name, mapping=mapping), 0], size=(56, 64))
 
 
-def first_row_id(rows_file: Path) -> str:
-    with open(rows_file, newline="", encoding="utf-8") as f:
-        return next(iter(csv.DictReader(f)))["image_id"]
+def fit_masks(g: Graph, masks: str = "full", image: str = "bi_cxr_112x128.png") -> None:
+    bundle = g.file_masks() if masks == "full" else g.from_mask(left_lung=g.solid(1.0, 300, 100))
+    _, fitted, _ = g.fitted(bundle, g.image(image))
+    g.save_organs(fitted, "left_lung")
 
 
-def write_input_files(put: Callable[[str, bytes], object], example: Path, rows_dir: Path, dicom: str | Path) -> None:
-    """Write every ``bi_*`` file the cases read, through ``put(name, bytes)`` (the server's input folder)."""
-    put("bi_cxr.jpg", (example / "utils_example1.jpg").read_bytes())
-    radiograph = Image.open(example / "utils_example1.jpg").convert("L")
-    masks = {k: Image.open(example / f"{k}_mask.png").convert("L") for k in MASK_FILES.values()}
-    for key, mask in masks.items():
-        put(f"bi_{key}.png", (example / f"{key}_mask.png").read_bytes())
-        for w, h in SIZES:
-            small = np.asarray(mask.resize((w, h), Image.BILINEAR)) >= 128
-            put(f"bi_{key}_{w}x{h}.png", _png(small.astype(np.uint8) * 255))
-    for w, h in SIZES:
-        put(f"bi_cxr_{w}x{h}.png", _png(np.asarray(radiograph.resize((w, h), Image.BILINEAR))))
-    put("bi_black.png", _png(np.zeros((899, 786), np.uint8)))
-    ll = (example / "LL_mask.png").read_bytes()
-    put("bi_truncated.png", ll[: len(ll) // 2])
-    put("bi_flipped.png", _flipped(ll, len(ll) // 3, 64))
-    put("bi_text.png", b"organ mask? no: plain text\n")
-    labels = np.zeros((899, 786), np.uint8)
-    for value, key in ((1, "RL"), (2, "LL"), (3, "H")):
-        labels[np.asarray(masks[key]) >= 128] = value
-    label_png = _png(labels)
-    put("bi_labels.png", label_png)
-    put("bi_labels_truncated.png", label_png[: len(label_png) // 2])
-
-    rg1 = Path(dicom).read_bytes()
-    put("bi_rg1.dcm", rg1)
-    put("bi_truncated.dcm", rg1[: len(rg1) // 2])
-    put("bi_header_flipped.dcm", _flipped(rg1, 132, 400))  # the bytes right after the 'DICM' magic
-    put("bi_garbage.dcm", np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    put("bi_empty.dcm", b"")
-
-    _radiograph_files(put, example)
-
-    rows_file = rows_dir / CSV_ROWS
-    text = rows_file.read_bytes()
-    put("bi_rows.csv", text)
-    put("bi_garbage.csv", np.random.default_rng(1).integers(0, 256, 8192, dtype=np.uint8).tobytes())
-    put("bi_header_only.csv", text.split(b"\n", 1)[0] + b"\n")
-    first_line_end = text.index(b"\n")
-    put("bi_truncated.csv", text[: first_line_end + 2000])  # the first row, cut inside its RLE columns
-
-    def bad_rle(rows: list[list[str]]) -> None:
-        rows[1][rows[0].index("Left Lung")] = "17 4 x9 12"
-
-    def nan_dice(rows: list[list[str]]) -> None:
-        rows[1][rows[0].index("Dice RCA (Mean)")] = "nan"
-
-    put("bi_bad_rle.csv", _csv_with(rows_file, bad_rle))
-    put("bi_nan_dice.csv", _csv_with(rows_file, nan_dice))
+def preview_other_aspect(g: Graph) -> None:
+    masks = g.from_mask(left_lung=g.solid(1.0, 300, 100))
+    g.save_image([g.add("CXRPreviewOrganMasks", image=g.image(), organ_masks=masks, opacity=0.35), 0])
 
 
-def _radiograph_files(put: Callable[[str, bytes], object], example: Path) -> None:
-    """The radiograph loader's files: a 16-bit PNG, a real non-chest radiograph, a two-frame and a colour DICOM, and
-    PNG/JPEG files it must refuse (1 pixel, truncated, transparent, a decompression bomb)."""
-    from dicom_helpers import write_dicom
-    from radiograph_files import bomb_png, extremity_png, png_bytes, quantise, rg1_stored
-    from radiograph_files import example as example_grey
+def evaluate_batch(g: Graph, regions: int = 3) -> None:
+    image, masks, _ = g.fitted()
+    edit = g.batch_mask(g.edit_keep(masks)[0], regions)
+    node = g.add("CXREvaluateEdit", source=image, edited=image, edit_region=edit, attention_threshold=0.5,
+                 heat_scale=0.0)
+    g.save_image([node, 0])
 
-    grey = example_grey(example)
-    put("bi_cxr16.png", png_bytes(quantise(grey, 16), 16))
-    put("bi_extremity.png", extremity_png())
-    put("bi_one_pixel.png", png_bytes(np.array([[128]]), 8))
-    jpg = (example / "utils_example1.jpg").read_bytes()
-    put("bi_truncated.jpg", jpg[: len(jpg) // 2])
-    rgba = np.concatenate([np.stack([quantise(grey, 8)] * 3, -1), np.full((*grey.shape, 1), 255)], -1)
-    rgba[: grey.shape[0] // 4, : grey.shape[1] // 4, 3] = 0  # a transparent corner
-    put("bi_transparent.png", png_bytes(rgba, 8))
-    put("bi_bomb.png", bomb_png())
-    with tempfile.TemporaryDirectory() as folder:
-        stored, ds = rg1_stored()
-        frames = np.stack([stored, stored.max() - stored])
-        put("bi_frames.dcm", write_dicom(Path(folder) / "f.dcm", frames, photometric="MONOCHROME1",
-                                         bits_stored=int(ds.BitsStored)).read_bytes())
-        rgb = np.stack([quantise(grey, 8)] * 3, -1)
-        put("bi_rgb.dcm", write_dicom(Path(folder) / "c.dcm", rgb, photometric="RGB", bits_stored=8).read_bytes())
+
+def atlas(g: Graph, min_quality: float) -> None:
+    node = g.add("CXRAtlasOrgans", image=g.image("bi_cxr_112x128.png"), min_quality=min_quality)
+    g.save_organs([node, 0])
+
+
+def segment(g: Graph) -> None:
+    node = g.add("CXRSegmentOrgans", image=g.image(), weights="no_such_weights.pth", threshold=0.5)
+    g.save_organs([node, 0])
+
+
+def dicom(g: Graph, name: str, window: str = "auto") -> None:
+    node = g.add("CXRLoadDICOM", dicom_file=name, window=window)
+    g.save_image([g.add("CXRFitToModel", image=[node, 0], max_side=64, geometry=[node, 1]), 0])
+
+
+def loader_atlas(g: Graph, name: str) -> None:
+    """A radiograph file through the loader into the atlas (whose fit-quality check must refuse a non-chest)."""
+    node = g.add("CXRLoadDICOM", dicom_file=name, window="auto")
+    g.save_organs([g.add("CXRAtlasOrgans", image=[node, 0], min_quality=0.5), 0], size=(56, 64))
+
+
+def chexmask(g: Graph, name: str, min_dice: float = 0.7) -> None:
+    node = g.add("CXRLoadCheXmask", csv_file=name, image_id=g.row_id, id_column="auto", min_dice=min_dice,
+                 border_crop="auto", image=g.image())
+    g.save_organs([node, 0], size=(56, 64))
+
+
+def capture_reversed(g: Graph) -> None:
+    pipeline(g, capture={"start_percent": 0.9, "end_percent": 0.1})
+
+
+def attention_preview_without_capture(g: Graph) -> None:
+    image, _, _ = g.fitted()
+    latent = g.sample(g.model, g.encode(), g.negative(), g.latent(image))
+    g.save_image([g.add("CXRAttentionPreview", image=image, model_1=g.model, latent_1=latent), 0])
+
+
+def refinement_preview_plain_sampler(g: Graph) -> None:
+    image, _, _ = g.fitted()
+    sampler = [g.add("KSamplerSelect", sampler_name="euler"), 0]
+    latent = g.refine_sample(g.encode(), g.negative(), g.latent(image), sampler)
+    g.save_image([g.add("CXRRefinementPreview", sampler=sampler, latent=latent), 0])
+
+
+def paste_without_keep(g: Graph) -> None:
+    image, _, _ = g.fitted()
+    latent = g.latent(image)
+    out = g.sample(g.model, g.encode(), g.negative(), latent)
+    g.save_latent([g.add("CXRPasteKeepRegion", samples=out, source=latent), 0])
+
+
+def guider_not_inverted(g: Graph) -> None:
+    image, _, _ = g.fitted()
+    positive, negative, latent = g.encode(), g.negative(), g.latent(image)
+    guider = [g.add("CXRInversionGuider", model=g.model, positive=positive, negative=negative, cfg=1.0,
+                    inverted=latent), 0]
+    sigmas = [g.add("BasicScheduler", model=g.model, scheduler="normal", steps=1, denoise=1.0), 0]
+    noise = [g.add("RandomNoise", noise_seed=1), 0]
+    sampler = [g.add("KSamplerSelect", sampler_name="euler"), 0]
+    g.save_latent([g.add("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                         latent_image=latent), 0])
+
+
+def geometry(g: Graph, class_type: str, **extra) -> None:
+    """Restore / composite / export fed the radiograph at native size where the fitted edit belongs."""
+    source = g.image()
+    _, masks, fit = g.fitted(image=source)
+    wrong = g.image("bi_cxr_112x128.png")
+    if class_type == "CXRRestoreNativeSize":
+        node = g.add(class_type, image=wrong, fit=fit)
+    elif class_type == "CXRCompositeNative":
+        node = g.add(class_type, source=source, edited=wrong, fit=fit, edit_region=g.edit_keep(masks)[0])
+    else:
+        inputs = dict(image=wrong, fit=fit, filename_prefix="bad_inputs/export", format="png", bit_depth="auto",
+                      keep_patient_data=False, include_workflow=False)
+        node = g.add(class_type, **{**inputs, **extra})
+    g.save_image([node, 0])
+
+
+def composite(g: Graph, region: str) -> None:
+    """Composite with a NaN edit region, or batches that do not pair (3 regions, 2 edits)."""
+    source = g.image()
+    fitted, masks, fit = g.fitted(image=source)
+    edited, edit = fitted, g.solid(NAN, 56, 64)
+    if region == "batches":
+        edited = [g.add("RepeatImageBatch", image=fitted, amount=2), 0]
+        edit = g.batch_mask(g.edit_keep(masks)[0], 3)
+    g.save_image([g.add("CXRCompositeNative", source=source, edited=edited, fit=fit, edit_region=edit), 0])
+
+
+def evaluate_nan_region(g: Graph) -> None:
+    image, _, _ = g.fitted()
+    node = g.add("CXREvaluateEdit", source=image, edited=image, edit_region=g.solid(NAN, 56, 64),
+                 attention_threshold=0.5, heat_scale=0.0)
+    g.save_image([node, 0])
+
+
+def anatomy_word_without_mask(g: Graph) -> None:
+    """The prompt ties 'heart' to the heart, but only the lungs' masks reach the gate."""
+    image, masks, _ = g.fitted()
+    lungs = [g.add("CXRSelectOrgans", organ_masks=masks, organs="right_lung, left_lung"), 0]
+    positive = g.encode()
+    model = g.gate(g.model, lungs, [positive[0], 1], organs="right_lung, left_lung")
+    g.save_latent(g.sample(model, positive, g.negative(), g.latent(image)))
+
+
+def preview_opacity(g: Graph, opacity: float) -> None:
+    image, masks, _ = g.fitted()
+    g.save_image([g.add("CXRPreviewOrganMasks", image=image, organ_masks=masks, opacity=opacity), 0])
+
+
+def save_metrics_outside(g: Graph) -> None:
+    image, masks, _ = g.fitted()
+    report = g.add("CXREvaluateEdit", source=image, edited=image, edit_region=g.edit_keep(masks)[0],
+                   attention_threshold=0.5, heat_scale=0.0)
+    g.add("CXRSaveMetrics", metrics=[report, 1], filename_prefix="../../outside/metrics")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from node_run import run_node
 from PIL import Image
 
 from cxr_counterfactual.errors import CXRInputError
@@ -198,17 +199,13 @@ def test_bad_image_shapes_are_input_errors():
 
 # --------------------------------------------------------------------------------------------------
 # the node
-def run(cls, **inputs):
-    return cls.PREPARE_CLASS_CLONE({}).execute(**inputs)
-
-
 def test_node_returns_masks_overlay_report_and_preview(comfy, example):
     image = example[0][None, ..., None].repeat(1, 1, 1, 3)
     cls = comfy.node("CXRAtlasOrgans")
     schema = cls.GET_SCHEMA()
     assert "approximate" in schema.display_name.lower() and "APPROXIMATE" in schema.description
     with torch.inference_mode():  # as ComfyUI's executor runs nodes: the fit must still get gradients
-        out = run(cls, image=image, min_quality=DEFAULT_MIN_QUALITY)
+        out = run_node(cls, image=image, min_quality=DEFAULT_MIN_QUALITY)
     masks, overlay, report = out.result
     assert masks.names == ("right_lung", "left_lung", "heart") and (masks.height, masks.width) == (899, 786)
     assert overlay.shape == (1, 899, 786, 3) and not torch.equal(overlay, image)
@@ -219,8 +216,8 @@ def test_node_returns_masks_overlay_report_and_preview(comfy, example):
 def test_node_stops_on_an_unfittable_image_and_on_a_batch(comfy):
     cls = comfy.node("CXRAtlasOrgans")
     with pytest.raises(CXRInputError) as err, torch.inference_mode():
-        run(cls, image=torch.full((1, 256, 256, 3), 0.5), min_quality=DEFAULT_MIN_QUALITY)
+        run_node(cls, image=torch.full((1, 256, 256, 3), 0.5), min_quality=DEFAULT_MIN_QUALITY)
     text = str(err.value)
     assert text.startswith("[Organ Masks from Atlas (approximate)] input 'image'") and "quality 0.00" in text
     with pytest.raises(CXRInputError, match="batch of 2"):
-        run(cls, image=torch.zeros(2, 128, 128, 3), min_quality=0.5)
+        run_node(cls, image=torch.zeros(2, 128, 128, 3), min_quality=0.5)

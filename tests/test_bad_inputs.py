@@ -12,8 +12,10 @@ from collections.abc import Iterator
 import pydicom.data
 import pytest
 import torch
+from api_graph import Graph
 from bad_input_cases import CASES
-from bad_input_graphs import CSV_ROWS, Bound, Case, Error, Graph, Works, first_row_id, pipeline, write_input_files
+from bad_input_files import CSV_ROWS, first_row_id, write_input_files
+from bad_input_graphs import Bound, Case, Error, Works, pipeline
 from safetensors.torch import load_file
 
 from cxr_counterfactual.runner.protocol import ExecutionFailed, PromptRejected
@@ -34,11 +36,12 @@ class Harness:
 
     def __init__(self, server: ComfyServer, checkpoint: str, row_id: str) -> None:
         self.server, self.checkpoint, self.row_id = server, checkpoint, row_id
+        self.object_info = server.object_info()
         self.good_runs = 0
         self.reference = self.good_latent()  # before any bad case
 
     def graph(self, build) -> Graph:
-        g = Graph(self.checkpoint, row_id=self.row_id)
+        g = Graph(self.checkpoint, self.object_info, row_id=self.row_id)
         build(g)
         return g
 

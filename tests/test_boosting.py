@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cxr_helpers import gate, run, sample
+from cxr_helpers import gate, sample
+from node_run import run
 
 from cxr_counterfactual.attention.boosting import boosted_share, pathology_boost_bias, token_probabilities
 
@@ -25,17 +26,13 @@ def test_boosted_share_follows_the_documented_formula():
 
 
 def boost(comfy, model, chest, **overrides):
-    inputs = dict(model=model, tokens=chest.tokens, organ_masks=chest.masks, target_organs="left_lung", factor=3.0,
-                  words="", outside_damping=1.0, blocks="all", start_percent=0.0, end_percent=0.5)
-    inputs.update(overrides)
-    return run(comfy.node("CXRPathologyBoost"), **inputs)[0]
+    inputs = dict(model=model, tokens=chest.tokens, organ_masks=chest.masks, end_percent=0.5)
+    return run(comfy.node("CXRPathologyBoost"), **{**inputs, **overrides})[0]
 
 
 def capture(comfy, model, chest, label="run", grid_factor="1", **overrides):
-    inputs = dict(model=model, tokens=chest.tokens, label=label, grid_factor=grid_factor, organ_masks=chest.masks,
-                  target_organs="left_lung", start_percent=0.0, end_percent=1.0)
-    inputs.update(overrides)
-    return run(comfy.node("CXRCaptureAttention"), **inputs)[0]
+    inputs = dict(model=model, tokens=chest.tokens, label=label, grid_factor=grid_factor, organ_masks=chest.masks)
+    return run(comfy.node("CXRCaptureAttention"), **{**inputs, **overrides})[0]
 
 
 def test_factor_one_is_the_unpatched_model_and_effect_grows(comfy, tiny_model, chest):

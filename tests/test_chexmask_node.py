@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from node_run import run
 from test_chexmask import LOW_DICE_MIMIC, centre_x
 
 from cxr_counterfactual.errors import CXRInputError
@@ -17,10 +18,6 @@ from cxr_counterfactual.imaging.chexmask_index import open_index
 @pytest.fixture(scope="module")
 def rows_dir(data_dir: Path) -> Path:
     return data_dir / "cxr" / "chexmask-rows"
-
-
-def run(cls, **inputs):
-    return cls.PREPARE_CLASS_CLONE({}).execute(**inputs)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +32,7 @@ def node_inputs(comfy, rows_dir) -> Path:
 
 
 def load(comfy, **inputs):
-    args = {"id_column": "auto", "min_dice": 0.7, "border_crop": "auto", **inputs}
-    return run(comfy.node("CXRLoadCheXmask"), **args).result
+    return run(comfy.node("CXRLoadCheXmask"), **inputs)
 
 
 def test_node_schema_and_listing(comfy, node_inputs):

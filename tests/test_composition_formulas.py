@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cxr_helpers import gate, run, sample
+from cxr_helpers import gate, sample
+from node_run import run
 
 pytestmark = pytest.mark.slow
 

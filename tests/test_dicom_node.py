@@ -16,6 +16,7 @@ from dicom_helpers import (
     rg1_path,
     write_dicom,
 )
+from node_run import run, run_node
 
 from cxr_counterfactual.imaging.dicom import DicomRadiograph, read_dicom
 
@@ -63,7 +64,7 @@ def test_node_execute_real_radiograph(comfy, input_dir: Path, rg1: DicomRadiogra
     shutil.copy(rg1_path(), input_dir / "rg1_node.dcm")
     node = comfy.node("CXRLoadDICOM")
     assert node.validate_inputs(dicom_file="rg1_node.dcm") is True
-    out = node.execute(dicom_file="rg1_node.dcm", window="auto")
+    out = run_node(node, dicom_file="rg1_node.dcm", window="auto")
     image, geometry = out.args
     assert image.shape == (1, 1955, 1841, 3) and image.dtype == torch.float32
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
@@ -121,9 +122,9 @@ def test_node_errors_name_node_and_input(comfy, input_dir: Path) -> None:
     node = comfy.node("CXRLoadDICOM")
     (input_dir / "bad_node.dcm").write_text("plain text")
     err = expect_error(
-        lambda: node.execute(dicom_file="bad_node.dcm", window="auto"), NODE_TITLE, "not a DICOM"
+        lambda: run(node, dicom_file="bad_node.dcm", window="auto"), NODE_TITLE, "not a DICOM"
     )
     assert err.input_name == "dicom_file"
     write_dicom(input_dir / "nowin_node.dcm", ramp(6, 6, 0, 500))
-    err = expect_error(lambda: node.execute(dicom_file="nowin_node.dcm", window="window"), NODE_TITLE)
+    err = expect_error(lambda: run(node, dicom_file="nowin_node.dcm", window="window"), NODE_TITLE)
     assert err.input_name == "window"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cxr_helpers import chexmask_radiograph, run
+from cxr_helpers import chexmask_radiograph
+from node_run import run, run_node
 
 from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.errors import CXRInputError
@@ -185,8 +186,8 @@ def test_evaluate_a_real_radiograph_edit_with_atlas_masks_of_the_edit(comfy, rad
     edited = lesion(image, bundle)
     with torch.inference_mode():  # as ComfyUI runs nodes (the atlas fit must still get its gradients)
         edit_masks = run(comfy.node("CXRAtlasOrgans"), image=edited, min_quality=0.5)[0]
-        out = comfy.node("CXREvaluateEdit").PREPARE_CLASS_CLONE({}).execute(
-            source=image, edited=edited, edit_region=edit, organ_masks=bundle, edit_organ_masks=edit_masks)
+        out = run_node(comfy.node("CXREvaluateEdit"), source=image, edited=edited, edit_region=edit,
+                       organ_masks=bundle, edit_organ_masks=edit_masks)
     heat, report, text = out.result
     pair = report.pairs[0]
     assert heat.shape == (1, *image.shape[1:3], 3)
@@ -208,9 +209,9 @@ def test_save_metrics_writes_json_and_csv_and_never_overwrites(comfy, radiograph
     image, _, edit, bundle = radiograph
     with torch.inference_mode():
         report = run(comfy.node("CXREvaluateEdit"), source=image, edited=lesion(image, bundle), edit_region=edit)[1]
-    save = comfy.node("CXRSaveMetrics").PREPARE_CLASS_CLONE({})
-    first = save.execute(metrics=report, filename_prefix="evaltest/run").result[0].split("\n")
-    second = save.execute(metrics=report, filename_prefix="evaltest/run").result[0].split("\n")
+    save = comfy.node("CXRSaveMetrics")
+    first = run(save, metrics=report, filename_prefix="evaltest/run")[0].split("\n")
+    second = run(save, metrics=report, filename_prefix="evaltest/run")[0].split("\n")
     assert first == ["evaltest/run_00001_.json", "evaltest/run_00001_.csv"]
     assert second == ["evaltest/run_00002_.json", "evaltest/run_00002_.csv"]
     out = Path(folder_paths.get_output_directory())
@@ -219,11 +220,11 @@ def test_save_metrics_writes_json_and_csv_and_never_overwrites(comfy, radiograph
     rows = list(csv.DictReader((out / first[1]).open()))
     assert len(rows) == 1 and float(rows[0]["keep_mad"]) == 0.0
     (out / "evaltest" / "run_00003_.csv").write_text("someone else's file")  # a file taking the next number
-    third = save.execute(metrics=report, filename_prefix="evaltest/run").result[0].split("\n")
+    third = run(save, metrics=report, filename_prefix="evaltest/run")[0].split("\n")
     assert third[0] == "evaltest/run_00004_.json" and (out / "evaltest" / "run_00003_.csv").read_text() == \
         "someone else's file"
     with pytest.raises(CXRInputError) as info:
-        save.execute(metrics=report, filename_prefix="../../outside")
+        run(save, metrics=report, filename_prefix="../../outside")
     assert SAVE in str(info.value) and "filename_prefix" in str(info.value)
 
 
@@ -231,24 +232,23 @@ def test_attention_iou_of_a_captured_run(comfy, tiny_model, chest):
     from cxr_helpers import sample
 
     capture = run(comfy.node("CXRCaptureAttention"), model=tiny_model.model, tokens=chest.tokens, label="stock",
-                  grid_factor="1", organ_masks=chest.masks, target_organs="left_lung", start_percent=0.0,
-                  end_percent=1.0)[0]
+                  grid_factor="1", organ_masks=chest.masks)[0]
     latent = {"samples": sample(comfy, capture, chest)}
     edit = run(comfy.node("CXREditKeepRegions"), organ_masks=chest.masks, edit_organs="left_lung", margin_px=2,
                feather_px=1.0, protect="heart")[0]
     with torch.inference_mode():
         source = comfy.node("VAEDecode")().decode(tiny_model.vae, chest.latent)[0]
         edited = comfy.node("VAEDecode")().decode(tiny_model.vae, latent)[0]
-    node = comfy.node("CXREvaluateEdit").PREPARE_CLASS_CLONE({})
-    report = node.execute(source=source, edited=edited, edit_region=edit, model=capture, latent=latent,
-                          tokens=chest.tokens).result[1]
+    node = comfy.node("CXREvaluateEdit")
+    report = run(node, source=source, edited=edited, edit_region=edit, model=capture, latent=latent,
+                 tokens=chest.tokens)[1]
     assert set(report.attention_iou) == {"stock"} and 0.0 <= report.attention_iou["stock"] <= 1.0
     with pytest.raises(CXRInputError, match="captured no attention") as info:  # a run without capture
-        node.execute(source=source, edited=edited, edit_region=edit, model=tiny_model.model, latent=chest.latent,
-                     tokens=chest.tokens)
+        run(node, source=source, edited=edited, edit_region=edit, model=tiny_model.model, latent=chest.latent,
+            tokens=chest.tokens)
     assert EVAL in str(info.value) and "'latent'" in str(info.value)
     with pytest.raises(CXRInputError, match="tokens"):
-        node.execute(source=source, edited=edited, edit_region=edit, model=capture, latent=latent)
+        run(node, source=source, edited=edited, edit_region=edit, model=capture, latent=latent)
 
 
 @pytest.mark.parametrize("case, input_name", [("size", "edited"), ("batch", "edited"), ("mask", "edit_region"),
@@ -270,6 +270,6 @@ def test_bad_inputs_name_node_input_and_fix(comfy, radiograph, case, input_name)
     elif case == "half_run":
         inputs["model"] = object()
     with pytest.raises(CXRInputError) as info:
-        comfy.node("CXREvaluateEdit").PREPARE_CLASS_CLONE({}).execute(**inputs)
+        run(comfy.node("CXREvaluateEdit"), **inputs)
     err = info.value
     assert err.node == EVAL and err.input_name == input_name and err.fix, str(err)

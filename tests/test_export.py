@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from cxr_helpers import run
+from node_run import run, run_node
 from PIL import Image
 from test_dicom import IDENTIFIERS, rg1_path, write_dicom
 
@@ -32,9 +32,9 @@ def export(comfy, image, fit, **options):
     """Run the node as ComfyUI does for an output node (prompt and workflow as hidden inputs)."""
     from comfy_api.latest import io
 
-    cls = comfy.node("CXRExportCounterfactual").PREPARE_CLASS_CLONE(
-        {io.Hidden.prompt: PROMPT, io.Hidden.extra_pnginfo: {"workflow": WORKFLOW}})
-    out = cls.execute(image=image, fit=fit, **{**DEFAULTS, **options})
+    out = run_node(comfy.node("CXRExportCounterfactual"),
+                   hidden={io.Hidden.prompt: PROMPT, io.Hidden.extra_pnginfo: {"workflow": WORKFLOW}},
+                   image=image, fit=fit, **{**DEFAULTS, **options})
     return out, [Path(out_dir()) / f for f in out.result[1].split("\n")]
 
 

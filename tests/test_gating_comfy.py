@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cxr_helpers import PROMPT, gate, run, sample
+from cxr_helpers import PROMPT, gate, sample
+from node_run import run
 
 from cxr_counterfactual.attention.organs import OrganMasks
 

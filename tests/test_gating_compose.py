@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cxr_helpers import gate, run, sample
+from cxr_helpers import gate, sample
+from node_run import run
 
 from cxr_counterfactual.attention.gating import gated_self_attention
 from cxr_counterfactual.attention.kernels import to_flat, to_heads

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from cxr_helpers import PROMPT, chexmask_radiograph, gate, run
+from api_graph import Graph
+from cxr_helpers import PROMPT, chexmask_radiograph, gate
+from node_run import run
 
 from cxr_counterfactual.attention.inversion import check_schedule, ddim_invert, euler_sample, invert_step
 from cxr_counterfactual.errors import CXRInputError
@@ -17,15 +19,11 @@ SOURCE_PROMPT = "chest x-ray, normal left lung, normal heart"
 # there within float rounding, so the exact paste only removes rounding. The README lists the same set.
 KEEP_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_sde", "dpmpp_2m_sde", "ddim")
 REGIONS = dict(edit_organs="left_lung", margin_px=2, feather_px=1.5, protect="heart")  # on the 64 px mask grid
-GATE = dict(strength=1.0, token_strength=1.0, organs="right_lung, left_lung, heart", background="free", margin_px=0,
-            blocks="all", start_percent=0.0, end_percent=1.0, apply_to_uncond=False)
-BOOST = dict(target_organs="left_lung", factor=3.0, words="", outside_damping=1.0, blocks="all", start_percent=0.0,
-             end_percent=0.5)
-CAPTURE = dict(label="chain", grid_factor="1", target_organs="left_lung", start_percent=0.0, end_percent=1.0)
-# The refinement sampler's published-default shape on the 8×7 latent (grid_factor 1: the energy's grid is the latent's).
-REFINE = dict(target_organs="left_lung", iterations=1, step_size=0.1, start_percent=0.0, end_percent=0.5, thresholds="",
-              grid_factor="1", smoothing=0.5, extent_weight=0.0, extent_threshold=0.5)
-INVERT = dict(cfg=1.0, steps=20, scheduler="karras", start_percent=0.5, refine=4)  # the node's defaults
+# The stages at their schema defaults but for these (the gate and the inversion at theirs).
+BOOST = dict(end_percent=0.5)
+CAPTURE = dict(label="chain", grid_factor="1")
+# The refinement sampler's published defaults on the 8×7 latent (grid_factor 1: the energy's grid is the latent's).
+REFINE = dict(grid_factor="1")
 ROUNDING = 1e-5  # relative to the latent's largest value: ComfyUI's ×0.18215 round trip and x − (x − x0)
 SEAM_TOLERANCE = 1.25  # border-band gradient / larger of its two sides (see seam_ratio)
 # Mean |latent error| (ComfyUI's latent scale; the source latent has std 0.13, max 0.40) of the regeneration at
@@ -108,7 +106,7 @@ def ksampler(comfy, model, chest, latent, sampler="euler", seed=7, steps=4):
 def invert(comfy, model, positive, negative, latent, **overrides):
     with torch.inference_mode():
         return run(comfy.node("CXRInvertLatent"), model=model, positive=positive, negative=negative, latent=latent,
-                   **{**INVERT, **overrides})
+                   **overrides)
 
 
 def keep_cells(latent: dict) -> torch.Tensor:
@@ -320,7 +318,7 @@ def test_mismatched_regeneration_is_refused(comfy, tiny_model, chest, source_pos
 def test_full_chain_runs_in_one_graph(comfy, tiny_model, chest, source_positive, regions):
     from cxr_counterfactual.hosts.comfy.patch import run_state
 
-    gated = gate(comfy, tiny_model.model, chest, **GATE)
+    gated = gate(comfy, tiny_model.model, chest)
     boosted = run(comfy.node("CXRPathologyBoost"), model=gated, tokens=chest.tokens, organ_masks=chest.masks,
                   **BOOST)[0]
     edit = run(comfy.node("CXRCaptureAttention"), model=boosted, tokens=chest.tokens, organ_masks=chest.masks,
@@ -374,11 +372,11 @@ def test_full_chain_as_an_api_graph(comfy_server, chexmask_example, tiny_checkpo
         "8": ("CLIPTextEncode", {"clip": clip, "text": ""}),
         "9": ("CXREditKeepRegions", {**masks, **REGIONS}),
         "10": ("CXRApplyKeepRegion", {"latent": ["5", 0], "edit_region": ["9", 0], "image": ["3", 0]}),
-        "11": ("CXRAnatomyAttentionGate", {"model": ["4", 0], **masks, **tokens, **GATE}),
+        "11": ("CXRAnatomyAttentionGate", {"model": ["4", 0], **masks, **tokens}),
         "12": ("CXRPathologyBoost", {"model": ["11", 0], **masks, **tokens, **BOOST}),
         "13": ("CXRCaptureAttention", {"model": ["12", 0], **masks, **tokens, **CAPTURE}),
         "14": ("CXRInvertLatent", {"model": ["11", 0], "positive": ["7", 0], "negative": ["8", 0],
-                                   "latent": ["10", 0], **INVERT, "steps": 8, "refine": 2}),
+                                   "latent": ["10", 0], "steps": 8, "refine": 2}),
         "15": ("CXRInversionGuider", {"model": ["13", 0], "positive": ["6", 0], "negative": ["8", 0], "cfg": 1.0,
                                       "inverted": ["14", 0]}),
         "16": ("CXRRefinementSampler", {**masks, **tokens, **REFINE}),
@@ -388,7 +386,10 @@ def test_full_chain_as_an_api_graph(comfy_server, chexmask_example, tiny_checkpo
         "19": ("SaveLatent", {"samples": ["18", 0], "filename_prefix": "keep_inversion/result"}),
         "20": ("SaveLatent", {"samples": ["5", 0], "filename_prefix": "keep_inversion/source"}),
     }
-    result = comfy_server.run({k: {"class_type": c, "inputs": i} for k, (c, i) in nodes.items()})
+    g = Graph(tiny_checkpoint.name, comfy_server.object_info())
+    for node_id, (class_type, inputs) in nodes.items():
+        g.node(class_type, node_id, **inputs)
+    result = comfy_server.run(g.nodes)
     assert result.outputs["10"]["images"] and any(e.value == e.max for e in result.progress)  # preview, progress
     src, out = (load_file(str(result.files(n, "latents")[0]))["latent_tensor"].float() for n in ("20", "19"))
     torch.testing.assert_close(src, regions[1]["samples"])  # the same radiograph and regions as in-process

@@ -13,14 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cxr_helpers import fitted_chest, gate, run
+from cxr_helpers import fitted_chest, gate
+from node_run import run
 
 from cxr_counterfactual.demo.tiny_checkpoint import UNET_CONFIG
 from cxr_counterfactual.testing.tiny_lora import build_tiny_lora, tiny_sd15_lora_targets
 
 STEPS, CFG, SEED = 6, 5.0, 3
-REFINE = dict(target_organs="left_lung", iterations=3, step_size=0.5, start_percent=0.0, end_percent=0.5,
-              thresholds="", grid_factor="2", smoothing=0.0, extent_weight=0.0, extent_threshold=0.5)
+REFINE = dict(iterations=3, step_size=0.5, grid_factor="2", smoothing=0.0)  # the rest at the node's defaults
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cxr_helpers import PROMPT, fitted_chest, gate, run
+from cxr_helpers import PROMPT, fitted_chest, gate
 from host_fixtures import load_checkpoint
+from node_run import run
 
 SIZE = 128
 STEPS, CFG, SEED = 4, 5.0, 11
-BOOST = dict(target_organs="left_lung", factor=3.0, words="", outside_damping=1.0, blocks="all", start_percent=0.0,
-             end_percent=0.5)
-CAPTURE = dict(label="chain", grid_factor="2", target_organs="left_lung", start_percent=0.0, end_percent=1.0)
-REFINE = dict(target_organs="left_lung", iterations=2, step_size=0.5, start_percent=0.0, end_percent=0.5,
-              thresholds="", grid_factor="2", smoothing=0.0, extent_weight=0.0, extent_threshold=0.5)
+# The stages at their schema defaults but for these.
+BOOST = dict(end_percent=0.5)
+CAPTURE = dict(label="chain")
+REFINE = dict(iterations=2, step_size=0.5, grid_factor="2", smoothing=0.0)
 REGIONS = dict(edit_organs="left_lung", margin_px=4, feather_px=3.0, protect="heart")  # on the 128 px mask grid
 ROUNDING = 1e-5  # ComfyUI's keep path ends at the source up to float rounding (see test_keep_inversion.py)
 

@@ -8,14 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from node_run import run, run_node
 from PIL import Image
 
 MASK_FILES = {"right_lung": "RL_mask.png", "left_lung": "LL_mask.png", "heart": "H_mask.png"}
-
-
-def run(cls, **inputs):
-    """Execute a V3 node the way ComfyUI does: on a class clone with hidden inputs."""
-    return cls.PREPARE_CLASS_CLONE({}).execute(**inputs)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +33,7 @@ def radiograph(chexmask_example) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def organ_masks(comfy, inputs):
-    out = run(comfy.node("CXRLoadOrganMasks"), **MASK_FILES, threshold=0.5)
-    return out.result[0]
+    return run(comfy.node("CXRLoadOrganMasks"), **MASK_FILES, threshold=0.5)[0]
 
 
 def test_every_pack_node_is_registered_with_tooltips_and_category(comfy):
@@ -85,7 +80,7 @@ def test_masks_from_comfy_mask_inputs_and_extension(comfy, organ_masks):
     cls = comfy.node("CXROrganMasksFromMask")
     lesion = torch.zeros(1, 899, 786)
     lesion[0, 600:700, 500:600] = 1
-    out = run(cls, other_name="Lesion", other=lesion, organ_masks=organ_masks).result[0]
+    out = run(cls, other_name="Lesion", other=lesion, organ_masks=organ_masks)[0]
     assert out.names == ("right_lung", "left_lung", "heart", "lesion")
     assert organ_masks.names == ("right_lung", "left_lung", "heart")  # the input bundle is untouched
     with pytest.raises(ValueError, match="no name"):
@@ -96,23 +91,23 @@ def test_masks_from_comfy_mask_inputs_and_extension(comfy, organ_masks):
 
 def test_ops_nodes(comfy, organ_masks):
     combined, mask = run(comfy.node("CXRCombineOrgans"), organ_masks=organ_masks, organs="right_lung, left_lung",
-                         subtract="heart", name="lungs").result
+                         subtract="heart", name="lungs")
     assert "lungs" in combined and mask.shape == (1, 899, 786)
     assert float((mask[0] * organ_masks.get("heart")).sum()) == 0
     grown = run(comfy.node("CXRMorphOrgans"), organ_masks=organ_masks, organs="heart", operation="dilate",
-                size_px=6.0).result[0]
+                size_px=6.0)[0]
     assert grown.area_fraction("heart") > organ_masks.area_fraction("heart")
-    sel = run(comfy.node("CXRSelectOrgans"), organ_masks=organ_masks, organs="heart").result[0]
+    sel = run(comfy.node("CXRSelectOrgans"), organ_masks=organ_masks, organs="heart")[0]
     assert sel.names == ("heart",)
     with pytest.raises(ValueError, match=r"\[Select Organs\].*'organs'.*clavicle"):
         run(comfy.node("CXRSelectOrgans"), organ_masks=organ_masks, organs="clavicle")
-    one = run(comfy.node("CXROrganToMask"), organ_masks=organ_masks, organs="left_lung").result[0]
+    one = run(comfy.node("CXROrganToMask"), organ_masks=organ_masks, organs="left_lung")[0]
     assert torch.equal(one[0], organ_masks.get("left_lung"))
 
 
 def test_edit_keep_regions_node(comfy, organ_masks):
     edit, keep, bundle = run(comfy.node("CXREditKeepRegions"), organ_masks=organ_masks, edit_organs="left_lung",
-                             margin_px=10, feather_px=3.0, protect="heart").result
+                             margin_px=10, feather_px=3.0, protect="heart")
     torch.testing.assert_close(edit + keep, torch.ones_like(edit))
     assert {"edit", "keep"} <= set(bundle.names)
     with pytest.raises(ValueError, match=r"\[Edit / Keep Regions\].*empty"):
@@ -121,7 +116,7 @@ def test_edit_keep_regions_node(comfy, organ_masks):
 
 
 def test_preview_draws_each_organ_in_its_colour(comfy, organ_masks, radiograph):
-    out = run(comfy.node("CXRPreviewOrganMasks"), image=radiograph, organ_masks=organ_masks, opacity=0.5)
+    out = run_node(comfy.node("CXRPreviewOrganMasks"), image=radiograph, organ_masks=organ_masks, opacity=0.5)
     overlay = out.result[0]
     assert overlay.shape == radiograph.shape
     ui = out.ui.as_dict()
@@ -149,13 +144,13 @@ def test_preview_rejects_masks_of_another_aspect(comfy, organ_masks):
 
 def test_fit_and_restore_round_trip(comfy, organ_masks, radiograph):
     image, masks, fit = run(comfy.node("CXRFitToModel"), image=radiograph, max_side=512,
-                            organ_masks=organ_masks).result
+                            organ_masks=organ_masks)
     assert image.shape[1] % 8 == 0 and image.shape[2] % 8 == 0 and max(image.shape[1:3]) == 512
     assert (masks.height, masks.width) == tuple(image.shape[1:3])
     for name in masks.names:
         assert masks.data[masks.names.index(name)].sum() > 0
     back, back_mask = run(comfy.node("CXRRestoreNativeSize"), image=image, fit=fit,
-                          mask=masks.get("left_lung")[None]).result
+                          mask=masks.get("left_lung")[None])
     assert back.shape == radiograph.shape
     assert float((back - radiograph).abs().mean()) < 0.03
     dice = 2 * float(((back_mask[0] > 0.5) & organ_masks.get("left_lung").bool()).sum()) / (

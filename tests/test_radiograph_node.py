@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cxr_helpers import run
+from node_run import run
 from PIL import Image
 from radiograph_files import SIDE, extremity_png, png_bytes, variants
 

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cxr_helpers import fitted_chest, run
+from cxr_helpers import fitted_chest
+from node_run import run
 
 from cxr_counterfactual.attention.refinement import (
     concentration_energy,
@@ -107,11 +108,9 @@ def chest128(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
 
 
 def refiner(comfy, c, **overrides):
-    inputs = dict(tokens=c.tokens, organ_masks=c.masks, target_organs="left_lung", iterations=ITERATIONS,
-                  step_size=STEP_SIZE, start_percent=0.0, end_percent=END_PERCENT, thresholds="", grid_factor=GRID,
-                  smoothing=SMOOTHING, extent_weight=0.0, extent_threshold=0.5)
-    inputs.update(overrides)
-    return run(comfy.node("CXRRefinementSampler"), **inputs)[0]
+    inputs = dict(tokens=c.tokens, organ_masks=c.masks, iterations=ITERATIONS, step_size=STEP_SIZE,
+                  end_percent=END_PERCENT, grid_factor=GRID, smoothing=SMOOTHING)
+    return run(comfy.node("CXRRefinementSampler"), **{**inputs, **overrides})[0]
 
 
 def sample(comfy, model, c, sampler, sigmas=None, add_noise=True, latent=None, cfg=CFG):

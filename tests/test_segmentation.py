@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from node_run import run
 
 from conftest import need
 from cxr_counterfactual.errors import CXRInputError
@@ -120,10 +121,6 @@ def test_without_torchxrayvision_the_error_says_how_to_install(monkeypatch):
 
 # --------------------------------------------------------------------------------------------------
 # the node
-def run(cls, **inputs):
-    return cls.PREPARE_CLASS_CLONE({}).execute(**inputs)
-
-
 @pytest.fixture()
 def model_folder(comfy, official_layout_file):
     """The folder of the random-weight file registered as an extra cxr_segmentation path."""
@@ -174,7 +171,7 @@ def test_node_segments_with_a_weight_file_from_the_folder(comfy, model_folder, m
     monkeypatch.setattr(seg, "INPUT_SIZE", 64)  # the real 512 input costs ~15 s on a CPU
     with torch.inference_mode():  # as ComfyUI runs nodes
         out = run(cls, image=torch.rand(1, 90, 70, 3), weights=seg.OFFICIAL_WEIGHTS, threshold=0.5)
-    (masks,) = out.result
+    (masks,) = out
     # The file's head marks every structure present except the spine, which is left out.
     assert masks.names == tuple(n for n in seg.ORGAN_NAMES if n != "spine")
     assert (masks.height, masks.width) == (90, 70) and float(masks.get("right_lung").mean()) == 1.0

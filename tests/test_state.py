@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from api_graph import CHEXMASK_FILES, CHEXMASK_IMAGE, Graph
 from safetensors.torch import load_file
 
 from cxr_counterfactual.demo.tiny_checkpoint import build_tiny_sd15_checkpoint
@@ -24,55 +25,37 @@ pytestmark = pytest.mark.slow
 PROMPT = "chest x-ray, left lung with pleural effusion, normal heart"
 
 
-def branch(g: dict, prefix: str, ckpt_node: str, regulation: dict, seed: int, steps: int = 4) -> str:
+def branch(g: Graph, prefix: str, ckpt_node: str, regulation: dict, seed: int, steps: int = 4) -> str:
     """Add one regulated sampler branch to ``g`` (ids ``prefix + n``); returns the SaveLatent node id.
 
     ``regulation``: ``gate`` (strength), ``boost`` (factor), ``iterations`` (refinement steps).
     """
     p = prefix
-    g[p + "gate"] = {"class_type": "CXRAnatomyAttentionGate", "inputs": {
-        "model": [ckpt_node, 0], "organ_masks": ["fit", 1], "tokens": [p + "text", 1],
-        "strength": regulation["gate"], "token_strength": regulation["gate"], "organs": "right_lung, left_lung, heart",
-        "background": "free", "margin_px": 0, "blocks": "all", "start_percent": 0.0, "end_percent": 1.0,
-        "apply_to_uncond": False}}
-    g[p + "boost"] = {"class_type": "CXRPathologyBoost", "inputs": {
-        "model": [p + "gate", 0], "tokens": [p + "text", 1], "organ_masks": ["fit", 1], "target_organs": "left_lung",
-        "factor": regulation["boost"], "words": "", "outside_damping": 1.0, "blocks": "all", "start_percent": 0.0,
-        "end_percent": 0.75}}
-    g[p + "capture"] = {"class_type": "CXRCaptureAttention", "inputs": {
-        "model": [p + "boost", 0], "tokens": [p + "text", 1], "organ_masks": ["fit", 1], "label": p + "edit",
-        "grid_factor": "2", "target_organs": "left_lung", "start_percent": 0.0, "end_percent": 1.0}}
-    g[p + "text"] = {"class_type": "CXRTextEncode", "inputs": {
-        "clip": [ckpt_node, 1], "text": PROMPT, "anatomy": "left lung, heart", "pathology": "effusion"}}
-    g[p + "neg"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": [ckpt_node, 1], "text": ""}}
-    g[p + "encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["fit", 0], "vae": [ckpt_node, 2]}}
-    g[p + "refine"] = {"class_type": "CXRRefinementSampler", "inputs": {
-        "tokens": [p + "text", 1], "organ_masks": ["fit", 1], "target_organs": "left_lung",
-        "iterations": regulation["iterations"], "step_size": 0.1, "start_percent": 0.0, "end_percent": 0.75,
-        "thresholds": "", "grid_factor": "2", "smoothing": 0.5, "extent_weight": 0.0, "extent_threshold": 0.5}}
-    g[p + "sigmas"] = {"class_type": "BasicScheduler", "inputs": {
-        "model": [p + "capture", 0], "scheduler": "normal", "steps": steps, "denoise": 0.8}}
-    g[p + "sampler"] = {"class_type": "SamplerCustom", "inputs": {
-        "model": [p + "capture", 0], "add_noise": True, "noise_seed": seed, "cfg": 5.0, "positive": [p + "text", 0],
-        "negative": [p + "neg", 0], "sampler": [p + "refine", 0], "sigmas": [p + "sigmas", 0],
-        "latent_image": [p + "encode", 0]}}
-    g[p + "save"] = {"class_type": "SaveLatent", "inputs": {"samples": [p + "sampler", 0],
-                                                           "filename_prefix": f"state/{p}latent"}}
-    return p + "save"
+    masks, tokens = ["fit", 1], [p + "text", 1]
+    g.gate([ckpt_node, 0], masks, tokens, node_id=p + "gate", strength=regulation["gate"],
+           token_strength=regulation["gate"])
+    g.boost([p + "gate", 0], tokens, masks, node_id=p + "boost", factor=regulation["boost"], end_percent=0.75)
+    g.capture([p + "boost", 0], tokens, masks, node_id=p + "capture", label=p + "edit")
+    g.add("CXRTextEncode", p + "text", clip=[ckpt_node, 1], text=PROMPT, anatomy="left lung, heart",
+          pathology="effusion")
+    g.add("CLIPTextEncode", p + "neg", clip=[ckpt_node, 1], text="")
+    g.add("VAEEncode", p + "encode", pixels=["fit", 0], vae=[ckpt_node, 2])
+    g.refiner(tokens, masks, node_id=p + "refine", iterations=regulation["iterations"], end_percent=0.75)
+    g.add("BasicScheduler", p + "sigmas", model=[p + "capture", 0], scheduler="normal", steps=steps, denoise=0.8)
+    g.add("SamplerCustom", p + "sampler", model=[p + "capture", 0], add_noise=True, noise_seed=seed, cfg=5.0,
+          positive=[p + "text", 0], negative=[p + "neg", 0], sampler=[p + "refine", 0], sigmas=[p + "sigmas", 0],
+          latent_image=[p + "encode", 0])
+    return g.save_latent([p + "sampler", 0], f"state/{p}latent", node_id=p + "save")
 
 
-def base_graph(ckpts: dict[str, str]) -> dict:
+def base_graph(server, ckpts: dict[str, str]) -> Graph:
     """Radiograph + masks fitted to 64 px, and one checkpoint loader per entry of ``ckpts`` (id → file)."""
-    g: dict = {
-        "image": {"class_type": "LoadImage", "inputs": {"image": "utils_example1.jpg"}},
-        "masks": {"class_type": "CXRLoadOrganMasks", "inputs": {"right_lung": "RL_mask.png",
-                                                                "left_lung": "LL_mask.png", "heart": "H_mask.png",
-                                                                "threshold": 0.5}},
-        "fit": {"class_type": "CXRFitToModel", "inputs": {"image": ["image", 0], "max_side": 64,
-                                                          "organ_masks": ["masks", 0]}},
-    }
+    g = Graph(next(iter(ckpts.values())), server.object_info())
+    g.add("LoadImage", "image", image=CHEXMASK_IMAGE)
+    g.add("CXRLoadOrganMasks", "masks", **CHEXMASK_FILES, threshold=0.5)
+    g.add("CXRFitToModel", "fit", image=["image", 0], max_side=64, organ_masks=["masks", 0])
     for node, name in ckpts.items():
-        g[node] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}}
+        g.add("CheckpointLoaderSimple", node, ckpt_name=name)
     return g
 
 
@@ -92,9 +75,9 @@ def server(comfy_server, chexmask_example, tiny_checkpoint, tmp_path_factory):
     return comfy_server
 
 
-def run(server, g: dict, saves: list[str], on_progress=None) -> list[torch.Tensor]:
+def run(server, g: Graph, saves: list[str], on_progress=None) -> list[torch.Tensor]:
     """Run ``g``; the latents its SaveLatent nodes wrote, after checking every sampler really ran."""
-    result = server.run(g, on_progress=on_progress)
+    result = server.run(g.nodes, on_progress=on_progress)
     samplers = [s.replace("save", "sampler") for s in saves]
     assert not set(samplers) & set(result.cached), f"sampler answered from ComfyUI's cache: {result.cached}"
     latents = []
@@ -105,7 +88,7 @@ def run(server, g: dict, saves: list[str], on_progress=None) -> list[torch.Tenso
 
 
 def one(server, ckpt: str, regulation: dict, seed: int, steps: int = 4, on_progress=None) -> torch.Tensor:
-    g = base_graph({"ckpt": ckpt})
+    g = base_graph(server, {"ckpt": ckpt})
     save = branch(g, "a_", "ckpt", regulation, seed, steps)
     return run(server, g, [save], on_progress)[0]
 
@@ -144,7 +127,7 @@ def test_two_differently_regulated_models_in_one_graph(server, tiny_checkpoint):
     one(server, **spacer)
     alone = [one(server, ckpt, STRONG, seed=5), one(server, ckpt, OTHER, seed=5), one(server, other, OTHER, seed=5)]
     one(server, **spacer)
-    g = base_graph({"ckpt": ckpt, "ckpt_b": other})
+    g = base_graph(server, {"ckpt": ckpt, "ckpt_b": other})
     saves = [branch(g, "a_", "ckpt", STRONG, seed=5), branch(g, "b_", "ckpt", OTHER, seed=5),
              branch(g, "c_", "ckpt_b", OTHER, seed=5)]
     together = run(server, g, saves)

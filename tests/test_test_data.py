@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from bad_input_graphs import CSV_ROWS
+from bad_input_files import CSV_ROWS
 from PIL import Image
 from test_atlas import LANDMARK_FILES, MASK_FILES
 from test_chexmask import LOW_DICE_MIMIC, REAL_FILES
 from test_workflows import SAVED
 
 from cxr_counterfactual.imaging.atlas import ATLAS_PATH
-from cxr_counterfactual.runner import comfyui_path as paths
+from cxr_counterfactual.testing import data as paths
 from cxr_counterfactual.testing.data import REPO_TEST_DATA
 
 EXAMPLE = [*MASK_FILES.values(), *LANDMARK_FILES, "utils_example1.jpg"]
