@@ -1,6 +1,6 @@
 """Fixtures that need the ComfyUI host: the tiny checkpoint and a headless server.
 
-- ``tiny_checkpoint``: the random-weight SD1.5-shaped checkpoint (``testing/tiny_checkpoint.py``), built
+- ``tiny_checkpoint``: the random-weight SD1.5-shaped checkpoint (``demo/tiny_checkpoint.py``), built
   once per test run, in this process (the weights are drawn with ComfyUI's own modules, so ComfyUI is
   imported on the CPU, exactly as the ``comfy`` fixture does).
 - ``tiny_sd2_checkpoint`` / ``tiny_sdxl_checkpoint``: the SD2.x v-prediction and SDXL-family (Segmind Vega)

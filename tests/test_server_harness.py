@@ -1,4 +1,4 @@
-"""End to end through a real headless ComfyUI: the harness in ``testing/server.py`` and the tiny checkpoint.
+"""End to end through a real headless ComfyUI: the harness in ``runner/server.py`` and the tiny checkpoint.
 
 One server per session (``comfy_server``); the start/stop tests start their own.
 """

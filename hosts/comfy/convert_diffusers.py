@@ -125,7 +125,7 @@ def check_tokenizer(folder: Path, comfy_tokenizer: Path) -> None:
         raise CXRInputError("the folder's tokenizer is not CLIP's (changed vocabulary, merges or added tokens); "
                             "ComfyUI always tokenizes SD1.x prompts with CLIP's, so prompts would be mis-read.",
                             input_name="folder", fix="Use the diffusers pipeline directly (pip install "
-                            "'cxr-counterfactual[diffusers]', see the README's Diffusers section).")
+                            "'cxr-counterfactual[diffusers]', see docs/diffusers.md).")
 
 
 def prediction_type(folder: Path) -> str:
