@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+import pydicom.data
 import pytest
 
 from conftest import need
@@ -93,6 +94,17 @@ def comfy_server(
         yield server
     finally:
         server.stop()
+
+
+def upload_shipped_inputs(server: ComfyServer, data_dir: Path, chexmask_example: Path) -> None:
+    """Put every input file the shipped workflows name into the server's input folder (a test that runs a
+    shipped graph must not rely on another test having uploaded them first)."""
+    dicom = pydicom.data.get_testdata_file("RG1_UNCR.dcm")
+    need(dicom is not None, "pydicom-data's RG1_UNCR.dcm not found: pip install pydicom-data")
+    server.upload_input(Path(dicom))
+    server.upload_input(chexmask_example / "utils_example1.jpg", "chest_pa.png")
+    server.upload_input(data_dir / "cxr" / "chexmask-rows" / "ChestX-Ray8.csv")
+    server.upload_input(data_dir / "cxr" / "nih" / "00000001_000.png")
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pydicom
 import pytest
+from host_fixtures import upload_shipped_inputs
 from test_workflows import FOLDER, NAMES, by_type, load, small
 
 from conftest import need
@@ -54,12 +54,7 @@ def server(comfy_server: ComfyServer, tiny_checkpoint: Path, data_dir: Path, che
     link = comfy_server.base_dir / "models" / "checkpoints" / SHIPPED_CHECKPOINT
     if not link.exists():
         link.symlink_to(tiny_checkpoint.resolve())
-    dicom = pydicom.data.get_testdata_file("RG1_UNCR.dcm")
-    need(dicom is not None, "pydicom-data's RG1_UNCR.dcm not found: pip install pydicom-data")
-    comfy_server.upload_input(Path(dicom))
-    comfy_server.upload_input(chexmask_example / "utils_example1.jpg", "chest_pa.png")
-    comfy_server.upload_input(data_dir / "cxr" / "chexmask-rows" / "ChestX-Ray8.csv")
-    comfy_server.upload_input(data_dir / "cxr" / "nih" / "00000001_000.png")
+    upload_shipped_inputs(comfy_server, data_dir, chexmask_example)
     comfy_server._request("POST", "/settings", SETTINGS)
     return comfy_server
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pydicom.data
 import pytest
+from host_fixtures import upload_shipped_inputs
 
-from conftest import need
 from cxr_counterfactual.demo.tiny_checkpoint import TWO_LEVEL_UNET_CONFIG, build_tiny_sd15_checkpoint
 from cxr_counterfactual.runner.protocol import ExecutionFailed
 from cxr_counterfactual.runner.server import _link
@@ -29,14 +28,12 @@ SETTING_NODES = ("CXRRefinementSampler", "CXRCaptureAttention")
 
 
 @pytest.fixture(scope="module")
-def two_level_server(comfy_server, tmp_path_factory):
+def two_level_server(comfy_server, tmp_path_factory, data_dir, chexmask_example):
     """The session's server, with a two-level SD1.5-detected checkpoint beside the tiny one."""
     path = build_tiny_sd15_checkpoint(tmp_path_factory.mktemp("two-level") / "tiny-sd15-two-level.safetensors",
                                       unet_config=TWO_LEVEL_UNET_CONFIG)
     _link(path, comfy_server.base_dir / "models" / "checkpoints" / path.name)
-    dicom = pydicom.data.get_testdata_file("RG1_UNCR.dcm")
-    need(dicom is not None, "pydicom-data's RG1_UNCR.dcm not found: pip install pydicom-data")
-    comfy_server.upload_input(Path(dicom))
+    upload_shipped_inputs(comfy_server, data_dir, chexmask_example)  # run alone, too
     try:
         yield comfy_server, path.name
     finally:
