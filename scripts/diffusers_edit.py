@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 
 from cxr_counterfactual.attention.organs import OrganMasks, edit_and_keep, parse_names
-from cxr_counterfactual.attention.refinement import RefineConfig
+from cxr_counterfactual.attention.refinement import RefineConfig, Refinement
 from cxr_counterfactual.attention.schedule import DiscreteSchedule
-from cxr_counterfactual.hosts.diffusers.pipeline import Refinement, img2img
+from cxr_counterfactual.hosts.diffusers.pipeline import img2img
 from cxr_counterfactual.hosts.diffusers.processors import install_regulation
 from cxr_counterfactual.hosts.diffusers.stages import boost_stage, gate_stage, target_region, token_map
 from cxr_counterfactual.imaging.geometry import apply_fit, composite_native, plan_fit
