@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     edited, result = edit_radiograph(pipe, grey, read_masks(args, grey), args)
     Image.fromarray((edited.numpy() * 255).round().astype(np.uint8)).save(args.out)
     for step in result.refine:
-        logger.info("refined step %d: energy %.3f -> %.3f", step["step"], step["before"], step["after"])
+        logger.info("refined step %d: energy %.3f -> %.3f", step.step, step.before, step.after)
     logger.info("wrote %s (%d×%d)", args.out, edited.shape[1], edited.shape[0])
     return 0
 
