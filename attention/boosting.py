@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .tokens import token_columns
+
 
 def boosted_share(share: torch.Tensor | float, factor: float) -> torch.Tensor | float:
     """The pathology share after boosting by ``factor`` (the formula in the module docstring)."""
@@ -47,13 +49,12 @@ def pathology_boost_bias(
     if not 0.0 <= damping <= 1.0:
         raise ValueError(f"damping must be in [0, 1], got {damping}")
     bias = torch.zeros(inside.shape[0], context_len)
-    repeats = context_len // cond_len
     off = -math.inf if damping == 0.0 else math.log(damping)
     for word, idx in positions.items():
         f = factors.get(word, 1.0)
         if f <= 0:
             raise ValueError(f"boost factor for '{word}' must be positive, got {f}")
-        cols = torch.tensor([p + cond_len * j for p in idx for j in range(repeats)], dtype=torch.long)
+        cols = token_columns(idx, cond_len, context_len)
         bias[inside.nonzero().flatten()[:, None], cols[None, :]] = math.log(f)
         bias[(~inside).nonzero().flatten()[:, None], cols[None, :]] = off
     return bias

@@ -32,6 +32,7 @@ import torch
 
 from .kernels import Kernel, LseKernel, masked_reference, sdpa, sdpa_with_lse
 from .regions import RegionPartition
+from .tokens import token_columns
 
 #: The background policies, in the order the gate node lists them (saved workflows store the value).
 BACKGROUNDS = ("free", "confined")
@@ -167,9 +168,8 @@ def anatomy_token_bias(
     if context_len % cond_len:
         raise ValueError(f"context length {context_len} is not a multiple of the prompt's length {cond_len}")
     off = -math.inf if leak == 0.0 else math.log(leak)
-    repeats = context_len // cond_len
     for word_inside, word_positions in zip(inside, positions, strict=True):
-        cols = torch.tensor([p + cond_len * j for p in word_positions for j in range(repeats)], dtype=torch.long)
+        cols = token_columns(word_positions, cond_len, context_len)
         outside_rows = (~word_inside).nonzero().flatten()
         if cols.numel() and outside_rows.numel():
             bias[outside_rows[:, None], cols[None, :]] = off

@@ -12,6 +12,7 @@ biases and record the same captures:
 - :func:`regulated_rows`: the batch rows to regulate (the positive prompt's, and the negative's for a gate
   with ``apply_to_uncond``);
 - :func:`record_capture`: per-word maps and the in-target share of one layer into the run's record;
+- :func:`probe_map` / :func:`pathology_maps`: one layer's map of the refinement energy;
 - :func:`layer_grid`: a layer's exact token grid from the latent and the token count (hosts that do not
   hand over the layer's activation shape, as diffusers does not).
 """
@@ -117,3 +118,11 @@ def pathology_maps(qh: torch.Tensor, kh: torch.Tensor, bias: torch.Tensor | None
     energy's map of one layer (differentiable in ``qh``)."""
     probs = token_probabilities(qh, kh, bias, columns.to(qh.device))
     return probs.sum(-1).mean(1).reshape(-1, h, w)
+
+
+def probe_map(stages: Sequence[Stage], key: Key, sigma: float, qh: torch.Tensor, kh: torch.Tensor, h: int, w: int,
+              latent: Grid, columns: torch.Tensor) -> torch.Tensor:
+    """:func:`pathology_maps` of a layer that attends with the biases of ``stages`` active at ``key`` and ``sigma``
+    (the maps the regulated model really uses)."""
+    bias = cross_bias(active_stages(stages, key, sigma), h, w, latent, kh.shape[2], qh.device)
+    return pathology_maps(qh, kh, bias, columns, h, w)

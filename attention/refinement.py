@@ -24,18 +24,34 @@ gradient; normalising the gradient keeps ``step_size`` meaningful across models 
 gradients differ by orders of magnitude (random test weights vs trained ones), and the σ factor gives the
 same decay over the schedule. Optional per-window thresholds stop a step's iterations once ``E`` is low
 enough (A&E's 0.05 / 0.5 / 0.8 attention targets at 0 / 20 / 40 % correspond to energies 0.95 / 0.5 / 0.2).
+
+Both hosts run the same loop, :func:`refine_step` (given the host's energy as a callable, as
+:func:`.inversion.ddim_invert` is given a denoiser), over the steps of :func:`refine_window`.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import CXRInputError
+from .organs import OrganMasks
+from .regions import coverage
+from .run_record import RefineStep
+from .stages import Grid
+from .tokens import token_columns
+
+logger = logging.getLogger("cxr_counterfactual")
+
+Energy = Callable[[torch.Tensor], torch.Tensor]
+"""A host's energy: latent ``x`` → ``[B]`` energies, differentiable in ``x`` when ``x`` requires grad."""
 
 
 @dataclass(frozen=True)
@@ -92,9 +108,7 @@ def concentration_energy(maps: torch.Tensor, inside: torch.Tensor, *, smoothing:
     """
     b, h, w = maps.shape
     inside = inside.reshape(h, w).to(maps.device)
-    if not inside.any():
-        raise CXRInputError(f"the target covers no cell of the {h}×{w} attention grid.", input_name="target_organs",
-                            fix="Use a larger target, or a smaller grid_factor (finer grid).")
+    require_cells(inside, (h, w))
     a = smooth_maps(maps.float(), smoothing).clamp_min(0)
     total = a.sum(dim=(1, 2)).clamp_min(1e-12)
     conc = 1 - (a * inside).sum(dim=(1, 2)) / total
@@ -142,3 +156,159 @@ def grid_at(latent: tuple[int, int], downsamples: int) -> tuple[int, int]:
     for _ in range(downsamples):
         h, w = -(-h // 2), -(-w // 2)
     return h, w
+
+
+def require_cells(inside: torch.Tensor, grid: Grid, node: str = "") -> None:
+    """Refuse a target that covers no cell of the energy grid (its energy would be 1 whatever the latent).
+
+    Raises:
+        CXRInputError: ``inside`` holds no cell (input ``target_organs``).
+    """
+    if not inside.any():
+        raise CXRInputError(f"the target covers no cell of the {grid[0]}×{grid[1]} energy grid.", node=node,
+                            input_name="target_organs",
+                            fix="Use a larger target, a smaller grid_factor (finer grid), or a larger image.")
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """What a refinement reads (as the CXR Refinement Sampler node sets it): the settings, the one-region
+    ``target``, the pathology words' ``positions`` in a prompt of ``cond_len`` tokens, and the energy grid
+    ``latent / grid_factor``."""
+
+    config: RefineConfig
+    target: OrganMasks
+    positions: Mapping[str, tuple[int, ...]]
+    cond_len: int = 77
+    grid_factor: int = 4
+    _cells: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def columns(self, context_len: int) -> torch.Tensor:
+        """The pathology words' key columns in a context of ``context_len`` tokens."""
+        return token_columns(itertools.chain.from_iterable(self.positions.values()), self.cond_len, context_len)
+
+    def cells(self, grid: Grid, latent: Grid, node: str = "") -> torch.Tensor:
+        """``[h·w]`` bool: the energy grid's cells inside the target (cached per grid and latent).
+
+        Raises:
+            CXRInputError: the target covers no cell (:func:`require_cells`).
+        """
+        key = (grid, latent)
+        if key not in self._cells:
+            # a plain tensor even when first asked under inference mode: the energy's autograd pass saves it
+            with torch.inference_mode(False):
+                cells = coverage(self.target, self.target.names, grid[0], grid[1], latent=latent).clone()
+            require_cells(cells, grid, node)
+            self._cells[key] = cells
+        return self._cells[key]
+
+    def energy(self, maps: Sequence[torch.Tensor], batch: int, latent: Grid, node: str = "") -> torch.Tensor:
+        """``[batch]`` energies of the energy layers' pathology maps (``[k·batch, h, w]`` each, for ``k`` chunks of
+        the prompt), averaged over the layers and the chunks.
+
+        Raises:
+            RuntimeError: no map (the energy layers did not run).
+        """
+        if not maps:
+            raise RuntimeError("no pathology attention map was produced")
+        m = torch.stack(list(maps)).mean(0)
+        m = m.reshape(-1, batch, *m.shape[-2:]).mean(0)  # several cond chunks: average them
+        c = self.config
+        grid = (int(m.shape[-2]), int(m.shape[-1]))
+        return concentration_energy(m, self.cells(grid, latent, node).to(m.device),
+                                    smoothing=c.smoothing, extent_weight=c.extent_weight,
+                                    extent_threshold=c.extent_threshold, extent_sharpness=c.extent_sharpness)
+
+
+@dataclass(frozen=True)
+class RefineWindow:
+    """The sampling steps a refinement acts on, and its early-stop energies by sigma."""
+
+    steps: tuple[int, ...]
+    sigma_start: float
+    sigma_end: float
+    stops: tuple[tuple[float, float], ...] = ()  # (sigma, energy), in the thresholds' order (sigma descending)
+
+    def stop_at(self, sigma: float) -> float | None:
+        """The stop energy in force at ``sigma``: the threshold of the latest percent already reached."""
+        return next((e for s, e in reversed(self.stops) if sigma <= s), None)
+
+
+def refine_window(config: RefineConfig, percent_to_sigma: Callable[[float], float],
+                  sigmas: Sequence[float]) -> RefineWindow:
+    """The steps ``i`` (of the schedule ``sigmas``, last one excluded) whose sigma lies in the config's window of
+    percents, converted by the model's ``percent_to_sigma``."""
+    hi, lo = float(percent_to_sigma(config.start_percent)), float(percent_to_sigma(config.end_percent))
+    steps = tuple(i for i in range(len(sigmas) - 1) if lo <= float(sigmas[i]) <= hi)
+    stops = tuple((float(percent_to_sigma(p)), e) for p, e in config.thresholds)
+    return RefineWindow(steps, hi, lo, stops)
+
+
+def _evaluate(energy: Energy, x: torch.Tensor, grad: bool, node: str,
+              model_input: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``energy(x)`` (``[B]``, detached) and, with ``grad``, ``∂E/∂x``.
+
+    Hosts sample under ``torch.inference_mode()``: the pass runs with it off, on a plain copy of ``x``.
+    """
+    try:
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
+            xg = x.detach().clone().requires_grad_(grad)
+            e = energy(xg)
+            if not grad:
+                return e.detach(), None
+            (g,) = torch.autograd.grad(e.sum(), xg, allow_unused=True)
+    except RuntimeError as err:  # (CXRInputError is a ValueError: it passes through)
+        raise CXRInputError(f"the model cannot be differentiated for refinement ({err}).", node=node,
+                            input_name=model_input, fix="Use a float16/32 checkpoint without patches that keep "
+                            "inference tensors, or set iterations to 0.") from None
+    if g is None or not torch.isfinite(g).all():  # e.g. maps that do not depend on the latent
+        raise CXRInputError("the energy has no usable gradient with respect to the latent.", node=node,
+                            input_name=model_input, fix="Use a float16/32 SD-family UNet checkpoint, or set "
+                            "iterations to 0.")
+    return e.detach(), g.detach()
+
+
+def refine_step(energy: Energy, x: torch.Tensor, sigma: float, config: RefineConfig, *, step: int,
+                stop: float | None = None, edit_mask: torch.Tensor | None = None,
+                progress: Callable[[int], None] | None = None, node: str = "",
+                model_input: str = "model") -> tuple[torch.Tensor, RefineStep]:
+    """One sampling step's refinement: ``config.iterations`` gradient steps (:func:`refinement_step`) down
+    ``energy``, stopping early once the energy is at or below ``stop``, and the energy after the last step.
+
+    Args:
+        energy: the host's energy (:data:`Energy`).
+        x: the latent the sampler carries at ``sigma``.
+        step: the sampling step's index (for the record).
+        edit_mask: where the sampler may change the latent (1); the gradient is masked to it (None = all).
+        progress: called with the number of iterations done or skipped (a progress bar's update).
+        node, model_input: where errors point (the node's title; its model input's name).
+
+    Returns:
+        The refined latent (``x``'s dtype) and the step's record.
+
+    Raises:
+        CXRInputError: the energy cannot be differentiated, or has no finite gradient.
+    """
+    x_before = x
+    energies: list[float] = []
+    done, current = 0, False  # current: energies[-1] was measured at this x
+    for _ in range(config.iterations):
+        e, grad = _evaluate(energy, x, True, node, model_input)
+        assert grad is not None
+        energies.append(float(e.mean()))
+        if stop is not None and energies[-1] <= stop:
+            current = True
+            break
+        if edit_mask is not None:  # refine only where the sampler may change the latent
+            grad = grad * edit_mask
+        # the step follows the gradient whatever the energy does next: no search, nothing discarded
+        x = refinement_step(x, grad, sigma, config.step_size).to(x.dtype)
+        done += 1
+        if progress is not None:
+            progress(1)
+    if progress is not None and done < config.iterations:
+        progress(config.iterations - done)
+    if not current:  # the energy after the last step (or, at 0 iterations, of the unrefined latent)
+        energies.append(float(_evaluate(energy, x, False, node, model_input)[0].mean()))
+    logger.debug("CXR refinement step %d (sigma %.3f): energy %.4f → %.4f", step, sigma, energies[0], energies[-1])
+    return x, RefineStep(step, sigma, tuple(energies), done, x_before.detach().cpu(), x.detach().cpu())

@@ -3,9 +3,9 @@ that nodes after the sampler read.
 
 - :class:`RunState` is the one per-run holder under ``transformer_options["cxr_counterfactual"]``; the host
   adapter replaces it by a fresh copy at the start of every run (``reset``), so queued runs never share state.
-- :class:`ResultStore` keeps what the last runs produced (trace, conflicts, captured maps, refinement energies)
-  and is shared, not copied, when ComfyUI deep-copies a model's options: a node after the sampler finds the
-  run that produced its LATENT by the latent's fingerprint.
+- :class:`ResultStore` keeps what the last runs produced (:class:`.run_record.RunRecord`: trace, conflicts,
+  captured maps, refinement energies) and is shared, not copied, when ComfyUI deep-copies a model's options: a
+  node after the sampler finds the run that produced its LATENT by the latent's fingerprint (:func:`find_run`).
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from typing import Literal
 
 import torch
 
+from ..errors import CXRInputError
+from .run_record import Capture, CaptureStep, Conflict, RunRecord, TraceEntry
+from .stages import Grid, Key
+
 logger = logging.getLogger("cxr_counterfactual")
-
-Key = tuple[str, int, int]
-
-
-def empty_record() -> dict:
-    """What one run records, before it runs."""
-    return {"trace": [], "conflicts": [], "capture": {}, "latent": None}
 
 
 class ResultStore:
@@ -31,26 +29,53 @@ class ResultStore:
 
     def __init__(self, keep: int = 8) -> None:
         self.keep = keep
-        self.runs: list[dict] = []
+        self.runs: list[RunRecord] = []
         self._lock = threading.Lock()
 
     def __deepcopy__(self, memo: dict) -> ResultStore:
         return self
 
-    def new_run(self) -> dict:
-        record = empty_record()
+    def new_run(self) -> RunRecord:
+        record = RunRecord()
         with self._lock:
             self.runs.append(record)
             del self.runs[: -self.keep]
         return record
 
-    def latest(self) -> dict | None:
+    def latest(self) -> RunRecord | None:
         return self.runs[-1] if self.runs else None
 
-    def for_latent(self, samples: torch.Tensor) -> dict | None:
+    def for_latent(self, samples: torch.Tensor) -> RunRecord | None:
         """The newest run whose sampler returned exactly ``samples`` (so a preview never shows a stale run)."""
         key = latent_fingerprint(samples)
-        return next((r for r in reversed(self.runs) if r.get("latent") == key), None)
+        return next((r for r in reversed(self.runs) if r.latent == key), None)
+
+
+def find_run(store: ResultStore | None, samples: torch.Tensor, needs: Literal["capture", "refine"], *, source: str,
+             node: str, input_name: str, problem: str, fix: str) -> RunRecord:
+    """The run of ``store`` that produced the latent ``samples`` and recorded what a node ``needs`` (its captures,
+    or its refinement steps): the one lookup of every node after the sampler.
+
+    Args:
+        store: the result store of the model or sampler the node was given (None: it records no run).
+        source: what the store belongs to, for the message ("model", "sampler").
+        node, input_name, problem, fix: the node's error, which the lookup completes with what is missing.
+
+    Raises:
+        CXRInputError: no run of ``store`` produced ``samples``, or that run recorded nothing of ``needs``.
+    """
+    record = store.for_latent(samples) if store is not None else None
+    if store is None:
+        why = f"the {source} records no CXR run"
+    elif record is None:
+        why = f"none of the {source}'s last {len(store.runs)} recorded runs returned this LATENT"
+    elif needs == "capture" and not record.capture:
+        why = "its run recorded no capture"
+    elif needs == "refine" and record.refine is None:
+        why = "its run did no refinement"
+    else:
+        return record
+    raise CXRInputError(f"{problem} ({why}).", node=node, input_name=input_name, fix=fix)
 
 
 def latent_fingerprint(samples: torch.Tensor) -> str:
@@ -66,7 +91,7 @@ class RunState:
         self.store = store or ResultStore()
         self.trace_enabled = trace
         self.installed: dict[str, set[Key]] = {"attn1": set(), "attn2": set()}
-        self.record: dict = empty_record()
+        self.record = RunRecord()
         self.reached: set[tuple[str, Key]] = set()  # (kind, key) of our replaces that ran in this run
         self.positive: frozenset | None = None  # conditioning ids of the positive prompt in this run
         self._reported: set[tuple] = set()
@@ -82,32 +107,29 @@ class RunState:
         self._reported = set()
         return self
 
-    def to(self, device: torch.device) -> RunState:
-        return self  # nothing device-bound: region tensors live in the stages' caches, per device
-
     def reach(self, kind: str, key: Key) -> None:
         """Our replace at ``key`` ran (directly, or called by a pack that wraps it)."""
         self.reached.add((kind, key))
 
     def trace(self, kind: str, key: Key, sigma: float, gated: bool) -> None:
         if self.trace_enabled:
-            self.record["trace"].append((kind, key, sigma, gated))
+            self.record.trace.append(TraceEntry(kind, key, sigma, gated))
 
-    def capture(self, label: str, grid: tuple[int, int], sigma: float, maps: dict[str, torch.Tensor],
+    def capture(self, label: str, grid: Grid, sigma: float, maps: dict[str, torch.Tensor],
                 share: float | None) -> None:
         """Add one layer's per-word maps (``[h, w]``) and in-target share at ``sigma`` (averaged later)."""
-        run = self.record["capture"].setdefault(label, {"grid": grid, "steps": {}})
-        step = run["steps"].setdefault(sigma, {"maps": {}, "layers": 0, "share_sum": 0.0, "share_layers": 0})
+        run = self.record.capture.setdefault(label, Capture(grid))
+        step = run.steps.setdefault(sigma, CaptureStep())
         for word, m in maps.items():
-            step["maps"][word] = step["maps"].get(word, 0) + m
-        step["layers"] += 1
+            step.maps[word] = step.maps[word] + m if word in step.maps else m
+        step.layers += 1
         if share is not None:
-            step["share_sum"] += share
-            step["share_layers"] += 1
+            step.share_sum += share
+            step.share_layers += 1
 
     def report(self, what: str, key: Key, message: str) -> None:
         if (what, key) in self._reported:
             return
         self._reported.add((what, key))
-        self.record["conflicts"].append({"kind": what, "key": key, "message": message})
+        self.record.conflicts.append(Conflict(what, key, message))
         logger.warning("CXR Counterfactual: %s", message)

@@ -22,6 +22,7 @@ from .boosting import pathology_boost_bias
 from .gating import anatomy_token_bias
 from .organs import OrganMasks
 from .regions import RegionCache, coverage, partition
+from .tokens import token_columns
 
 logger = logging.getLogger("cxr_counterfactual")
 Key = tuple[str, int, int]
@@ -228,6 +229,4 @@ class CaptureStage(Stage):
 
     def columns(self, context_len: int) -> dict[str, torch.Tensor]:
         """Word → its key columns (repeated every ``cond_len`` up to ``context_len``)."""
-        reps = context_len // self.cond_len
-        return {w: torch.tensor([p + self.cond_len * j for p in idx for j in range(reps)], dtype=torch.long)
-                for w, idx in self.positions.items()}
+        return {w: token_columns(idx, self.cond_len, context_len) for w, idx in self.positions.items()}

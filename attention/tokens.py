@@ -9,8 +9,10 @@ counts). Weighted syntax such as ``(left lung:1.2)`` changes weights, not ids, s
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from ..errors import CXRInputError
 from .organs import normalise_name
@@ -49,6 +51,17 @@ class TokenMap:
                 fix="List the word in the text-encode node's anatomy or pathology words.",
             )
         return self.positions[word]
+
+
+def token_columns(positions: Iterable[int], cond_len: int, context_len: int) -> torch.Tensor:
+    """The key columns of prompt ``positions`` in an attention call whose context holds ``context_len`` tokens.
+
+    A host may repeat a prompt's conditioning up to the least common multiple of the positive and negative
+    lengths, so position ``p`` also sits at ``p + cond_len·j`` for every repeat ``j`` (columns in the order
+    ``p`` then ``j``).
+    """
+    repeats = context_len // cond_len
+    return torch.tensor([p + cond_len * j for p in positions for j in range(repeats)], dtype=torch.long)
 
 
 def find_subsequence(ids: Sequence[int], pattern: Sequence[int]) -> list[int]:

@@ -202,8 +202,8 @@ def bench_refined(nodes, label, px, model, masks, tokens, latent, positive, nega
             mems[case].append(rss.growth_mb)
     stock_t = statistics.median(times["stock-euler"])
     refined = samplers[f"refined-g{grid_factor}"].sampler_function.store.latest()
-    copied = refined.get("weights_copied_mb", 0.0)
-    gain = [f"{st['before']:.3f}->{st['after']:.3f}" for st in refined["refine"]]
+    copied = refined.weights_copied_mb
+    gain = [f"{st.before:.3f}->{st.after:.3f}" for st in refined.refine or []]
     # Peak memory from fresh processes: in this one, memory freed by earlier runs stays resident (glibc keeps
     # freed chunks below its mmap threshold), which hides the weight copies in any later run's RSS growth.
     peaks = {case: peak_in_fresh_process(label, px, steps, case) for case in samplers}

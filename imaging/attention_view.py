@@ -72,12 +72,3 @@ def share_plot(series: dict[str, list[float]], width: int = 640, height: int = 3
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         draw.text((r - 150, t + 6 + 16 * i), name, fill=colour, font=font)
     return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
-
-
-def mean_maps(capture: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """A capture's per-word maps averaged over layers and captured steps, and the in-target share per step."""
-    steps = [capture["steps"][s] for s in sorted(capture["steps"], reverse=True)]  # early (high sigma) first
-    words = list(steps[0]["maps"])
-    maps = {w: sum(st["maps"][w] / st["layers"] for st in steps) / len(steps) for w in words}
-    shares = [st["share_sum"] / st["share_layers"] for st in steps if st["share_layers"]]
-    return maps, shares

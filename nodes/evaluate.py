@@ -8,10 +8,10 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention.organs import OrganMasks
+from ..attention.run_state import find_run
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
-from ..hosts.comfy.patch import run_state
-from ..imaging.attention_view import mean_maps
+from ..hosts.comfy.patch import result_store
 from ..imaging.export import exclusive_paths, write_new
 from ..imaging.metrics import MetricsReport, attention_iou, dice_per_organ, evaluate_pair, grey, region_on
 from ..imaging.metrics_report import difference_heat_map, format_table, to_csv, to_json
@@ -134,17 +134,16 @@ class CXREvaluateEdit(io.ComfyNode):
         if tokens is None or not tokens.pathology:
             raise CXRInputError("no pathology word to measure.", node=cls.TITLE, input_name="tokens",
                                 fix="Connect CXR Text Encode's tokens with pathology words (e.g. effusion).")
-        state = run_state(model)
-        record = state.store.for_latent(latent["samples"]) if state is not None else None
-        if record is None or not record.get("capture"):
-            raise CXRInputError("the model and LATENT are of a run that captured no attention.", node=cls.TITLE,
-                                input_name="latent", fix="Put CXR Capture Attention on the model the sampler used "
-                                "and wire that sampler's LATENT (or disconnect both).")
+        record = find_run(result_store(model), latent["samples"], "capture", source="model",
+                          node=cls.TITLE, input_name="latent",
+                          problem="the model and LATENT are of a run that captured no attention",
+                          fix="Put CXR Capture Attention on the model the sampler used and wire that sampler's "
+                          "LATENT (or disconnect both).")
         lat = tuple(int(v) for v in latent["samples"].shape[-2:])
         region = edit_region.reshape(-1, *edit_region.shape[-2:])[0]
         ious: dict[str, float] = {}
-        for label, capture in record["capture"].items():
-            word_maps, _ = mean_maps(capture)
+        for label, capture in record.capture.items():
+            word_maps, _ = capture.mean_maps()
             found = [word_maps[wd] for wd in tokens.pathology if wd in word_maps]
             if not found:
                 raise CXRInputError(f"the capture '{label}' holds no map of {', '.join(tokens.pathology)}.",

@@ -5,24 +5,22 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
+from ..attention.run_record import RunRecord
+from ..attention.run_state import find_run
 from ..errors import CXRInputError
-from ..hosts.comfy.patch import run_state
-from ..imaging.attention_view import labelled_grid, mean_maps, overlay_heat, share_plot
+from ..hosts.comfy.patch import result_store
+from ..imaging.attention_view import labelled_grid, overlay_heat, share_plot
 from .schema import CATEGORY_INSPECT, described
 
 SLOTS = 3
 
 
-def captured_run(title: str, slot: int, model, latent: dict) -> dict:
+def captured_run(title: str, slot: int, model, latent: dict) -> RunRecord:
     """The capture of the run that produced ``latent`` with ``model`` (never a stale run)."""
-    state = run_state(model)
-    record = state.store.for_latent(latent["samples"]) if state is not None else None
-    if record is None or not record.get("capture"):
-        raise CXRInputError(
-            "this preview is wired to a run that captured nothing.", node=title, input_name=f"latent_{slot}",
-            fix=f"Put CXR Capture Attention on model_{slot} and wire the LATENT of the sampler that used it.",
-        )
-    return record
+    return find_run(result_store(model), latent["samples"], "capture", source="model",
+                    node=title, input_name=f"latent_{slot}", problem="this preview is wired to a run that captured "
+                    "nothing", fix=f"Put CXR Capture Attention on model_{slot} and wire the LATENT of the sampler "
+                    "that used it.")
 
 
 class CXRAttentionPreview(io.ComfyNode):
@@ -63,8 +61,8 @@ class CXRAttentionPreview(io.ComfyNode):
                                     input_name=f"model_{i}" if model is None else f"latent_{i}",
                                     fix="Connect both, or neither.")
             record = captured_run(cls.TITLE, i, model, latent)
-            for label, capture in record["capture"].items():
-                maps, shares = mean_maps(capture)
+            for label, capture in record.capture.items():
+                maps, shares = capture.mean_maps()
                 words = words or list(maps)
                 rows.append([overlay_heat(image[0], maps[w]) if w in maps else image[0, ..., :3] for w in words])
                 labels.append(label)

@@ -1,5 +1,6 @@
 """The refinement nodes: CXR Refinement Sampler (a SAMPLER for SamplerCustom; the sampling itself is in
-:mod:`.refinement_sampler`) and CXR Refinement Preview (energies per refined step, from the run's record)."""
+:mod:`..hosts.comfy.refinement_sampler`) and CXR Refinement Preview (energies per refined step, from the run's
+record)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from comfy_api.latest import io, ui
 from PIL import Image, ImageDraw
 
 from ..attention.organs import OrganMasks
-from ..attention.refinement import RefineConfig, parse_thresholds
+from ..attention.refinement import RefineConfig, Refinement, parse_thresholds
+from ..attention.run_record import RunRecord
+from ..attention.run_state import find_run
 from ..attention.stage_builders import GRID_FACTORS, check_window, parse_grid_factor, target_region
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
+from ..hosts.comfy.refinement_sampler import TITLE, RefinementSampler, energy_keys
 from ..imaging.attention_view import PLOT_COLOURS
 from ..imaging.overlay import sized_font
 from .common import check_inputs, user_errors
-from .refinement_sampler import TITLE, RefinementSampler, energy_keys
 from .schema import CATEGORY_ATTENTION, CATEGORY_INSPECT, WINDOW_TIP, OrganMasksType, TokensType, described
 
 
@@ -112,7 +115,7 @@ class CXRRefinementSampler(io.ComfyNode):
             target = target_region(organ_masks, target_organs)
         config = RefineConfig(iterations, step_size, start_percent, end_percent, stops, smoothing, extent_weight,
                               extent_threshold)
-        fn = RefinementSampler(config, target, positions, tokens.cond_len, factor)
+        fn = RefinementSampler(Refinement(config, target, positions, tokens.cond_len, factor))
         return io.NodeOutput(comfy.samplers.KSAMPLER(fn, {}, {}))
 
 
@@ -140,22 +143,20 @@ class CXRRefinementPreview(io.ComfyNode):
         )
 
     @classmethod
-    def _record(cls, sampler, latent, name: str) -> dict:
+    def _record(cls, sampler, latent, name: str) -> RunRecord:
         fn = getattr(sampler, "sampler_function", None)
-        record = fn.store.for_latent(latent["samples"]) if isinstance(fn, RefinementSampler) else None
-        if record is None or "refine" not in record:
-            raise CXRInputError("no refinement record for this LATENT.", node=cls.TITLE, input_name=name,
-                                fix="Wire the CXR Refinement Sampler and the LATENT of the SamplerCustom that used it.")
-        return record
+        return find_run(fn.store if isinstance(fn, RefinementSampler) else None, latent["samples"], "refine",
+                        source="sampler", node=cls.TITLE, input_name=name,
+                        problem="no refinement record for this LATENT",
+                        fix="Wire the CXR Refinement Sampler and the LATENT of the SamplerCustom that used it.")
 
     @classmethod
     def execute(cls, sampler, latent, reference_sampler=None, reference_latent=None) -> io.NodeOutput:
-        steps = cls._record(sampler, latent, "latent")["refine"]
-        series = {"refined: before step": [s["before"] for s in steps],
-                  "refined: after step": [s["after"] for s in steps]}
+        steps = cls._record(sampler, latent, "latent").refine or []
+        series = {"refined: before step": [s.before for s in steps], "refined: after step": [s.after for s in steps]}
         if reference_sampler is not None and reference_latent is not None:
-            series["reference"] = [s["before"] for s in cls._record(reference_sampler, reference_latent,
-                                                                    "reference_latent")["refine"]]
+            reference = cls._record(reference_sampler, reference_latent, "reference_latent").refine or []
+            series["reference"] = [s.before for s in reference]
         plot = energy_plot(series)[None]
         return io.NodeOutput(plot, ui=ui.PreviewImage(plot, cls=cls))
 

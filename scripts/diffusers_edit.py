@@ -29,10 +29,10 @@ import torch
 from PIL import Image
 
 from cxr_counterfactual.attention.organs import OrganMasks, edit_and_keep, parse_names
-from cxr_counterfactual.attention.refinement import RefineConfig
+from cxr_counterfactual.attention.refinement import RefineConfig, Refinement
 from cxr_counterfactual.attention.schedule import DiscreteSchedule
 from cxr_counterfactual.attention.stage_builders import target_region
-from cxr_counterfactual.hosts.diffusers.pipeline import Refinement, img2img
+from cxr_counterfactual.hosts.diffusers.pipeline import img2img
 from cxr_counterfactual.hosts.diffusers.processors import install_regulation
 from cxr_counterfactual.hosts.diffusers.stages import boost_stage, gate_stage, token_map
 from cxr_counterfactual.imaging.geometry import apply_fit, composite_native, plan_fit
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     edited, result = edit_radiograph(pipe, grey, read_masks(args, grey), args)
     Image.fromarray((edited.numpy() * 255).round().astype(np.uint8)).save(args.out)
     for step in result.refine:
-        logger.info("refined step %d: energy %.3f -> %.3f", step["step"], step["before"], step["after"])
+        logger.info("refined step %d: energy %.3f -> %.3f", step.step, step.before, step.after)
     logger.info("wrote %s (%d×%d)", args.out, edited.shape[1], edited.shape[0])
     return 0
 

@@ -54,7 +54,7 @@ def test_probe_boost_runs_inside_its_window_only(comfy, tiny_model, chest):
     patched = boost(comfy, tiny_model.model, chest, end_percent=0.5, outside_damping=0.5)
     run_state(patched).trace_enabled = True
     sample(comfy, patched, chest, steps=6)
-    trace = [t for t in run_state(patched).store.latest()["trace"] if t[0] == "attn2"]
+    trace = [t for t in run_state(patched).store.latest().trace if t[0] == "attn2"]
     sigma_end = float(tiny_model.model.get_model_object("model_sampling").percent_to_sigma(0.5))
     by_sigma: dict[float, set] = {}
     for _, _, s, on in trace:
@@ -76,8 +76,8 @@ def test_boost_raises_the_captured_in_target_share_at_every_step(comfy, tiny_mod
     for label, model in (("stock", tiny_model.model), ("boosted", boost(comfy, tiny_model.model, chest))):
         m = capture(comfy, model, chest, label=label)
         sample(comfy, m, chest, steps=6)
-        steps = run_state(m).store.latest()["capture"][label]["steps"]
-        shares[label] = {s: st["share_sum"] / st["share_layers"] for s, st in steps.items() if s >= sigma_end}
+        steps = run_state(m).store.latest().capture[label].steps
+        shares[label] = {s: st.share_sum / st.share_layers for s, st in steps.items() if s >= sigma_end}
     assert len(shares["stock"]) == 3
     for s, stock_share in shares["stock"].items():
         assert shares["boosted"][s] > stock_share + 0.01, (s, stock_share, shares["boosted"][s])

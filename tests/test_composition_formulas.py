@@ -94,7 +94,7 @@ def doubling_wrapper(previous):
 def conflicts(model) -> list[dict]:
     from cxr_counterfactual.hosts.comfy import patch as host_comfy
 
-    return host_comfy.run_state(model).store.latest()["conflicts"]
+    return host_comfy.run_state(model).store.latest().conflicts
 
 
 @pytest.mark.parametrize("node, kind", [("UNetSelfAttentionMultiply", "attn1"),
@@ -124,7 +124,7 @@ def test_attention_multiply_before_and_after_ours_is_the_formula(comfy, tiny_mod
         close(out, formula)
         assert not conflicts(before)
     else:
-        assert {c["kind"] for c in conflicts(before)} == {"token-mask"}
+        assert {c.kind for c in conflicts(before)} == {"token-mask"}
 
 
 def test_pag_before_and_after_ours_is_the_formula(comfy, tiny_model, chest128):
@@ -163,7 +163,7 @@ def test_sag_before_ours_is_the_formula(comfy, tiny_model, chest128):
     both = gate(comfy, with_sag, chest, apply_to_uncond=True)
     out = sample(comfy, both, chest)
     assert torch.isfinite(out).all()
-    assert [c["key"] for c in conflicts(both)] == [("middle", 0, 0)]
+    assert [c.key for c in conflicts(both)] == [("middle", 0, 0)]
     differs(out, sample(comfy, gate(comfy, base, chest, apply_to_uncond=True), chest))
 
 

@@ -132,14 +132,14 @@ def test_both_hosts_compute_the_same_regulated_step(twins, which):
     # the gate's apply_to_uncond is off), the positive rows carry the whole change
     assert relative_diff(eps[0], stock[0]) <= TOL and relative_diff(eps[1], stock[1]) > 50 * TOL
     if "capture" in which:
-        ours, theirs = record["capture"]["x"], comfy_record["capture"]["x"]
-        assert ours["grid"] == theirs["grid"] == (5, 4)
-        (step,) = ours["steps"].values()
-        (their_step,) = theirs["steps"].values()
-        assert step["layers"] == their_step["layers"] == 3  # at 5×4: one encoder and two decoder layers
-        for word, m in step["maps"].items():
-            assert relative_diff(m, their_step["maps"][word]) <= TOL, word
-        assert step["share_sum"] == pytest.approx(their_step["share_sum"], abs=1e-5)
+        ours, theirs = record.capture["x"], comfy_record.capture["x"]
+        assert ours.grid == theirs.grid == (5, 4)
+        (step,) = ours.steps.values()
+        (their_step,) = theirs.steps.values()
+        assert step.layers == their_step.layers == 3  # at 5×4: one encoder and two decoder layers
+        for word, m in step.maps.items():
+            assert relative_diff(m, their_step.maps[word]) <= TOL, word
+        assert step.share_sum == pytest.approx(their_step.share_sum, abs=1e-5)
 
 
 def test_diffusers_keys_are_comfyuis_transformer_keys(twins):

@@ -16,13 +16,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers_helpers import PROMPT, fitted_masks, require_diffusers, tiny_pipeline
+from energy_probe import captured_energy, probe_stage
 
 from cxr_counterfactual.attention.organs import edit_and_keep
-from cxr_counterfactual.attention.refinement import RefineConfig, concentration_energy
+from cxr_counterfactual.attention.refinement import RefineConfig, Refinement
 from cxr_counterfactual.attention.schedule import DiscreteSchedule
 from cxr_counterfactual.attention.stage_builders import target_region
 from cxr_counterfactual.errors import CXRInputError
-from cxr_counterfactual.hosts.diffusers.pipeline import Refinement, energy_layers, img2img, latent_mask
+from cxr_counterfactual.hosts.diffusers.pipeline import energy_layers, img2img, latent_mask
 from cxr_counterfactual.hosts.diffusers.processors import install_regulation
 from cxr_counterfactual.hosts.diffusers.stages import boost_stage, gate_stage, token_map
 
@@ -89,20 +90,13 @@ def _refiner(e, iterations: int) -> Refinement:
 
 def _independent_energy(e, x: torch.Tensor, sigma: float) -> float:
     """The core's CaptureStage on the encoder layers of the energy grid, one UNet call at ``x``'s model input."""
-    from cxr_counterfactual.attention.regions import coverage
-    from cxr_counterfactual.attention.stages import CaptureStage
-
-    stage = CaptureStage("probe", 1e9, 0.0, frozenset({"input"}), label="probe",
-                         positions={"effusion": e.tokens.indices("effusion")}, pathology=("effusion",),
-                         grid_factor=GRID, target=e.target, cond_len=e.tokens.cond_len)
     mask = latent_mask(e.region, e.source)
     x_in = x * mask + (e.source + e.noise * sigma) * (1 - mask)
     t = torch.tensor([float(e.schedule.timestep(sigma))])
-    with torch.no_grad(), install_regulation(e.pipe.unet, [stage]) as reg, reg.step((16, 14), sigma):
+    with torch.no_grad(), install_regulation(e.pipe.unet, [probe_stage(e.tokens, e.target, GRID)]) as reg, \
+            reg.step((16, 14), sigma):
         e.pipe.unet(x_in / (sigma**2 + 1) ** 0.5, t, encoder_hidden_states=e.cond)
-        (step,) = reg.record["capture"]["probe"]["steps"].values()
-    maps = (step["maps"]["effusion"] / step["layers"])[None]
-    return float(concentration_energy(maps, coverage(e.target, e.target.names, 8, 7, latent=(16, 14)), smoothing=0))
+        return captured_energy(reg.record, e.target, (16, 14), smoothing=0)
 
 
 def test_refinement_lowers_the_independently_measured_energy(edit):
@@ -115,14 +109,14 @@ def test_refinement_lowers_the_independently_measured_energy(edit):
     assert torch.equal(plain.latent, _run(e, [], sigmas, edit_mask=e.region).latent)  # 0 iterations = Euler
     assert len(refined.refine) == len(plain.refine) >= 2
     for st in refined.refine:
-        assert st["iterations"] == 5
-        before = _independent_energy(e, st["latent_before"], st["sigma"])
-        after = _independent_energy(e, st["latent_after"], st["sigma"])
-        assert before == pytest.approx(st["before"], abs=1e-4) and after == pytest.approx(st["after"], abs=1e-4)
-        assert after < before, (st["step"], before, after)
+        assert st.iterations == 5
+        before = _independent_energy(e, st.latent_before, st.sigma)
+        after = _independent_energy(e, st.latent_after, st.sigma)
+        assert before == pytest.approx(st.before, abs=1e-4) and after == pytest.approx(st.after, abs=1e-4)
+        assert after < before, (st.step, before, after)
         mask = latent_mask(e.region, e.source)
-        assert torch.equal(st["latent_after"][mask == 0], st["latent_before"][mask == 0])  # only the edit moves
-    assert refined.refine[-1]["after"] < plain.refine[-1]["before"]
+        assert torch.equal(st.latent_after[mask == 0], st.latent_before[mask == 0])  # only the edit moves
+    assert refined.refine[-1].after < plain.refine[-1].before
     assert not torch.equal(refined.latent, plain.latent)
     with pytest.raises(CXRInputError, match="grid_factor"):
         _run(e, [], sigmas, refine=Refinement(RefineConfig(), e.target, {"effusion": (12,)}, 77, grid_factor=8))

@@ -196,8 +196,8 @@ def test_pipeline_hook_reads_each_calls_latent_and_timestep(comfyui_path, chexma
         record = reg.record
         timesteps = [int(t) for t in pipe.scheduler.timesteps]
     assert not torch.allclose(edited, stock, atol=1e-4)
-    capture = record["capture"]["p"]
-    assert capture["grid"] == (5, 4)
-    assert sorted(capture["steps"], reverse=True) == pytest.approx([schedule.sigma(t) for t in timesteps])
-    assert all(0.0 <= st["share_sum"] / st["share_layers"] <= 1.0 for st in capture["steps"].values())
+    capture = record.capture["p"]
+    assert capture.grid == (5, 4)
+    assert sorted(capture.steps, reverse=True) == pytest.approx([schedule.sigma(t) for t in timesteps])
+    assert all(0.0 <= st.share_sum / st.share_layers <= 1.0 for st in capture.steps.values())
     assert torch.equal(run(), stock)  # removed: the pipeline is stock again

@@ -41,7 +41,7 @@ def test_probe_every_block_gated_at_every_step_inside_the_window_only(comfy, tin
     state = run_state(patched)
     state.trace_enabled = True
     sample(comfy, patched, chest, steps=6)
-    trace = state.store.latest()["trace"]
+    trace = state.store.latest().trace
     keys = transformer_keys(tiny_model.model)
     sigmas = sorted({s for _, _, s, _ in trace}, reverse=True)
     assert len(sigmas) == 6 and len(keys) >= 4

@@ -67,9 +67,9 @@ def test_patch_that_overwrites_ours_is_reported(comfy, host, tiny_model, chest):
     m = patched.clone()
     m.set_model_attn1_replace(doubled, *MIDDLE)  # what SAG does to its key
     sample(comfy, m, chest)
-    conflicts = host.run_state(m).store.latest()["conflicts"]
-    assert [c["key"] for c in conflicts if c["kind"] == "overwritten"] == [MIDDLE]
-    assert "doubled" in conflicts[0]["message"]
+    conflicts = host.run_state(m).store.latest().conflicts
+    assert [c.key for c in conflicts if c.kind == "overwritten"] == [MIDDLE]
+    assert "doubled" in conflicts[0].message
 
 
 def test_real_sag_after_is_reported_and_before_composes(comfy, host, tiny_model, chest128):
@@ -78,10 +78,10 @@ def test_real_sag_after_is_reported_and_before_composes(comfy, host, tiny_model,
     gated = gate(comfy, tiny_model.model, chest)
     after = run(sag, model=gated, scale=0.5, blur_sigma=2.0)[0]
     sample(comfy, after, chest)
-    assert any(c["key"] == MIDDLE for c in host.run_state(after).store.latest()["conflicts"])
+    assert any(c.key == MIDDLE for c in host.run_state(after).store.latest().conflicts)
     before = gate(comfy, run(sag, model=tiny_model.model, scale=0.5, blur_sigma=2.0)[0], chest)
     out = sample(comfy, before, chest)
-    assert torch.isfinite(out).all() and not host.run_state(before).store.latest()["conflicts"]
+    assert torch.isfinite(out).all() and not host.run_state(before).store.latest().conflicts
     assert not torch.allclose(out, sample(comfy, gated, chest))  # SAG is still acting
 
 

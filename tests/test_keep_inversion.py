@@ -336,8 +336,8 @@ def test_full_chain_runs_in_one_graph(comfy, tiny_model, chest, source_positive,
         assert torch.equal(results[name][keep], src[keep])
         if name == "edit":
             record = run_state(edit).store.for_latent(out["samples"])
-            assert record is not None and record["capture"]["chain"]["steps"]  # capture saw this very run
-            assert record["refine"], record.keys()  # and the refinement sampler refined it
+            assert record is not None and record.capture["chain"].steps  # capture saw this very run
+            assert record.refine, record  # and the refinement sampler refined it
             with torch.inference_mode():
                 image = comfy.node("VAEDecode")().decode(tiny_model.vae, {"samples": results[name]})[0]
             assert image.shape == (1, 64, 56, 3) and bool(torch.isfinite(image).all())

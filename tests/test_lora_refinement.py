@@ -14,8 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from cxr_helpers import fitted_chest, gate
+from energy_probe import comfy_energy
 from node_run import run
 
+from cxr_counterfactual.attention.run_record import RefineStep
 from cxr_counterfactual.demo.tiny_checkpoint import UNET_CONFIG
 from cxr_counterfactual.testing.tiny_lora import build_tiny_lora, tiny_sd15_lora_targets
 
@@ -56,36 +58,17 @@ def sample(comfy, model, c, sampler, sigmas=None, latent=None, cfg=CFG, add_nois
             "samples"]
 
 
-def refined_run(comfy, model, c, **overrides) -> tuple[torch.Tensor, list[dict]]:
+def refined_run(comfy, model, c, **overrides) -> tuple[torch.Tensor, list[RefineStep]]:
     """Latent and refinement record of one refined run of ``model`` (gated, as users run it)."""
     sampler = refiner(comfy, c, **overrides)
     out = sample(comfy, gate(comfy, model, c), c, sampler)
-    return out, sampler.sampler_function.store.for_latent(out)["refine"]
+    return out, sampler.sampler_function.store.for_latent(out).refine
 
 
 def forward_energy(comfy, model, c, x: torch.Tensor, sigma: float) -> float:
     """The energy at ``x`` through ComfyUI's ordinary forward (no gradient pass): CXR's capture stage on the 8×7
     encoder layers during a 1-step SamplerCustom at ``sigma``, cond only, with the same gate as the refined run."""
-    from cxr_counterfactual.attention.organs import OrganMasks
-    from cxr_counterfactual.attention.refinement import concentration_energy
-    from cxr_counterfactual.attention.regions import coverage
-    from cxr_counterfactual.attention.stages import CaptureStage
-    from cxr_counterfactual.hosts.comfy.patch import install_stage, run_state
-
-    target = OrganMasks(("target",), c.masks.union(["left_lung"])[None])
-    stage = CaptureStage("probe", 1e9, 0.0, frozenset({"input"}), label="probe",
-                         positions={"effusion": c.tokens.indices("effusion")}, pathology=("effusion",),
-                         grid_factor=2, target=target, cond_len=c.tokens.cond_len)
-    m = install_stage(gate(comfy, model, c), stage, ["attn2"])
-    euler = comfy.node("KSamplerSelect")().get_sampler("euler")[0]
-    scale = model.model.latent_format.scale_factor
-    sample(comfy, m, c, euler, sigmas=torch.tensor([sigma, 0.0]), latent={"samples": x / scale}, cfg=1.0,
-           add_noise=False)
-    cap = run_state(m).store.latest()["capture"]["probe"]
-    (step,) = cap["steps"].values()
-    h, w = cap["grid"]
-    maps = (step["maps"]["effusion"] / step["layers"])[None]
-    return float(concentration_energy(maps, coverage(target, target.names, h, w, latent=(16, 14)), smoothing=0.0))
+    return comfy_energy(comfy, gate(comfy, model, c), c, x, sigma, grid_factor=2, smoothing=0.0)
 
 
 def test_comfyui_maps_every_lora_key_onto_the_intended_weight(comfy, tiny_model, lora_name):
@@ -114,7 +97,7 @@ def test_refinement_runs_on_a_lora_model_and_lowers_its_energy(comfy, tiny_model
     assert torch.isfinite(out).all()
     assert len(record) >= 2
     for st in record:
-        assert st["iterations"] == REFINE["iterations"] and st["after"] < st["before"], st["step"]
+        assert st.iterations == REFINE["iterations"] and st.after < st.before, st.step
     plain, _ = refined_run(comfy, tiny_model.model, c128)
     assert float((out - plain).abs().mean()) > 1e-3, "the LoRA must change the refined result"
     # LoraLoader (model and CLIP) gives the same model patches: the same refined latent.
@@ -131,16 +114,16 @@ def test_the_gradient_pass_differentiates_the_lora_weights(comfy, tiny_model, c1
     runs = {s: refined_run(comfy, with_lora(comfy, tiny_model.model, lora_name, s) if s else tiny_model.model, c128)
             for s in (0.0, 0.5, 1.0)}
     first = {s: record[0] for s, (_, record) in runs.items()}
-    assert all(torch.equal(first[s]["latent_before"], first[0.0]["latent_before"]) for s in first)
-    befores = sorted(st["before"] for st in first.values())
+    assert all(torch.equal(first[s].latent_before, first[0.0].latent_before) for s in first)
+    befores = sorted(st.before for st in first.values())
     assert min(b - a for a, b in zip(befores, befores[1:], strict=False)) > 1e-3, befores
-    assert not torch.equal(first[1.0]["latent_after"], first[0.0]["latent_after"])  # another gradient
+    assert not torch.equal(first[1.0].latent_after, first[0.0].latent_after)  # another gradient
     assert not torch.equal(runs[1.0][0], runs[0.5][0])
     for s, st in first.items():
         model = with_lora(comfy, tiny_model.model, lora_name, s) if s else tiny_model.model
         # Agreement measured at 6e-8; the strengths' energies differ by 2.6e-3 and more.
-        energy = forward_energy(comfy, model, c128, st["latent_before"], st["sigma"])
-        assert energy == pytest.approx(st["before"], abs=1e-5), s
+        energy = forward_energy(comfy, model, c128, st.latent_before, st.sigma)
+        assert energy == pytest.approx(st.before, abs=1e-5), s
 
 
 def test_lora_and_gate_commute(comfy, tiny_model, c128, lora_name):

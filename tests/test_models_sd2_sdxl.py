@@ -245,7 +245,7 @@ def test_probe_every_transformer_block_regulated_at_every_step(comfy, family) ->
     state.trace_enabled = True
     out = sample(comfy, patched, family)["samples"]
     assert torch.isfinite(out).all()
-    trace = state.store.latest()["trace"]
+    trace = state.store.latest().trace
     sigmas = {s for _, _, s, _ in trace}
     assert len(sigmas) == STEPS
     for kind in ("attn1", "attn2"):
@@ -319,8 +319,8 @@ def test_boost_raises_the_captured_in_target_share(comfy, family) -> None:
     for label, model in (("stock", family.model), ("boosted", boost(comfy, family.model, family))):
         m = capture(comfy, model, family, label=label)
         sample(comfy, m, family)
-        steps = run_state(m).store.latest()["capture"][label]["steps"]
-        shares[label] = {s: st["share_sum"] / st["share_layers"] for s, st in steps.items() if s >= sigma_end}
+        steps = run_state(m).store.latest().capture[label].steps
+        shares[label] = {s: st.share_sum / st.share_layers for s, st in steps.items() if s >= sigma_end}
     assert len(shares["stock"]) >= 2
     for s, stock_share in shares["stock"].items():
         assert shares["boosted"][s] > stock_share + 0.01, (s, stock_share, shares["boosted"][s])
@@ -348,12 +348,12 @@ def test_full_chain_with_refinement_and_keep_region(comfy, family) -> None:
     assert float((samples - stock).abs()[~kept].mean()) > 1e-3  # regulated inside the edit region
     pasted = run(comfy.node("CXRPasteKeepRegion"), samples=out, source=keep_latent)[0]["samples"]
     assert torch.equal(pasted[kept], source[kept]) and torch.equal(pasted[~kept], samples[~kept])
-    refined = sampler.sampler_function.store.for_latent(samples)["refine"]
-    assert len(refined) >= 2 and all(st["iterations"] == REFINE["iterations"] for st in refined)
+    refined = sampler.sampler_function.store.for_latent(samples).refine
+    assert len(refined) >= 2 and all(st.iterations == REFINE["iterations"] for st in refined)
     for st in refined:
-        assert math.isfinite(st["before"]) and st["after"] < st["before"], (st["step"], st["before"], st["after"])
+        assert math.isfinite(st.before) and st.after < st.before, (st.step, st.before, st.after)
     record = run_state(model).store.latest()
-    assert record["refine"] is refined and record["capture"]["chain"]["steps"]
+    assert record.refine is refined and record.capture["chain"].steps
     with torch.inference_mode():
         image = comfy.node("VAEDecode")().decode(family.vae, {"samples": pasted})[0]
     assert image.shape == (1, SIZE, 112, 3) and torch.isfinite(image).all()

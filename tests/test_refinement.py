@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from cxr_helpers import fitted_chest
+from energy_probe import comfy_energy
 from node_run import run
 
 from cxr_counterfactual.attention.refinement import (
@@ -142,31 +143,13 @@ def trajectory(comfy, model, c, sampler) -> list[torch.Tensor]:
     return seen
 
 
-def record_of(sampler, out) -> dict:
+def record_of(sampler, out):
     return sampler.sampler_function.store.for_latent(out["samples"])
 
 
 def capture_energy(comfy, model, c, x: torch.Tensor, sigma: float) -> float:
     """An independent pass: CaptureStage on the encoder layers of the energy grid, one SamplerCustom step."""
-    from cxr_counterfactual.attention.organs import OrganMasks
-    from cxr_counterfactual.attention.regions import coverage
-    from cxr_counterfactual.attention.stages import CaptureStage
-    from cxr_counterfactual.hosts.comfy.patch import install_stage, run_state
-
-    target = OrganMasks(("target",), c.masks.union(["left_lung"])[None])
-    stage = CaptureStage("probe", 1e9, 0.0, frozenset({"input"}), label="probe",
-                         positions={"effusion": c.tokens.indices("effusion")}, pathology=("effusion",),
-                         grid_factor=int(GRID), target=target, cond_len=c.tokens.cond_len)
-    m = install_stage(model, stage, ["attn2"])
-    scale = model.model.latent_format.scale_factor
-    sample(comfy, m, c, comfy.node("KSamplerSelect")().get_sampler("euler")[0], sigmas=torch.tensor([sigma, 0.0]),
-           add_noise=False, latent={"samples": x / scale}, cfg=1.0)
-    cap = run_state(m).store.latest()["capture"]["probe"]
-    (step,) = cap["steps"].values()
-    h, w = cap["grid"]
-    maps = (step["maps"]["effusion"] / step["layers"])[None]
-    inside = coverage(target, target.names, h, w, latent=(16, 14))
-    return float(concentration_energy(maps, inside, smoothing=SMOOTHING))
+    return comfy_energy(comfy, model, c, x, sigma, grid_factor=int(GRID), smoothing=SMOOTHING)
 
 
 def test_zero_iterations_is_plain_euler(comfy, tiny_model, chest128):
@@ -180,16 +163,16 @@ def test_refinement_lowers_the_independently_measured_energy(comfy, tiny_model, 
     c, model = chest128, tiny_model.model
     refined_s, plain_s = refiner(comfy, c), refiner(comfy, c, iterations=0)
     out = sample(comfy, model, c, refined_s)
-    refined, plain = record_of(refined_s, out)["refine"], record_of(plain_s, sample(comfy, model, c, plain_s))["refine"]
+    refined, plain = record_of(refined_s, out).refine, record_of(plain_s, sample(comfy, model, c, plain_s)).refine
     assert len(refined) == len(plain) >= 2
     for st in refined:
-        assert st["iterations"] == ITERATIONS
-        before = capture_energy(comfy, model, c, st["latent_before"], st["sigma"])
-        after = capture_energy(comfy, model, c, st["latent_after"], st["sigma"])
-        assert before == pytest.approx(st["before"], abs=1e-3) and after == pytest.approx(st["after"], abs=1e-3)
-        assert after < before, (st["step"], before, after)
-    last_refined = capture_energy(comfy, model, c, refined[-1]["latent_after"], refined[-1]["sigma"])
-    last_plain = capture_energy(comfy, model, c, plain[-1]["latent_before"], plain[-1]["sigma"])
+        assert st.iterations == ITERATIONS
+        before = capture_energy(comfy, model, c, st.latent_before, st.sigma)
+        after = capture_energy(comfy, model, c, st.latent_after, st.sigma)
+        assert before == pytest.approx(st.before, abs=1e-3) and after == pytest.approx(st.after, abs=1e-3)
+        assert after < before, (st.step, before, after)
+    last_refined = capture_energy(comfy, model, c, refined[-1].latent_after, refined[-1].sigma)
+    last_plain = capture_energy(comfy, model, c, plain[-1].latent_before, plain[-1].sigma)
     assert last_refined <= 0.9 * last_plain, (last_refined, last_plain)
     euler = comfy.node("KSamplerSelect")().get_sampler("euler")[0]
     assert not torch.equal(out["samples"], sample(comfy, model, c, euler)["samples"])
@@ -200,7 +183,7 @@ def test_trajectory_changes_only_from_the_first_refined_step(comfy, tiny_model, 
     late = refiner(comfy, c, iterations=1, start_percent=0.3, end_percent=0.6)
     ref = trajectory(comfy, model, c, refiner(comfy, c, iterations=0))
     seen = trajectory(comfy, model, c, late)
-    steps = [st["step"] for st in late.sampler_function.store.latest()["refine"]]
+    steps = [st.step for st in late.sampler_function.store.latest().refine]
     k = steps[0]
     assert k > 0 and steps == list(range(k, steps[-1] + 1)) and steps[-1] < STEPS - 1
     for i in range(k):
@@ -292,10 +275,10 @@ def test_refinement_probe_passes_leave_capture_and_trace_alone(comfy, tiny_model
     for name, sampler in (("euler", euler), ("refined", refiner(comfy, c, iterations=2))):
         sample(comfy, model, c, sampler)
         records[name] = run_state(model).store.latest()
-    assert len(records["refined"]["refine"]) >= 2
-    steps = {name: r["capture"]["probe"]["steps"] for name, r in records.items()}
-    assert {s: st["layers"] for s, st in steps["refined"].items()} == {s: st["layers"] for s, st in
-                                                                      steps["euler"].items()}
-    assert len(records["refined"]["trace"]) == len(records["euler"]["trace"])
+    assert len(records["refined"].refine) >= 2
+    steps = {name: r.capture["probe"].steps for name, r in records.items()}
+    assert {s: st.layers for s, st in steps["refined"].items()} == {s: st.layers for s, st in
+                                                                    steps["euler"].items()}
+    assert len(records["refined"].trace) == len(records["euler"].trace)
     for st in steps["refined"].values():
-        assert all(m.grad_fn is None and not m.requires_grad for m in st["maps"].values())
+        assert all(m.grad_fn is None and not m.requires_grad for m in st.maps.values())

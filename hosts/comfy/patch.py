@@ -37,8 +37,8 @@ from ...attention.layer_call import (
     self_gate,
     wanted_captures,
 )
-from ...attention.run_state import Key, RunState, latent_fingerprint
-from ...attention.stages import CaptureStage, GateStage, Stage
+from ...attention.run_state import ResultStore, RunState, latent_fingerprint
+from ...attention.stages import CaptureStage, GateStage, Key, Stage
 from .unet_layout import transformer_keys
 
 logger = logging.getLogger("cxr_counterfactual")
@@ -282,7 +282,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         if state is not None:
             _check_ownership(state, to)
             if isinstance(out, torch.Tensor):
-                state.record["latent"] = latent_fingerprint(out)  # nodes after the sampler find their run by it
+                state.record.latent = latent_fingerprint(out)  # nodes after the sampler find their run by it
         return out
     finally:
         guider.model_options = original
@@ -368,5 +368,11 @@ def percent_to_sigma(model) -> Callable[[float], float]:
 def run_state(model) -> RunState | None:
     """The holder of a patched model (tests and preview nodes read its result store)."""
     return model.model_options.get("transformer_options", {}).get(HOLDER_KEY)
+
+
+def result_store(model) -> ResultStore | None:
+    """The result store of a patched model (None: no CXR stage on it, so no run of it is recorded)."""
+    state = run_state(model)
+    return state.store if state is not None else None
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
-from ...attention.run_state import Key
+from ...attention.stages import Key
 from ...errors import CXRInputError
 
 

@@ -9,48 +9,27 @@ Per step, in k-diffusion form ``x = x0 + σ·ε`` (the same arithmetic as ComfyU
   source, ``D = m·D + (1 − m)·x_src``; so outside the region the carried latent is the source noised to the
   current sigma, and it ends at the source. Cells the mask keeps in full (``m = 0`` after ComfyUI's bilinear
   resize to the latent) are pasted bit for bit at the end, as Paste Keep Region does;
-- refinement (optional, inside its window): gradient steps on ``x`` down the attention-concentration energy
-  of :mod:`.refinement`, read from the encoder's cross-attention at ``latent / grid_factor`` by an energy
-  probe that stops the UNet after its last layer; the gradient is masked to the edit region;
+- refinement (optional, inside its window): the core's loop (:func:`...attention.refinement.refine_step`) down
+  the attention-concentration energy, read from the encoder's cross-attention at ``latent / grid_factor`` by an
+  energy probe that stops the UNet after its last layer; the gradient is masked to the edit region;
 - classifier-free guidance on the denoised predictions: ``D = D_u + g·(D_c − D_u)`` (negative rows first).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ...attention.layer_call import COND, UNCOND
-from ...attention.organs import OrganMasks
-from ...attention.refinement import RefineConfig, concentration_energy, grid_at, refinement_step
-from ...attention.regions import coverage
+from ...attention.refinement import Energy, Refinement, grid_at, refine_step, refine_window
+from ...attention.run_record import RefineStep, RunRecord
 from ...attention.schedule import DiscreteSchedule, max_denoise, noised
 from ...errors import CXRInputError
 from .processors import EnergyProbe, EnergyProbeDone, Regulation
-
-logger = logging.getLogger("cxr_counterfactual")
-
-
-@dataclass(frozen=True)
-class Refinement:
-    """Latent refinement settings (as the CXR Refinement Sampler node): ``positions`` of the pathology words,
-    the one-region ``target`` (:func:`.diffusers_stages.target_region`), the energy grid ``latent / grid_factor``."""
-
-    config: RefineConfig
-    target: OrganMasks
-    positions: Mapping[str, tuple[int, ...]]
-    cond_len: int = 77
-    grid_factor: int = 4
-
-    def columns(self, context_len: int) -> torch.Tensor:
-        reps = context_len // self.cond_len
-        return torch.tensor([p + self.cond_len * j for idx in self.positions.values() for p in idx
-                             for j in range(reps)], dtype=torch.long)
 
 
 @dataclass
@@ -58,8 +37,8 @@ class EditResult:
     """The edited latent (model space, as the UNet sees it) and what the run recorded."""
 
     latent: torch.Tensor
-    refine: list[dict] = field(default_factory=list)
-    record: dict = field(default_factory=dict)
+    refine: list[RefineStep] = field(default_factory=list)
+    record: RunRecord = field(default_factory=RunRecord)
 
 
 def energy_layers(unet, latent: tuple[int, int], grid_factor: int) -> tuple[tuple[str, ...], tuple[int, int]]:
@@ -131,54 +110,21 @@ class _Editor:
             den = den * self.mask + self.source * (1 - self.mask)
         return den
 
-    def energy(self, refine: Refinement, x: torch.Tensor, sigma: float, grad: bool):
-        """The refinement energy ``[B]`` at ``x`` (positive rows only) and, with ``grad``, ``∂E/∂x`` masked."""
-        names, grid = energy_layers(self.reg.unet, self.latent_hw, refine.grid_factor)
-        inside = coverage(refine.target, refine.target.names, grid[0], grid[1], latent=self.latent_hw)
-        if not inside.any():
-            raise CXRInputError(f"the target covers no cell of the {grid[0]}×{grid[1]} energy grid.",
-                                input_name="target",
-                                fix="Use a larger target, a smaller grid_factor or a larger image.")
-        c = refine.config
-        with torch.inference_mode(False), torch.set_grad_enabled(grad):
-            xg = x.detach().clone().requires_grad_(grad)
+    def energy(self, refine: Refinement, sigma: float) -> Energy:
+        """The refinement energy at ``sigma``: the positive prompt's pathology maps at the energy layers."""
+        names, _ = energy_layers(self.reg.unet, self.latent_hw, refine.grid_factor)
+
+        def energy(x: torch.Tensor) -> torch.Tensor:
             probe = EnergyProbe(names, refine.columns)
             self.reg.probe = probe
             try:
-                self.unet(self.model_input(xg, sigma), sigma, self.cond, (COND,))
+                self.unet(self.model_input(x, sigma), sigma, self.cond, (COND,))
             except EnergyProbeDone:
                 pass
             finally:
                 self.reg.probe = None
-            maps = torch.stack(probe.maps).mean(0).float()  # [B, h, w], over the layers
-            e = concentration_energy(maps, inside.to(maps.device), smoothing=c.smoothing,
-                                     extent_weight=c.extent_weight, extent_threshold=c.extent_threshold,
-                                     extent_sharpness=c.extent_sharpness)
-            if not grad:
-                return e.detach(), None
-            (g,) = torch.autograd.grad(e.sum(), xg)
-        if not torch.isfinite(g).all():
-            raise CXRInputError("the energy has no usable gradient with respect to the latent.", input_name="unet",
-                                fix="Use a float16/32 SD-family UNet, or refine with 0 iterations.")
-        return e.detach(), (g if self.mask is None else g * self.mask).detach()
-
-    def refine_step(self, refine: Refinement, x: torch.Tensor, sigma: float, stop: float | None, i: int) -> tuple:
-        x_before = x
-        energies: list[float] = []
-        done, current = 0, False
-        for _ in range(refine.config.iterations):
-            e, g = self.energy(refine, x, sigma, grad=True)
-            energies.append(float(e.mean()))
-            if stop is not None and energies[-1] <= stop:
-                current = True
-                break
-            x = refinement_step(x, g, sigma, refine.config.step_size).to(x.dtype)
-            done += 1
-        if not current:  # the energy after the last step (or, at 0 iterations, of the unrefined latent)
-            energies.append(float(self.energy(refine, x, sigma, grad=False)[0].mean()))
-        logger.debug("CXR refinement step %d (sigma %.3f): energy %.4f → %.4f", i, sigma, energies[0], energies[-1])
-        return x, {"step": i, "sigma": sigma, "energies": energies, "before": energies[0], "after": energies[-1],
-                   "iterations": done, "latent_before": x_before.detach().cpu(), "latent_after": x.detach().cpu()}
+            return refine.energy(probe.maps, x.shape[0], self.latent_hw)
+        return energy
 
 
 def img2img(regulation: Regulation, source: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
@@ -215,19 +161,16 @@ def img2img(regulation: Regulation, source: torch.Tensor, cond: torch.Tensor, si
     mask = None if edit_mask is None else latent_mask(edit_mask, source)
     ed = _Editor(regulation, schedule, source, noise.float().to(source.device), cond, uncond, guidance_scale, mask)
     result = EditResult(source, record=regulation.new_run())
-    window, stops = [], []
-    if refine is not None:
-        c = refine.config
-        hi, lo = schedule.percent_to_sigma(c.start_percent), schedule.percent_to_sigma(c.end_percent)
-        window = [i for i in range(len(values) - 1) if lo <= values[i] <= hi]
-        stops = [(schedule.percent_to_sigma(p), e) for p, e in c.thresholds]
+    window = None if refine is None else refine_window(refine.config, schedule.percent_to_sigma, values)
+    if refine is not None and window is not None and window.steps:  # refuse a target off the grid before sampling
+        refine.cells(energy_layers(regulation.unet, ed.latent_hw, refine.grid_factor)[1], ed.latent_hw)
     x = noised(source, ed.noise, values[0], max_denoise(schedule, values[0]))
     for i, (sigma, nxt) in enumerate(zip(values, values[1:], strict=False)):
         if callback is not None:
             callback(i, sigma, x)
-        if refine is not None and i in window:
-            stop = next((e for s, e in reversed(stops) if sigma <= s), None)
-            x, entry = ed.refine_step(refine, x, sigma, stop, i)
+        if refine is not None and window is not None and i in window.steps:
+            x, entry = refine_step(ed.energy(refine, sigma), x, sigma, refine.config, step=i,
+                                   stop=window.stop_at(sigma), edit_mask=mask, model_input="unet")
             result.refine.append(entry)
         denoised = ed.denoise(x, sigma)
         x = x + (x - denoised) / sigma * (nxt - sigma)
@@ -237,4 +180,4 @@ def img2img(regulation: Regulation, source: torch.Tensor, cond: torch.Tensor, si
     return result
 
 
-__all__ = ["EditResult", "Refinement", "energy_layers", "img2img", "latent_mask"]
+__all__ = ["EditResult", "energy_layers", "img2img", "latent_mask"]

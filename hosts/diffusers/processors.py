@@ -44,9 +44,10 @@ from ...attention.layer_call import (
     self_gate,
     wanted_captures,
 )
-from ...attention.run_state import Key, RunState
+from ...attention.run_record import RunRecord
+from ...attention.run_state import RunState
 from ...attention.schedule import DiscreteSchedule
-from ...attention.stages import Grid, Stage
+from ...attention.stages import Grid, Key, Stage
 from ...errors import CXRInputError
 
 logger = logging.getLogger("cxr_counterfactual")
@@ -273,12 +274,12 @@ class Regulation:
             self._hook = unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
 
     # ----------------------------------------------------------------------------------------------
-    def new_run(self) -> dict:
+    def new_run(self) -> RunRecord:
         """Start a new run's record (captures, trace, conflicts) and return it."""
         return self.state.reset().record
 
     @property
-    def record(self) -> dict:
+    def record(self) -> RunRecord:
         return self.state.record
 
     @contextlib.contextmanager
