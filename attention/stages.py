@@ -170,7 +170,7 @@ class BoostStage(Stage):
 
     KINDS = ("attn2",)
 
-    target: OrganMasks = None  # type: ignore[assignment]
+    target: OrganMasks | None = None  # None only for a neutral boost (factors 1, damping 1): it never runs
     positions: dict[str, tuple[int, ...]] = field(default_factory=dict)
     factors: dict[str, float] = field(default_factory=dict)
     damping: float = 1.0
@@ -182,6 +182,8 @@ class BoostStage(Stage):
 
     def cross_bias(self, h: int, w: int, latent: Grid, context_len: int, device) -> torch.Tensor | None:
         def build():
+            if self.target is None:
+                raise ValueError(f"{self.title}: a boost with no target can only be neutral")
             inside = _target_tokens(self, self.target, h, w, latent)
             if not inside.any():
                 logger.info("%s: the target covers no token at the %dx%d grid: no boost there", self.title, h, w)
@@ -218,6 +220,8 @@ class CaptureStage(Stage):
             return None
 
         def build():
+            if self.target is None:
+                raise ValueError(f"{self.title}: a boost with no target can only be neutral")
             inside = _target_tokens(self, self.target, h, w, latent)
             if not inside.any():
                 raise CXRInputError(
