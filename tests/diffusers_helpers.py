@@ -47,7 +47,7 @@ FLOAT32_KERNEL_TOL = 2e-5
 
 def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference as a fraction of ``b``'s largest magnitude."""
-    return float((a - b).abs().max() / b.abs().max())
+    return float((a - b).detach().abs().max() / b.detach().abs().max())
 
 
 def require_diffusers() -> None:
