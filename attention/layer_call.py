@@ -1,6 +1,6 @@
 """What one regulated attention layer does at one call, for any host (pure torch, no host import).
 
-Both host adapters (``host_comfy``: ComfyUI replace patches; ``host_diffusers``: diffusers attention
+Both hosts (``hosts.comfy.patch``: ComfyUI replace patches; ``hosts.diffusers.processors``: diffusers attention
 processors) call these functions, so the two hosts pick the same stages, the same batch rows, the same
 biases and record the same captures:
 

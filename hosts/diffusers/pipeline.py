@@ -135,7 +135,7 @@ def img2img(regulation: Regulation, source: torch.Tensor, cond: torch.Tensor, si
     """Edit ``source`` with the regulated UNet: Euler steps along ``sigmas``, keep region, refinement.
 
     Args:
-        regulation: the CXR processors on the UNet (:func:`.host_diffusers.install_regulation`; empty
+        regulation: the CXR processors on the UNet (:func:`.processors.install_regulation`; empty
             ``stages`` for a plain or refinement-only edit).
         source: the radiograph's latent in model space (``vae.encode(x).latent_dist.mean · scaling_factor``).
         cond, uncond: prompt embeddings ``[B, T, C]`` (``uncond`` None = no guidance).
