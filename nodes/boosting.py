@@ -18,17 +18,8 @@ from ..attention.stage_builders import (
 from ..attention.tokens import TokenMap
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
 from ..hosts.comfy.unet_layout import grid_factor_keys, transformer_keys
+from . import schema  # attention nodes read the shared declarations as schema.X
 from .common import check_inputs, user_errors
-from .schema import (
-    CATEGORY_ATTENTION,
-    TokensType,
-    described,
-    fraction_input,
-    organ_masks_input,
-    patched_model_output,
-    target_organs_input,
-    window_inputs,
-)
 
 
 def _check_model(title: str, model) -> None:
@@ -46,13 +37,15 @@ class CXRPathologyBoost(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="CXRPathologyBoost", display_name=cls.TITLE, category=CATEGORY_ATTENTION, is_experimental=True,
-            description=described(cls),
+            node_id="CXRPathologyBoost", display_name=cls.TITLE, category=schema.CATEGORY_ATTENTION,
+            is_experimental=True,
+            description=schema.described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The model (plain or already gated)."),
-                TokensType.Input("tokens", tooltip="From CXR Text Encode: where the pathology words sit."),
-                organ_masks_input("Fitted organ masks; the target is the union of 'target_organs'.", optional=True),
-                target_organs_input(),
+                schema.TokensType.Input("tokens", tooltip="From CXR Text Encode: where the pathology words sit."),
+                schema.organ_masks_input("Fitted organ masks; the target is the union of 'target_organs'.",
+                                         optional=True),
+                schema.target_organs_input(),
                 io.Mask.Input("target_mask", optional=True,
                               tooltip="A target MASK on the latent's field of view (overrides target_organs)."),
                 io.Float.Input("factor", default=3.0, min=FACTOR_MIN, max=FACTOR_MAX, step=0.05,
@@ -60,14 +53,14 @@ class CXRPathologyBoost(io.ComfyNode):
                 io.String.Input("words", default="",
                                 tooltip="Per-word factors 'effusion=3, consolidation=2'; empty = every pathology "
                                 "word of the token map at 'factor'."),
-                fraction_input("outside_damping", 1.0,
+                schema.fraction_input("outside_damping", 1.0,
                                "Multiplier for the same words outside the target (1 = leave, 0 = hide)."),
                 io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="all",
                                tooltip="Which UNet parts are boosted."),
-                *window_inputs("Boosting starts here.",
+                *schema.window_inputs("Boosting starts here.",
                                "Boosting ends here (default: the early, layout-forming steps).", end=0.4),
             ],
-            outputs=[patched_model_output()],
+            outputs=[schema.patched_model_output()],
         )
 
     @classmethod
@@ -99,19 +92,19 @@ class CXRCaptureAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="CXRCaptureAttention", display_name=cls.TITLE, category=CATEGORY_ATTENTION,
-            description=described(cls),
+            node_id="CXRCaptureAttention", display_name=cls.TITLE, category=schema.CATEGORY_ATTENTION,
+            description=schema.described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The model to observe (stock, gated or boosted)."),
-                TokensType.Input("tokens", tooltip="From CXR Text Encode: the words to map."),
+                schema.TokensType.Input("tokens", tooltip="From CXR Text Encode: the words to map."),
                 io.String.Input("label", default="run", tooltip="A name for this capture (shown in previews)."),
                 io.Combo.Input("grid_factor", options=list(GRID_FACTORS), default="2",
                                tooltip="Capture the layers whose grid is the latent's size ÷ this (2 = half)."),
-                organ_masks_input("Fitted organ masks, for the in-target share.", optional=True),
-                target_organs_input(),
-                *window_inputs("Capture from here.", "Capture until here."),
+                schema.organ_masks_input("Fitted organ masks, for the in-target share.", optional=True),
+                schema.target_organs_input(),
+                *schema.window_inputs("Capture from here.", "Capture until here."),
             ],
-            outputs=[patched_model_output("The model with capture on (same output).")],
+            outputs=[schema.patched_model_output("The model with capture on (same output).")],
         )
 
     @classmethod

@@ -10,16 +10,8 @@ from ..attention.stage_builders import BLOCK_CHOICES, MARGIN_MAX, gate_stage
 from ..attention.tokens import TokenMap
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
 from ..hosts.comfy.unet_layout import transformer_keys
+from . import schema  # attention nodes read the shared declarations as schema.X
 from .common import check_inputs, user_errors
-from .schema import (
-    CATEGORY_ATTENTION,
-    TokensType,
-    described,
-    fraction_input,
-    organ_masks_input,
-    patched_model_output,
-    window_inputs,
-)
 
 
 class CXRAnatomyAttentionGate(io.ComfyNode):
@@ -35,22 +27,22 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
         return io.Schema(
             node_id="CXRAnatomyAttentionGate",
             display_name=cls.TITLE,
-            category=CATEGORY_ATTENTION,
+            category=schema.CATEGORY_ATTENTION,
             is_experimental=True,
-            description=described(cls),
+            description=schema.described(cls),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (SD1.x / SD2.x / SDXL UNet)."),
-                organ_masks_input("Organ masks on the latent's field of view: use the masks output of Fit Radiograph "
-                                  "to Model."),
-                TokensType.Input(
+                schema.organ_masks_input("Organ masks on the latent's field of view: use the masks output of Fit "
+                                         "Radiograph to Model."),
+                schema.TokensType.Input(
                     "tokens", optional=True,
                     tooltip="From CXR Text Encode: enables anatomy-token masking in cross-attention.",
                 ),
-                fraction_input("strength", 1.0, "Self-attention gating: 1 = each token attends only to its own "
+                schema.fraction_input("strength", 1.0, "Self-attention gating: 1 = each token attends only to its own "
                                "organ (hard, and faster than stock); 0 = off. Cross-organ weights are scaled by 1 − "
                                "strength."),
-                fraction_input("token_strength", 1.0, "Anatomy-token masking: 1 = tokens outside an anatomy word's "
-                               "organ do not see that word; 0 = off. Needs 'tokens'."),
+                schema.fraction_input("token_strength", 1.0, "Anatomy-token masking: 1 = tokens outside an anatomy "
+                                      "word's organ do not see that word; 0 = off. Needs 'tokens'."),
                 io.String.Input(
                     "organs", default="right_lung, left_lung, heart",
                     tooltip="Organs that form regions, in priority order (a token covered by two organs goes "
@@ -69,14 +61,15 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
                     "blocks", options=list(BLOCK_CHOICES), default="all",
                     tooltip="Which UNet parts are gated (every transformer block in them).",
                 ),
-                *window_inputs("Gating starts at this point of denoising.", "Gating ends at this point of denoising."),
+                *schema.window_inputs("Gating starts at this point of denoising.",
+                                      "Gating ends at this point of denoising."),
                 io.Boolean.Input(
                     "apply_to_uncond", default=False,
                     tooltip="Also gate the negative (uncond) pass's self-attention. Token masking always acts "
                     "on the positive prompt only.",
                 ),
             ],
-            outputs=[patched_model_output()],
+            outputs=[schema.patched_model_output()],
         )
 
     @classmethod
