@@ -17,7 +17,8 @@ from ..attention.run_state import find_run
 from ..attention.stage_builders import GRID_FACTORS, check_window, parse_grid_factor, target_region
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
-from ..hosts.comfy.refinement_sampler import TITLE, RefinementSampler, energy_keys
+from ..hosts.comfy.refinement_energy import TITLE, energy_keys
+from ..hosts.comfy.refinement_sampler import RefinementSampler
 from ..imaging.attention_view import PLOT_COLOURS
 from ..imaging.overlay import sized_font
 from .common import check_inputs, user_errors

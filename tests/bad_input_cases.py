@@ -49,7 +49,7 @@ from bad_input_graphs import (
 FIT_LATENT = (1, 4, 8, 7)  # the radiograph fitted to 64 px: 64×56 px
 GATE, BOOST, CAPTURE = "CXR Anatomy Attention Gate", "CXR Pathology Boost", "CXR Capture Attention"
 FILES, FROM_MASK = "Load Organ Masks (files)", "Organ Masks from MASK"
-KEEP, REFINE, DICOM = "Apply Keep Region", "CXR Refinement Sampler (Euler)", "Load Chest X-ray (DICOM/PNG/JPEG)"
+KEEP, REFINE, DICOM = "Apply Keep Region", "CXR Refinement Sampler", "Load Chest X-ray (DICOM/PNG/JPEG)"
 CHEXMASK, TEXT = "Load Organ Masks (CheXmask)", "CXR Text Encode (with token map)"
 EDIT_KEEP, MORPH = "Edit / Keep Regions", "Dilate / Erode / Feather Organs"
 

@@ -1,0 +1,146 @@
+"""The refinement's energy pass in ComfyUI: the positive prompt's pathology maps at the energy layers, and their
+energy as a differentiable function of the latent (the loop that steps down it is the core's
+:func:`...attention.refinement.refine_step`; the sampler that calls it is :mod:`.refinement_sampler`).
+
+The pass (cond only) differentiates through the UNet's encoder up to the last cross-attention layer at the energy's
+grid and no further: our own capture replaces sit on those layers (wrapping whatever replace was there, ours or
+another pack's) and raise ``_Stop`` after the last one. ComfyUI runs nodes under ``torch.inference_mode()``, and
+its loaded weights are inference tensors autograd cannot save, so ``torch.func.functional_call`` substitutes clones
+of only the weights on that path (:func:`path_parameters`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_patcher
+import comfy.samplers
+import torch
+
+from ...attention.kernels import to_heads
+from ...attention.layer_call import probe_map
+from ...attention.refinement import Energy, Refinement, grid_at
+from ...attention.stages import Key
+from ...errors import CXRInputError
+from .patch import HOLDER_KEY, CXRReplace
+from .unet_layout import grid_factor_keys
+
+TITLE = "CXR Refinement Sampler"
+
+
+class _Stop(Exception):
+    """Raised after the last layer the energy needs: the rest of the UNet is not run."""
+
+
+def energy_keys(dm, grid_factor: int) -> list[Key]:
+    """The encoder cross-attention layers the energy reads: the input blocks at the grid latent ÷ ``grid_factor``,
+    else the middle block at that grid (SD1.5's latent ÷ 8). One rule, applied by CXR Refinement Sampler when it
+    executes with the model connected and again when sampling starts (the model the sampler really got).
+
+    Raises:
+        CXRInputError: neither exists (input ``grid_factor``).
+    """
+    try:
+        return grid_factor_keys(dm, grid_factor, TITLE, blocks=("input",), where="UNet's encoder")
+    except CXRInputError as err:
+        if err.input_name != "grid_factor":
+            raise
+        try:
+            return grid_factor_keys(dm, grid_factor, TITLE, blocks=("middle",), where="UNet's middle block")
+        except CXRInputError:
+            raise err from None  # the encoder's grids are the ones to name
+
+
+def energy_layers(dm, latent: tuple[int, int], grid_factor: int) -> tuple[list[Key], tuple[int, int]]:
+    """:func:`energy_keys` and their grid for this latent, ``ceil(latent / grid_factor)``."""
+    keys = energy_keys(dm, grid_factor)
+    return keys, grid_at(latent, grid_factor.bit_length() - 1)
+
+
+def path_parameters(dm, keys: list[Key]) -> dict[str, torch.Tensor]:
+    """Clones (ordinary tensors, no grad) of the weights the encoder runs up to the last of ``keys``."""
+    last = max(k[1] for k in keys if k[0] == "input") if keys[0][0] == "input" else len(dm.input_blocks) - 1
+    prefixes = ("time_embed.", "label_emb.", *(f"input_blocks.{i}." for i in range(last + 1)))
+    if keys[0][0] == "middle":
+        prefixes += ("middle_block.",)
+    with torch.inference_mode(False):
+        return {f"dm.{n}": p.detach().clone() for n, p in dm.named_parameters() if n.startswith(prefixes)}
+
+
+class _Runner(torch.nn.Module):
+    """Holds the UNet so functional_call can substitute its path weights while ``fn`` runs."""
+
+    def __init__(self, dm: torch.nn.Module) -> None:
+        super().__init__()
+        self.dm = dm  # registered as a submodule: its parameter names get the prefix "dm."
+
+    def forward(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return fn()
+
+
+class _Capture:
+    """A cross-attention replace for one energy layer: records the pathology map, then attends as before."""
+
+    def __init__(self, key: Key, inner, columns: Callable[[int], torch.Tensor], maps: list, last: bool):
+        self.key, self.inner, self.columns, self.maps, self.last = key, inner, columns, maps, last
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+        heads = extra["n_heads"]
+        h, w = (int(n) for n in extra["activations_shape"][-2:])
+        latent = (int(extra["original_shape"][-2]), int(extra["original_shape"][-1]))
+        # boosted/gated models: the maps the model really uses (the biases of our stages active here)
+        stages = self.inner.stages if isinstance(self.inner, CXRReplace) else ()
+        self.maps.append(probe_map(stages, self.key, float(extra["sigmas"].max()), to_heads(q, heads),
+                                   to_heads(k, heads), h, w, latent, self.columns(k.shape[1])))
+        if self.last:
+            raise _Stop
+        if self.inner is not None:  # attend exactly as the model would (our gate/boost, or another pack's)
+            return self.inner(q, k, v, extra)
+        return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"),
+                                                   transformer_options=extra)
+
+
+
+def energy_function(ref: Refinement, model_k, sigma: torch.Tensor, extra_args: dict, params: dict | None) -> Energy:
+    """The energy at ``sigma`` of the sampler's model ``model_k`` (the sampler function's model): the positive
+    prompt's pathology maps at the energy layers of refinement ``ref``, read through the path weight clones
+    ``params`` when the latent requires grad."""
+    guider = model_k.inner_model
+    base, dm = guider.inner_model, guider.inner_model.diffusion_model
+    opts = comfy.model_patcher.create_model_options_clone(extra_args.get("model_options", {}))
+    to = opts.setdefault("transformer_options", {})
+    # A probe, not a model call of the run: without the per-run holder, the stages still regulate attention
+    # but captures and the trace do not record it (a capture under grad would also keep this pass's graph,
+    # and with it the weight clones, alive in the run's record).
+    to.pop(HOLDER_KEY, None)
+    denoise_mask = extra_args.get("denoise_mask")
+
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        latent = (int(x.shape[-2]), int(x.shape[-1]))
+        keys, _ = energy_layers(dm, latent, ref.grid_factor)
+        replace = dict(to.get("patches_replace", {}))
+        attn2 = dict(replace.get("attn2", {}))
+        maps: list[torch.Tensor] = []
+        for key in keys:
+            attn2[key] = _Capture(key, attn2.get(key) or attn2.get(key[:2]), ref.columns, maps, key == keys[-1])
+        call_opts = {**opts, "transformer_options": {**to, "patches_replace": {**replace, "attn2": attn2}}}
+        s = sigma.detach().clone() * x.new_ones([x.shape[0]])
+        xin = x
+        if denoise_mask is not None:  # what KSamplerX0Inpaint feeds the model: the kept region from the source
+            # The mask, noise and source come from the sampler's inference-mode setup: autograd may not save
+            # inference tensors, so it gets plain copies (latent-sized, freed with this call).
+            mask = denoise_mask.clone()
+            src = base.scale_latent_inpaint(x=x, sigma=s, noise=model_k.noise.clone(),
+                                            latent_image=model_k.latent_image.clone())
+            xin = x * mask + src * (1 - mask)
+
+        def run():
+            return comfy.samplers.calc_cond_batch(base, [guider.conds.get("positive")], xin, s, call_opts)
+        try:
+            torch.func.functional_call(_Runner(dm), (params if x.requires_grad else None) or {}, (run,),
+                                       strict=False)
+        except _Stop:
+            pass
+        return ref.energy(maps, x.shape[0], latent, TITLE)
+    return energy
