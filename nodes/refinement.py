@@ -19,6 +19,7 @@ from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
 from ..hosts.comfy.refinement_energy import TITLE, energy_keys
 from ..hosts.comfy.refinement_sampler import RefinementSampler
+from ..hosts.comfy.sampler_methods import METHODS, method_of
 from ..imaging.attention_view import PLOT_COLOURS
 from ..imaging.overlay import sized_font
 from .common import check_inputs, user_errors
@@ -48,10 +49,13 @@ def energy_plot(series: dict[str, list[float]], width: int = 640, height: int = 
 
 
 class CXRRefinementSampler(io.ComfyNode):
-    """A SAMPLER for SamplerCustom: Euler steps (the only method supported) that, at the early steps inside the
-    window, move the latent down the gradient of an attention-concentration energy E = 1 − (pathology attention
-    inside the target ÷ all pathology attention) (+ an optional extent term), Attend-and-Excite style. 0 iterations
-    = plain Euler. Energies per step go to the run's record (see CXR Refinement Preview)."""
+    """A SAMPLER for SamplerCustom: your sampler (the optional 'sampler' input, e.g. KSamplerSelect's dpmpp_2m;
+    Euler when empty) that, before each of its steps inside the early window, moves the latent down the gradient
+    of an attention-concentration energy E = 1 − (pathology attention inside the target ÷ all pathology
+    attention) (+ an optional extent term), Attend-and-Excite style: once per step, however many model calls the
+    sampler makes in it. 0 iterations = your sampler exactly. Multistep samplers (dpmpp_2m, lms, uni_pc, ...)
+    restart their history after each refined step. Energies per step go to the run's record (see CXR
+    Refinement Preview)."""
 
     TITLE = TITLE
 
@@ -65,7 +69,8 @@ class CXRRefinementSampler(io.ComfyNode):
                 OrganMasksType.Input("organ_masks", tooltip="Fitted organ masks; the target is 'target_organs'."),
                 io.String.Input("target_organs", default="left_lung", tooltip="Organs forming the target region."),
                 io.Int.Input("iterations", default=1, min=0, max=50,
-                             tooltip="Gradient steps on the latent per sampling step in the window (0 = plain Euler)."),
+                             tooltip="Gradient steps on the latent per sampling step in the window (0 = the "
+                             "sampler alone, bit-identical)."),
                 io.Float.Input("step_size", default=0.1, min=0.0, max=5.0, step=0.005,
                                tooltip="Move per iteration: the latent shifts by step_size·σ (RMS) along the "
                                "normalised gradient."),
@@ -89,6 +94,11 @@ class CXRRefinementSampler(io.ComfyNode):
                                tooltip="Optional: the checkpoint the sampler will run (the loader's MODEL or any "
                                "patched copy). Connected, this node refuses a grid_factor the UNet has no "
                                "cross-attention at as soon as it runs, before any sampler or inversion starts."),
+                io.Sampler.Input("sampler", optional=True,
+                                 tooltip="Optional: the sampler to refine (KSamplerSelect, or SamplerEulerAncestral, "
+                                 "SamplerDPMPP_2M_SDE, SamplerDPMPP_SDE, SamplerLMS with their settings). Empty = "
+                                 "euler. Supported: " + ", ".join(METHODS) + ". Multistep samplers restart their "
+                                 "history after each refined step (first-order steps inside the window)."),
             ],
             outputs=[io.Sampler.Output(display_name="sampler", tooltip="Connect to SamplerCustom's sampler input.")],
         )
@@ -96,9 +106,11 @@ class CXRRefinementSampler(io.ComfyNode):
     @classmethod
     def execute(cls, tokens: TokenMap, organ_masks: OrganMasks, target_organs: str, iterations: int,
                 step_size: float, start_percent: float, end_percent: float, thresholds: str, grid_factor: str,
-                smoothing: float, extent_weight: float, extent_threshold: float, model=None) -> io.NodeOutput:
+                smoothing: float, extent_weight: float, extent_threshold: float, model=None,
+                sampler=None) -> io.NodeOutput:
         with user_errors(TITLE):
             factor = parse_grid_factor(grid_factor)
+        method = METHODS["euler"] if sampler is None else method_of(sampler, TITLE)
         check_inputs(cls, step_size=step_size, start_percent=start_percent, end_percent=end_percent,
                      smoothing=smoothing, extent_weight=extent_weight, extent_threshold=extent_threshold)
         with user_errors(TITLE):
@@ -116,8 +128,9 @@ class CXRRefinementSampler(io.ComfyNode):
             target = target_region(organ_masks, target_organs)
         config = RefineConfig(iterations, step_size, start_percent, end_percent, stops, smoothing, extent_weight,
                               extent_threshold)
-        fn = RefinementSampler(Refinement(config, target, positions, tokens.cond_len, factor))
-        return io.NodeOutput(comfy.samplers.KSAMPLER(fn, {}, {}))
+        options = {} if sampler is None else dict(sampler.extra_options)
+        fn = RefinementSampler(Refinement(config, target, positions, tokens.cond_len, factor), method, options)
+        return io.NodeOutput(comfy.samplers.KSAMPLER(fn, {}, dict(method.inpaint_options)))
 
 
 class CXRRefinementPreview(io.ComfyNode):

@@ -2,9 +2,13 @@
 Sampler (the node is :mod:`..nodes.refinement`; the loop, its window and its record are the core's,
 :mod:`...attention.refinement`).
 
-A MODEL patch cannot change the latent the sampler carries, so refinement is a sampler of our own: Euler
-steps (``sample_euler`` without churn, so 0 iterations is exactly plain Euler) and, at the steps whose
-sigma lies in the window, the core's :func:`~...attention.refinement.refine_step` on the latent.
+A MODEL patch cannot change the latent the sampler carries, so refinement wraps the user's sampler: at each step
+whose sigma lies in the window, the core's :func:`~...attention.refinement.refine_step` moves the latent, then the
+user's own sampler function takes that one step (:mod:`.sampler_methods`: how a sampler runs in segments, its
+noise and its history). The refinement runs once per sampling step, however many model evaluations the sampler
+makes in it (heun, dpm_2, dpmpp_sde, uni_pc: two). At 0 iterations, or with no step in the window, the stock
+sampler function runs the whole schedule in one call: the stock path, bit-identical to the sampler alone; its
+callback only reads the energy of the latents of the window's steps, for the record.
 
 The energy and its gradient pass are :mod:`.refinement_energy`; the weight clones that pass differentiates
 through are made at the first refined step and dropped when the window ends (never alive after sampling); their
@@ -13,31 +17,34 @@ size goes to the run's record.
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.utils
 import torch
-from comfy.k_diffusion.sampling import to_d
-from tqdm.auto import trange
 
-from ...attention.refinement import Refinement, refine_step, refine_window
+from ...attention.refinement import Refinement, RefineWindow, refine_step, refine_window
 from ...attention.run_record import RunRecord
 from ...attention.run_state import ResultStore, latent_fingerprint
 from ...errors import CXRInputError
 from .patch import HOLDER_KEY
 from .refinement_energy import TITLE, energy_function, energy_keys, energy_layers, path_parameters
+from .sampler_methods import METHODS, SamplerMethod, plan, run_noise_sampler, run_segment
 
 
 class RefinementSampler:
-    """The ``sampler_function`` of our KSAMPLER: Euler steps with energy refinement inside the window."""
+    """The ``sampler_function`` of our KSAMPLER: the user's sampler (``method`` with its SAMPLER's ``options``),
+    with energy refinement before each step inside the window."""
 
-    def __init__(self, refinement: Refinement) -> None:
-        self.refinement = refinement
+    def __init__(self, refinement: Refinement, method: SamplerMethod = METHODS["euler"],
+                 options: dict | None = None) -> None:
+        self.refinement, self.method, self.options = refinement, method, dict(options or {})
         self.store = ResultStore()
 
     def __deepcopy__(self, memo: dict) -> RefinementSampler:
         return self  # immutable settings; the store is shared on purpose
 
     def __call__(self, model, x, sigmas, extra_args=None, callback=None, disable=None):
-        """Euler (as ``sample_euler`` without churn) with refinement before each step inside the window."""
+        """The user's sampler over ``sigmas``, refining the latent before each step inside the window."""
         extra_args, ref = ({} if extra_args is None else extra_args), self.refinement
         c = ref.config
         base = model.inner_model.inner_model
@@ -61,34 +68,59 @@ class RefinementSampler:
         state = extra_args.get("model_options", {}).get("transformer_options", {}).get(HOLDER_KEY)
         if state is not None:
             state.record.refine = record.refine
-        bar = comfy.utils.ProgressBar(c.iterations * len(window.steps)) if c.iterations and window.steps else None
-        params = None
-        s_in = x.new_ones([x.shape[0]])
-        for i in trange(len(sigmas) - 1, disable=disable):
-            sigma = sigmas[i]
-            if i in window.steps:
-                if params is None and c.iterations:
-                    dm = base.diffusion_model
-                    params = path_parameters(dm, energy_layers(dm, tuple(x.shape[-2:]), ref.grid_factor)[0])
-                    record.weights_copied_mb = sum(p.numel() * p.element_size() for p in params.values()) / 2**20
-                x = self._refine(model, x, sigma, extra_args, params, record, i, window, bar)
-            elif params is not None and i > window.steps[-1]:
-                params = None  # the window is over: drop the weight clones
-            denoised = model(x, sigma * s_in, **extra_args)
-            d = to_d(x, sigma, denoised)
-            if callback is not None:
-                callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma, "denoised": denoised})
-            x = x + d * (sigmas[i + 1] - sigma)
-        del params
+        if c.iterations:
+            x = self._refined(model, x, sigmas, extra_args, callback, disable, window, record)
+        else:  # the stock path: one call of the user's sampler; the callback only reads energies
+            x = self.method.function(model, x, sigmas, extra_args=extra_args, disable=disable, **self.options,
+                                     callback=self._recording(model, sigmas, extra_args, callback, window, record))
         out = base.process_latent_out(sampling.inverse_noise_scaling(sigmas[-1], x).to(torch.float32))
         record.latent = latent_fingerprint(out)  # the preview finds this run by the latent it produced
         return x
 
-    def _refine(self, model, x, sigma, extra_args, params, record: RunRecord, i: int, window, bar) -> torch.Tensor:
+    def _refined(self, model, x, sigmas, extra_args, callback, disable, window: RefineWindow,
+                 record: RunRecord) -> torch.Tensor:
+        """The sampler in calls of one step inside the window (each after the refinement), one call per run of
+        steps outside it, sharing the noise sampler the stock sampler would have built for the whole run."""
+        c, dm = self.refinement.config, model.inner_model.inner_model.diffusion_model
+        bar = comfy.utils.ProgressBar(c.iterations * len(window.steps))
+        noise = run_noise_sampler(self.method, x, sigmas, extra_args)
+        params = None
+        for first, end, refined in plan(len(sigmas) - 1, window.steps):
+            if refined:
+                if params is None:
+                    params = path_parameters(dm, energy_layers(dm, tuple(x.shape[-2:]), self.refinement.grid_factor)[0])
+                    record.weights_copied_mb = sum(p.numel() * p.element_size() for p in params.values()) / 2**20
+                x = self._refine(model, x, sigmas[first], extra_args, params, record, first, window, bar.update)
+            elif first > window.steps[-1]:
+                params = None  # the window is over: drop the weight clones
+            x = run_segment(self.method, model, x, sigmas[first:end + 1], extra_args, callback, disable, first,
+                            noise, self.options)
+        return x
+
+    def _recording(self, model, sigmas, extra_args, callback, window: RefineWindow, record: RunRecord):
+        """The stock path's callback: the energy of the latent at each window step (a probe that leaves the latent
+        alone), then the caller's callback."""
+        unrefined = dataclasses.replace(self.refinement.config, iterations=0)
+        last = len(sigmas) - 2
+
+        def recording(d: dict) -> None:
+            i = int(d["i"])
+            if i in window.steps and not (self.method.unipc_variant and i == last):
+                sigma = d.get("sigma_hat", sigmas[i])
+                x = d["x"]
+                if self.method.unipc_variant:  # UniPC reports its variance-preserving latent (at sigmas[i])
+                    x = x * torch.sqrt(1.0 + sigmas[i] ** 2.0)
+                self._refine(model, x, sigma, extra_args, None, record, i, window, None, unrefined)
+            if callback is not None:
+                callback(d)
+        return recording
+
+    def _refine(self, model, x, sigma, extra_args, params, record: RunRecord, i: int, window: RefineWindow,
+                progress, config=None) -> torch.Tensor:
         energy = energy_function(self.refinement, model, sigma, extra_args, params)
-        x, step = refine_step(energy, x, float(sigma), self.refinement.config,
-                              step=i, stop=window.stop_at(float(sigma)), edit_mask=extra_args.get("denoise_mask"),
-                              progress=None if bar is None else bar.update, node=TITLE)
+        x, step = refine_step(energy, x, float(sigma), config or self.refinement.config, step=i,
+                              stop=window.stop_at(float(sigma)), edit_mask=extra_args.get("denoise_mask"),
+                              progress=progress, node=TITLE)
         assert record.refine is not None
         record.refine.append(step)
         return x
