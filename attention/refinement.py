@@ -14,10 +14,16 @@ Both terms lie in [0, 1], so ``E`` does too; ``E = 0`` when all (smoothed) mass 
 λ = 0. Smoothing (kernel 3, σ 0.5 as in A&E) only spreads mass to neighbouring cells, so mass held one
 cell inside the border still counts fully.
 
-A refinement step moves the latent against the energy's gradient, normalised to unit RMS and scaled by
-the current noise level (the latent's own scale in k-diffusion form ``x = x0 + σ·ε``)::
+A refinement step moves the latent against the energy's gradient, normalised to unit RMS over the cells that
+may move and scaled by the current noise level (the latent's own scale in k-diffusion form ``x = x0 + σ·ε``)::
 
-    x ← x − step_size · σ · g / rms(g),   g = ∂E/∂x
+    x ← x − step_size · σ · m·g / r,   g = ∂E/∂x,   r = sqrt(Σ (m·g)² / Σ m)
+
+per batch item, where ``m ∈ [0, 1]`` is the sampler's denoise (edit) mask (1 everywhere without a keep region,
+so ``r = rms(g)``). The move ``d`` then has ``sqrt(Σ d² / Σ m) = step_size · σ``: over a binary mask, the RMS move
+of the cells that may move is exactly ``step_size · σ`` whatever their share of the latent, and kept cells
+(``m = 0``) do not move. (Normalising over the whole latent would move the editable cells by
+``step_size · σ / sqrt(edit fraction)``: 2× at a quarter of the latent.)
 
 Attend-and-Excite (Chefer et al. 2023) updates the VP latent by ``α_t = 20·sqrt(1 − ᾱ_t)`` times the raw
 gradient; normalising the gradient keeps ``step_size`` meaningful across models whose attention
@@ -120,12 +126,33 @@ def concentration_energy(maps: torch.Tensor, inside: torch.Tensor, *, smoothing:
     return ((1 - extent_weight) * conc + extent_weight * ext).clamp(0, 1)
 
 
-def refinement_step(x: torch.Tensor, grad: torch.Tensor, sigma: float, step_size: float) -> torch.Tensor:
-    """``x − step_size·σ·g/rms(g)`` per batch item (a zero gradient leaves that item unchanged)."""
-    dims = tuple(range(1, grad.dim()))
-    rms = grad.pow(2).mean(dim=dims, keepdim=True).sqrt()
-    direction = torch.where(rms > 0, grad / rms.clamp_min(1e-30), torch.zeros_like(grad))
-    return x - step_size * sigma * direction
+def refinement_step(x: torch.Tensor, grad: torch.Tensor, sigma: float, step_size: float,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``x − step_size·σ·m·g/r`` per batch item, ``r = sqrt(Σ (m·g)² / Σ m)`` (module docstring).
+
+    The move's mask-weighted RMS, ``sqrt(Σ move² / Σ m)``, is ``step_size·σ``: for a binary mask the RMS over the
+    cells that may move; for a soft (feathered) mask the move's energy per unit of editable area. Cells where
+    ``m = 0`` are returned bit for bit. A batch item whose mask or masked gradient is all zero is unchanged.
+
+    Args:
+        x: the latent ``[B, ...]``.
+        grad: ``∂E/∂x``, ``x``'s shape.
+        sigma: the current noise level.
+        step_size: the RMS move in units of ``sigma``.
+        mask: where the latent may move, in ``[0, 1]``, broadcastable to ``grad`` (ComfyUI's ``denoise_mask``:
+            ``[1 or B, 1 or C, h, w]``); None = everywhere.
+
+    Returns:
+        The moved latent, ``x``'s dtype.
+    """
+    g = grad.float()  # the sums in float32 even for a half-precision latent
+    m = torch.ones_like(g) if mask is None else mask.to(g.device, g.dtype).expand_as(g)
+    g = g * m
+    dims = tuple(range(1, g.dim()))
+    area = m.sum(dim=dims, keepdim=True)
+    r = (g.pow(2).sum(dim=dims, keepdim=True) / area.clamp_min(1e-30)).sqrt()
+    direction = torch.where((r > 0) & (area > 0), g / r.clamp_min(1e-30), torch.zeros_like(g))
+    return (x - step_size * sigma * direction).to(x.dtype)
 
 
 def parse_thresholds(spec: str) -> tuple[tuple[float, float], ...]:
@@ -279,7 +306,8 @@ def refine_step(energy: Energy, x: torch.Tensor, sigma: float, config: RefineCon
         energy: the host's energy (:data:`Energy`).
         x: the latent the sampler carries at ``sigma``.
         step: the sampling step's index (for the record).
-        edit_mask: where the sampler may change the latent (1); the gradient is masked to it (None = all).
+        edit_mask: where the sampler may change the latent (1; soft values allowed), broadcastable to ``x``; the
+            step moves only there, by ``step_size·σ`` RMS over it (:func:`refinement_step`; None = all).
         progress: called with the number of iterations done or skipped (a progress bar's update).
         node, model_input: where errors point (the node's title; its model input's name).
 
@@ -299,10 +327,8 @@ def refine_step(energy: Energy, x: torch.Tensor, sigma: float, config: RefineCon
         if stop is not None and energies[-1] <= stop:
             current = True
             break
-        if edit_mask is not None:  # refine only where the sampler may change the latent
-            grad = grad * edit_mask
         # the step follows the gradient whatever the energy does next: no search, nothing discarded
-        x = refinement_step(x, grad, sigma, config.step_size).to(x.dtype)
+        x = refinement_step(x, grad, sigma, config.step_size, edit_mask)
         done += 1
         if progress is not None:
             progress(1)

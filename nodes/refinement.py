@@ -72,8 +72,9 @@ class CXRRefinementSampler(io.ComfyNode):
                              tooltip="Gradient steps on the latent per sampling step in the window (0 = the "
                              "sampler alone, bit-identical)."),
                 io.Float.Input("step_size", default=0.1, min=0.0, max=5.0, step=0.005,
-                               tooltip="Move per iteration: the latent shifts by step_size·σ (RMS) along the "
-                               "normalised gradient."),
+                               tooltip="Move per iteration: the latent shifts by step_size·σ (RMS over the cells "
+                               "that may change: under a keep region, its edit region) along the normalised "
+                               "gradient; kept cells do not move."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Refinement starts here." + WINDOW_TIP),
                 io.Float.Input("end_percent", default=0.5, min=0.0, max=1.0, step=0.01,

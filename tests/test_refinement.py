@@ -88,6 +88,56 @@ def test_smoothing_keeps_mass_roughly_and_refinement_step_is_normalised():
     assert torch.equal(moved[1], x[1])
 
 
+# float32: the RMS comes from sums of a few hundred squares (pairwise summation, relative error ~ log2(n)·2⁻²⁴
+# ≈ 1e-6), a division and a square root; 1e-5 leaves a margin and still fails the old whole-latent normalisation
+# (off by 1/sqrt(edit fraction)) by orders of magnitude.
+RMS_TOLERANCE = 1e-5
+
+
+def masked_rms(move: torch.Tensor, mask: torch.Tensor) -> float:
+    """``sqrt(Σ move² / Σ m)``, the mask expanded to the move's shape (a binary mask: the RMS over its cells)."""
+    m = mask.expand_as(move)
+    return float((move.pow(2).sum() / m.sum()).sqrt())
+
+
+@pytest.mark.parametrize("rows", [20, 5, 2])  # edit fractions 100 %, 25 %, 10 % of a 20×20 latent
+def test_refinement_step_moves_the_editable_cells_by_step_sigma(rows):
+    g = torch.randn(1, 4, 20, 20, generator=torch.Generator().manual_seed(rows))
+    x = torch.randn(1, 4, 20, 20, generator=torch.Generator().manual_seed(100 + rows))
+    mask = torch.zeros(1, 1, 20, 20)
+    mask[..., :rows, :] = 1
+    moved = refinement_step(x, g, 2.0, 0.5, mask)  # step·σ = 1
+    edit = mask.expand_as(x).bool()
+    assert masked_rms((moved - x)[edit], torch.ones(())) == pytest.approx(1.0, rel=RMS_TOLERANCE)
+    assert torch.equal(moved[~edit], x[~edit])  # kept cells: the move is masked to exactly 0
+    if rows == 20:  # a full mask is no mask
+        assert torch.equal(moved, refinement_step(x, g, 2.0, 0.5))
+
+
+def test_refinement_step_under_soft_batched_and_one_channel_masks():
+    gen = torch.Generator().manual_seed(7)
+    x, g = torch.randn(3, 4, 8, 6, generator=gen), torch.randn(3, 4, 8, 6, generator=gen)
+    # per item: a feathered mask (0, ramp, 1), a binary quarter, and all zero; one channel broadcast over four
+    mask = torch.zeros(3, 1, 8, 6)
+    mask[0, 0, :, 2:] = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    mask[1, 0, :4, :3] = 1
+    moved = refinement_step(x, g, 0.4, 0.25, mask)  # step·σ = 0.1
+    move = moved - x
+    for i in (0, 1):  # each item normalised over its own mask
+        assert masked_rms(move[i], mask[i]) == pytest.approx(0.1, rel=RMS_TOLERANCE), i
+    kept = (mask == 0).expand_as(x)
+    assert torch.equal(moved[kept], x[kept]) and torch.equal(moved[2], x[2])  # a zero mask leaves the item alone
+    # a feathered cell moves in proportion to mask × gradient, downhill (least-squares factor of the move on m·g)
+    mg = mask[0] * g[0]
+    c = float((move[0] * mg).sum() / mg.pow(2).sum())
+    assert c < 0 and torch.allclose(move[0], c * mg, rtol=0, atol=1e-6)  # float32 rounding of moves ~0.1
+    # the same mask given per channel (ComfyUI's denoise_mask is [B, C, h, w]) is the same rule
+    assert torch.equal(moved, refinement_step(x, g, 0.4, 0.25, mask.expand(3, 4, 8, 6)))
+    # a zero gradient under a non-zero mask leaves the item unchanged too
+    g[1] = 0
+    assert torch.equal(refinement_step(x, g, 0.4, 0.25, mask)[1], x[1])
+
+
 def test_thresholds_parse_and_reject_bad_pairs():
     assert parse_thresholds(" 0.2:0.5, 0:0.95;0.4:0.2") == ((0.0, 0.95), (0.2, 0.5), (0.4, 0.2))
     assert parse_thresholds("") == ()
@@ -282,3 +332,36 @@ def test_refinement_probe_passes_leave_capture_and_trace_alone(comfy, tiny_model
     assert len(records["refined"].trace) == len(records["euler"].trace)
     for st in steps["refined"].values():
         assert all(m.grad_fn is None and not m.requires_grad for m in st.maps.values())
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_step_size_is_the_rms_move_over_the_keep_regions_editable_cells(comfy, tiny_model, chest128, iterations):
+    """Through the real keep-region path (Edit / Keep Regions → Apply Keep Region → SamplerCustom): each refined
+    step moves the cells ComfyUI's denoise mask lets move by step·σ RMS (the mask's weighted RMS, module docstring
+    of attention/refinement.py), and the kept cells not at all."""
+    from comfy.utils import reshape_mask
+
+    c = chest128
+    edit = run(comfy.node("CXREditKeepRegions"), organ_masks=c.masks, edit_organs="left_lung", margin_px=2,
+               feather_px=1.0, protect="heart")[0]
+    latent = run(comfy.node("CXRApplyKeepRegion"), latent=c.latent, edit_region=edit)[0]
+    mask = reshape_mask(latent["noise_mask"], latent["samples"].shape)  # the sampler's denoise_mask (prepare_mask)
+    fraction = float(mask.mean())  # 0.21 (0.30 of the cells have m > 0: the feather)
+    assert 0.15 < fraction < 0.35, fraction
+    sampler = refiner(comfy, c, iterations=iterations)
+    steps = record_of(sampler, sample(comfy, tiny_model.model, c, sampler, latent=latent)).refine
+    assert len(steps) >= 2
+    kept = (mask == 0).expand_as(latent["samples"])
+    ratios = []
+    for st in steps:
+        assert st.iterations == iterations
+        move = st.latent_after - st.latent_before
+        assert torch.equal(st.latent_after[kept], st.latent_before[kept])
+        rms, step = masked_rms(move, mask), STEP_SIZE * st.sigma
+        ratios.append(round(rms / step, 6))
+        if iterations == 1:
+            assert rms == pytest.approx(step, rel=RMS_TOLERANCE), (st.step, rms, step)
+        else:  # k moves of step·σ each sum to at most k·step·σ (triangle inequality in that weighted norm); here
+            # they mostly agree (measured 2.7–3.0 × step·σ), so more than one step's move shows all k were taken
+            assert step < rms <= iterations * step * (1 + RMS_TOLERANCE), (st.step, rms, step)
+    print(f"edit fraction {fraction:.3f}, {iterations} iteration(s): RMS move / (step·σ) per step", ratios)
