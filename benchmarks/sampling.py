@@ -173,16 +173,21 @@ REFINE = dict(target_organs="left_lung", iterations=1, step_size=0.1, start_perc
 
 
 def bench_refined(nodes, label, px, model, masks, tokens, latent, positive, negative, steps, repeats,
-                  grid_factor: str) -> None:
-    """``case=refined-gN``: time and peak-RSS ratio of the refinement sampler vs SamplerCustom + euler."""
+                  grid_factor: str, sampler_name: str = "euler", control: str = "") -> None:
+    """``case=refined-gN``: time and peak-RSS ratio of the refinement sampler vs SamplerCustom + the same stock
+    sampler (``sampler_name``; other than euler the cases are ``refined-<name>-gN`` vs ``stock-<name>``, time only;
+    ``control`` names the conditioning's ControlNet in the label)."""
     import torch
 
     with torch.inference_mode():
         sigmas = node(nodes, "BasicScheduler")().get_sigmas(model, "normal", steps, 1.0)[0]
+    stock = node(nodes, "KSamplerSelect")().get_sampler(sampler_name)[0]
+    name = "" if sampler_name == "euler" else f"{sampler_name}-"
+    refined_case, stock_case = f"refined-{name}g{grid_factor}", f"stock-{sampler_name}"
     samplers = {
-        "stock-euler": node(nodes, "KSamplerSelect")().get_sampler("euler")[0],
-        f"refined-g{grid_factor}": run_v3(nodes, "CXRRefinementSampler", tokens=tokens, organ_masks=masks,
-                                          grid_factor=grid_factor, **REFINE)[0],
+        stock_case: stock,
+        refined_case: run_v3(nodes, "CXRRefinementSampler", tokens=tokens, organ_masks=masks, grid_factor=grid_factor,
+                             sampler=None if sampler_name == "euler" else stock, **REFINE)[0],
     }
 
     def sample(sampler):
@@ -200,20 +205,23 @@ def bench_refined(nodes, label, px, model, masks, tokens, latent, positive, nega
                 sample(s)
                 times[case].append(time.perf_counter() - t)
             mems[case].append(rss.growth_mb)
-    stock_t = statistics.median(times["stock-euler"])
-    refined = samplers[f"refined-g{grid_factor}"].sampler_function.store.latest()
+    stock_t = statistics.median(times[stock_case])
+    refined = samplers[refined_case].sampler_function.store.latest()
     copied = refined.weights_copied_mb
     gain = [f"{st.before:.3f}->{st.after:.3f}" for st in refined.refine or []]
     # Peak memory from fresh processes: in this one, memory freed by earlier runs stays resident (glibc keeps
     # freed chunks below its mmap threshold), which hides the weight copies in any later run's RSS growth.
-    peaks = {case: peak_in_fresh_process(label, px, steps, case) for case in samplers}
+    peaks = ({case: peak_in_fresh_process(label, px, steps, case) for case in samplers}
+             if sampler_name == "euler" and not control else {})
+    model_label = f"{label}+{control}" if control else label
     for case in samplers:
         ratio = statistics.median(times[case]) / stock_t
-        extra = peaks[case] - peaks["stock-euler"]
-        tail = (f" extra_mem_mb={extra:.0f} extra_mem_pct={100 * extra / peaks['stock-euler']:.1f} "
-                f"weights_copied_mb={copied:.0f} energies={','.join(gain)}" if case != "stock-euler"
-                else f" peak_mem_mb={peaks[case]:.0f}")
-        print(f"case={case} model={label} px={px} steps={steps} ratio_vs_stock={ratio:.3f} "
+        tail = f" weights_copied_mb={copied:.0f} energies={','.join(gain)}" if case == refined_case else ""
+        if peaks:
+            extra = peaks[case] - peaks[stock_case]
+            tail = (f" extra_mem_mb={extra:.0f} extra_mem_pct={100 * extra / peaks[stock_case]:.1f}{tail}"
+                    if case == refined_case else f" peak_mem_mb={peaks[case]:.0f}")
+        print(f"case={case} model={model_label} px={px} steps={steps} ratio_vs_stock={ratio:.3f} "
               f"median_s={statistics.median(times[case]):.2f}{tail}", flush=True)
 
 
@@ -277,6 +285,9 @@ def main() -> None:
         if not args.refined_only:
             bench(nodes, "tiny", px, cases(nodes, model, masks, tokens), latent, pos, neg, args.steps, args.repeats)
         bench_refined(nodes, "tiny", px, model, masks, tokens, latent, pos, neg, args.steps, args.repeats, "2")
+        for name in ("dpmpp_2m", "dpmpp_2m_sde"):  # a multistep and an SDE sampler (the refined step restarts both)
+            bench_refined(nodes, "tiny", px, model, masks, tokens, latent, pos, neg, args.steps, args.repeats, "2",
+                          name)
     if not args.quick:
         model, masks, latent, pos, neg, tokens = prepare(nodes, ckpt, 256)
         full = random_unet_model()

@@ -191,6 +191,8 @@ CASES: list[Case] = [
          Error(REFINE, "step_size", "between 0 and 5")),
     Case("refine_thresholds_garbage", "CXRRefinementSampler", partial(refine, thresholds="0.2:most"),
          Error(REFINE, "thresholds", "0:0.95")),
+    Case("refine_unsupported_sampler", "CXRRefinementSampler", partial(refine, sampler="dpm_adaptive"),
+         Error(REFINE, "sampler", "KSamplerSelect")),
     Case("morph_size_nan", "CXRMorphOrgans", partial(morph, size_px=NAN), Error(MORPH, "size_px", "between 0 and 512")),
     Case("morph_erode_at_max", "CXRMorphOrgans", partial(morph, size_px=512.0), Works((1, 4, 8, 7))),
     Case("edit_margin_at_max", "CXREditKeepRegions", partial(regions, margin_px=512, feather_px=0.0, protect=""),

@@ -119,6 +119,8 @@ def refine(g: Graph, size: tuple[int, int] | None = None, **overrides) -> None:
     else:
         image, masks = g.image(f"bi_cxr_{size[0]}x{size[1]}.png"), g.file_masks(size)
     positive = g.encode()
+    if "sampler" in overrides:  # the sampler to refine, by name (KSamplerSelect)
+        overrides["sampler"] = [g.add("KSamplerSelect", sampler_name=overrides["sampler"]), 0]
     sampler = g.refiner([positive[0], 1], masks, **overrides)
     g.save_latent(g.refine_sample(positive, g.negative(), g.latent(image), sampler))
 

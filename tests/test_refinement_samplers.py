@@ -57,9 +57,11 @@ def refiner(comfy, c, name: str | None, **overrides):
 
 
 def sample(comfy, model, c, sampler, sigmas, latent=None) -> torch.Tensor:
+    # A copy per run: ComfyUI's uni_pc writes 0.001 over the last sigma of the SIGMAS it is given (in place), and
+    # the refinement sampler hands the user's sampler the same tensor (its stock path is exactly the stock call).
     with torch.inference_mode():
-        return comfy.node("SamplerCustom")().sample(model, True, SEED, CFG, c.positive, c.negative, sampler, sigmas,
-                                                   latent or c.latent)[0]["samples"]
+        return comfy.node("SamplerCustom")().sample(model, True, SEED, CFG, c.positive, c.negative, sampler,
+                                                   sigmas.clone(), latent or c.latent)[0]["samples"]
 
 
 def refine_record(sampler):
