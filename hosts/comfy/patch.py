@@ -39,6 +39,7 @@ from ...attention.layer_call import (
 )
 from ...attention.run_state import ResultStore, RunState, latent_fingerprint
 from ...attention.stages import CaptureStage, GateStage, Key, Stage
+from .control_checks import check_controls
 from .unet_layout import transformer_keys
 
 logger = logging.getLogger("cxr_counterfactual")
@@ -278,6 +279,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         if "positive" in conds:  # CFGGuider and ours; other guiders fall back to cond_or_uncond
             state.positive = frozenset(c["uuid"] for c in conds["positive"] if "uuid" in c)
     try:
+        if state is not None:  # a control that cannot act on this model: refused before the first model call
+            latent = args[1] if len(args) > 1 else kwargs.get("latent_image")
+            check_controls(getattr(guider, "conds", None) or {}, tuple(getattr(latent, "shape", ())),
+                           guider.model_patcher.model.diffusion_model)
         out = executor(*args, **kwargs)
         if state is not None:
             _check_ownership(state, to)
