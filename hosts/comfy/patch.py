@@ -39,6 +39,7 @@ from ...attention.layer_call import (
 )
 from ...attention.run_state import ResultStore, RunState, latent_fingerprint
 from ...attention.stages import CaptureStage, GateStage, Key, Stage
+from .control_checks import check_controls
 from .unet_layout import transformer_keys
 
 logger = logging.getLogger("cxr_counterfactual")
@@ -266,8 +267,13 @@ class CXRReplace:
 # --------------------------------------------------------------------------------------------------
 # wrappers: fresh state per run, and composition resolved at sampling time
 def outer_sample_wrapper(executor, *args, **kwargs):
-    """Give every run a fresh per-run state (so queued runs never share step state)."""
+    """Give every run a fresh per-run state (so queued runs never share step state); refuse controls that cannot work
+    with our stages (:func:`.control_checks.check_controls`) before anything is sampled."""
     guider = executor.class_obj
+    latent_image = args[1] if len(args) > 1 else kwargs.get("latent_image")
+    if latent_image is not None:
+        check_controls(getattr(guider, "conds", None), latent_image.shape,
+                       guider.model_patcher.get_model_object("diffusion_model"))
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     to = guider.model_options["transformer_options"]
