@@ -6,6 +6,8 @@
 - ``tiny_sd2_checkpoint`` / ``tiny_sdxl_checkpoint``: the SD2.x v-prediction and SDXL-family (Segmind Vega)
   checkpoints of ``testing/tiny_models.py``, built once per test run on first use (≈ 8 s / 13 s, 0.6 / 1.0 GB);
   :func:`load_checkpoint` loads one through ``CheckpointLoaderSimple``.
+- ``tiny_controlnet``: a random-weight ControlNet for the tiny checkpoint (``testing/tiny_controlnet.py``), built
+  once per run beside it in a folder registered as ComfyUI's ``controlnet``; the fixture is its file name.
 - ``comfy_server``: one real headless ComfyUI for the whole session, with this pack and the tiny
   checkpoint linked into its private base directory; stopped at the end of the session.
 """
@@ -24,6 +26,7 @@ import pytest
 from conftest import need
 from cxr_counterfactual.demo.tiny_checkpoint import ensure_tiny_checkpoint
 from cxr_counterfactual.hosts.comfy.standalone import prepare_comfy_import
+from cxr_counterfactual.testing.tiny_controlnet import ensure_tiny_controlnet
 from cxr_counterfactual.testing.tiny_models import ensure_tiny_model_checkpoint
 
 if TYPE_CHECKING:
@@ -40,6 +43,17 @@ def tiny_checkpoint(comfyui_path: Path, tmp_path_factory: pytest.TempPathFactory
     need(importlib.util.find_spec("safetensors") is not None, "safetensors is not installed")
     prepare_comfy_import(comfyui_path)
     return ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(comfy, tiny_checkpoint: Path) -> str:
+    """File name of the tiny ControlNet (``tiny-sd15-controlnet-v*.safetensors``, built once per run), in a folder
+    registered as ComfyUI's 'controlnet' (as extra_model_paths.yaml would): what ``ControlNetLoader`` takes."""
+    import folder_paths
+
+    path = ensure_tiny_controlnet(tiny_checkpoint.parent)
+    folder_paths.add_model_folder_path("controlnet", str(path.parent))
+    return path.name
 
 
 @pytest.fixture(scope="session")

@@ -171,11 +171,6 @@ def test_boost_raises_the_captured_share_with_the_adapter(comfy, t2i):
         assert shares["boosted"][s] > stock + 0.01, (s, stock, shares["boosted"][s])
 
 
-@pytest.mark.xfail(strict=True, raises=CXRInputError, reason=(
-    "the adapter computes its features on its first get_control, which at step 0 is inside the refinement's "
-    "gradient pass: its weights are inference-mode Parameters (requires_grad), so the conv saves the inference-mode "
-    "hint for backward and fails. Fix in hosts/comfy/refinement_energy.py: give the gradient pass every control "
-    "without a control_model (T2I-Adapters) as a no-grad constant, as it does ControlNets in 'constant' mode."))
 def test_refinement_lowers_the_independently_measured_energy_with_the_adapter(comfy, t2i):
     c, model = t2i.c, t2i.model
     inputs = dict(tokens=c.tokens, organ_masks=c.masks, iterations=ITERATIONS, step_size=STEP_SIZE,

@@ -267,8 +267,13 @@ class CXRReplace:
 # --------------------------------------------------------------------------------------------------
 # wrappers: fresh state per run, and composition resolved at sampling time
 def outer_sample_wrapper(executor, *args, **kwargs):
-    """Give every run a fresh per-run state (so queued runs never share step state)."""
+    """Give every run a fresh per-run state (so queued runs never share step state); refuse controls that cannot work
+    with our stages (:func:`.control_checks.check_controls`) before anything is sampled."""
     guider = executor.class_obj
+    latent_image = args[1] if len(args) > 1 else kwargs.get("latent_image")
+    if latent_image is not None:
+        check_controls(getattr(guider, "conds", None), latent_image.shape,
+                       guider.model_patcher.get_model_object("diffusion_model"))
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     to = guider.model_options["transformer_options"]
@@ -279,10 +284,6 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         if "positive" in conds:  # CFGGuider and ours; other guiders fall back to cond_or_uncond
             state.positive = frozenset(c["uuid"] for c in conds["positive"] if "uuid" in c)
     try:
-        if state is not None:  # a control that cannot act on this model: refused before the first model call
-            latent = args[1] if len(args) > 1 else kwargs.get("latent_image")
-            check_controls(getattr(guider, "conds", None) or {}, tuple(getattr(latent, "shape", ())),
-                           guider.model_patcher.model.diffusion_model)
         out = executor(*args, **kwargs)
         if state is not None:
             _check_ownership(state, to)

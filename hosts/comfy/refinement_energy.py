@@ -7,6 +7,14 @@ grid and no further: our own capture replaces sit on those layers (wrapping what
 another pack's) and raise ``_Stop`` after the last one. ComfyUI runs nodes under ``torch.inference_mode()``, and
 its loaded weights are inference tensors autograd cannot save, so ``torch.func.functional_call`` substitutes clones
 of only the weights on that path (:func:`path_parameters`).
+
+ControlNet: ComfyUI runs a ControlNet (``cond["control"]``, and its ``previous_controlnet`` chain) on the same latent
+before the UNet, so under grad its inference-tensor weights would be saved for backward and the pass would fail. Its
+residuals enter an SD UNet only after the middle block and in the decoder's skip connections (``apply_control(...,
+"middle" / "output")``), never in the encoder or the middle block's attention, which is all the energy reads. So
+:func:`energy_function` by default computes them as constants (``control="constant"``: at the detached latent, no
+grad), which gives the same gradient without a graph through the ControlNet; ``control="differentiate"`` runs it on
+clones of its weights (:func:`control_parameters`), kept to measure that claim (benchmarks/controlnet_gradient.py).
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from .patch import HOLDER_KEY, CXRReplace
 from .unet_layout import grid_factor_keys
 
 TITLE = "CXR Refinement Sampler"
+
+#: How the gradient pass treats a ControlNet's residuals (see the module docstring).
+CONTROL_MODES = ("constant", "differentiate")
 
 
 class _Stop(Exception):
@@ -68,12 +79,49 @@ def path_parameters(dm, keys: list[Key]) -> dict[str, torch.Tensor]:
         return {f"dm.{n}": p.detach().clone() for n, p in dm.named_parameters() if n.startswith(prefixes)}
 
 
-class _Runner(torch.nn.Module):
-    """Holds the UNet so functional_call can substitute its path weights while ``fn`` runs."""
+def control_models(conds: list[dict] | None) -> list[torch.nn.Module]:
+    """The networks of every ControlNet in ``conds``' control chains (``cond["control"]`` and its
+    ``previous_controlnet``s), each once, in chain order. T2I-Adapters have none: their residuals depend on the hint
+    only."""
+    nets: list[torch.nn.Module] = []
+    for cond in conds or ():
+        control = cond.get("control")
+        while control is not None:
+            net = getattr(control, "control_model", None)
+            if isinstance(net, torch.nn.Module) and all(net is not n for n in nets):
+                nets.append(net)
+            control = getattr(control, "previous_controlnet", None)
+    return nets
 
-    def __init__(self, dm: torch.nn.Module) -> None:
+
+def control_parameters(model_k) -> dict[str, torch.Tensor]:
+    """Clones (ordinary tensors, no grad) of the weights of every ControlNet on the positive prompt of the sampler's
+    model ``model_k``, named as :func:`energy_function` substitutes them with ``control="differentiate"``. Like
+    :func:`path_parameters`: made when the refinement window starts, dropped when it ends."""
+    nets = control_models(model_k.inner_model.conds.get("positive"))
+    with torch.inference_mode(False):
+        return {f"controls.{i}.{n}": p.detach().clone() for i, net in enumerate(nets)
+                for n, p in net.named_parameters()}
+
+
+class _ConstantControl:
+    """A ControlNet seen by the gradient pass: its residuals computed at the detached latent without grad."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+        with torch.no_grad():
+            return self.inner.get_control(x_noisy.detach(), t, cond, batched_number, transformer_options)
+
+
+class _Runner(torch.nn.Module):
+    """Holds the UNet (and the ControlNets) so functional_call can substitute weight clones while ``fn`` runs."""
+
+    def __init__(self, dm: torch.nn.Module, controls: list[torch.nn.Module]) -> None:
         super().__init__()
         self.dm = dm  # registered as a submodule: its parameter names get the prefix "dm."
+        self.controls = torch.nn.ModuleList(controls)  # "controls.<i>.", as control_parameters names them
 
     def forward(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return fn()
@@ -102,11 +150,24 @@ class _Capture:
 
 
 
-def energy_function(ref: Refinement, model_k, sigma: torch.Tensor, extra_args: dict, params: dict | None) -> Energy:
+def energy_function(ref: Refinement, model_k, sigma: torch.Tensor, extra_args: dict, params: dict | None,
+                    control: str = "constant") -> Energy:
     """The energy at ``sigma`` of the sampler's model ``model_k`` (the sampler function's model): the positive
     prompt's pathology maps at the energy layers of refinement ``ref``, read through the path weight clones
-    ``params`` when the latent requires grad."""
+    ``params`` when the latent requires grad. ``control`` (:data:`CONTROL_MODES`): a ControlNet's residuals as
+    constants, or differentiated through the clones of its weights, which ``params`` must then hold too
+    (:func:`control_parameters`)."""
+    if control not in CONTROL_MODES:
+        raise ValueError(f"control must be one of {CONTROL_MODES}, not {control!r}")
     guider = model_k.inner_model
+    positive = guider.conds.get("positive")
+    nets = control_models(positive)
+    # T2I-Adapters' residuals come from the hint alone (no latent, nothing to differentiate), but they are computed
+    # at their first call, which may be this pass: under grad their inference-tensor weights would be saved for
+    # backward. So they are constants in either mode; ControlNets too unless differentiated.
+    positive = [{**c, "control": _ConstantControl(c["control"])}
+                if c.get("control") is not None and (control == "constant" or not control_models([c])) else c
+                for c in positive or ()]
     base, dm = guider.inner_model, guider.inner_model.diffusion_model
     opts = comfy.model_patcher.create_model_options_clone(extra_args.get("model_options", {}))
     to = opts.setdefault("transformer_options", {})
@@ -136,9 +197,9 @@ def energy_function(ref: Refinement, model_k, sigma: torch.Tensor, extra_args: d
             xin = x * mask + src * (1 - mask)
 
         def run():
-            return comfy.samplers.calc_cond_batch(base, [guider.conds.get("positive")], xin, s, call_opts)
+            return comfy.samplers.calc_cond_batch(base, [positive], xin, s, call_opts)
         try:
-            torch.func.functional_call(_Runner(dm), (params if x.requires_grad else None) or {}, (run,),
+            torch.func.functional_call(_Runner(dm, nets), (params if x.requires_grad else None) or {}, (run,),
                                        strict=False)
         except _Stop:
             pass

@@ -26,6 +26,7 @@ from ...attention.refinement import Refinement, RefineWindow, refine_step, refin
 from ...attention.run_record import RunRecord
 from ...attention.run_state import ResultStore, latent_fingerprint
 from ...errors import CXRInputError
+from .control_checks import check_controls
 from .patch import HOLDER_KEY
 from .refinement_energy import TITLE, energy_function, energy_keys, energy_layers, path_parameters
 from .sampler_methods import METHODS, SamplerMethod, plan, run_noise_sampler, run_segment
@@ -53,6 +54,7 @@ class RefinementSampler:
         # Settings that cannot work are refused here, before the first model call of this run: the grid (the
         # node checks it too when its model input is connected) and a window that holds none of the steps.
         energy_keys(base.diffusion_model, ref.grid_factor)
+        check_controls(model.inner_model.conds, x.shape, base.diffusion_model)  # ControlNet hint, T2I-Adapter fit
         if window.steps:  # and a target that covers no cell of the energy grid
             latent = (int(x.shape[-2]), int(x.shape[-1]))
             ref.cells(energy_layers(base.diffusion_model, latent, ref.grid_factor)[1], latent, TITLE)
