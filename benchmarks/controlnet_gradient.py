@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from sampling import REFINE, gated, load_host, node, prepare, run_v3
+from sampling import REFINE, gated, load_host, node, prepare, radiograph, run_v3
 
 MODES = ("constant", "differentiate")
 GRID = "2"
@@ -125,18 +125,6 @@ def measure(px: int, repeats: int, fresh_mode: str | None = None) -> dict:
         node(nodes, "SamplerCustom")().sample(model, True, 7, 5.0, positive, negative,
                                              comfy.samplers.KSAMPLER(bench), sigmas, latent)
     return out
-
-
-def radiograph():
-    """The CheXmask example radiograph (the hint, fitted as the latent's image by CXR Fit Radiograph)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from cxr_counterfactual.testing.data import test_data_dir
-
-    path = test_data_dir() / "cxr" / "chexmask-example" / "utils_example1.jpg"
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 def main() -> None:

@@ -90,10 +90,18 @@ def run_v3(nodes, name, **inputs):
     return node(nodes, name).PREPARE_CLASS_CLONE({}).execute(**inputs).result
 
 
-def prepare(nodes, ckpt, px: int):
+def radiograph():
+    """The CheXmask example radiograph (IMAGE ``[1, H, W, 3]``)."""
     import numpy as np
     import torch
     from PIL import Image
+
+    path = test_data_dir() / "cxr" / "chexmask-example" / "utils_example1.jpg"
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def prepare(nodes, ckpt, px: int):
+    import torch
 
     from cxr_counterfactual.attention.organs import OrganMasks
     from cxr_counterfactual.imaging.mask_files import read_mask_image
@@ -101,8 +109,7 @@ def prepare(nodes, ckpt, px: int):
     folder = test_data_dir() / "cxr" / "chexmask-example"
     with torch.inference_mode():
         model, clip, vae = node(nodes, "CheckpointLoaderSimple")().load_checkpoint(ckpt.name)[:3]
-        image = torch.from_numpy(np.asarray(Image.open(folder / "utils_example1.jpg").convert("RGB"),
-                                            dtype=np.float32) / 255.0)[None]
+        image = radiograph()
         masks = OrganMasks.from_dict({n: read_mask_image(folder / f) for n, f in
                                       (("right_lung", "RL_mask.png"), ("left_lung", "LL_mask.png"),
                                        ("heart", "H_mask.png"))})
@@ -112,6 +119,20 @@ def prepare(nodes, ckpt, px: int):
                                   pathology="effusion")
         negative = node(nodes, "CLIPTextEncode")().encode(clip, "")[0]
     return model, fitted_masks, latent, positive, negative, tokens
+
+
+def with_controlnet(nodes, ckpt, px: int, positive, negative):
+    """Both prompts with the tiny random-weight ControlNet (testing/tiny_controlnet.py) applied by Apply ControlNet,
+    the fitted radiograph as its hint."""
+    import comfy.controlnet
+    import torch
+
+    from cxr_counterfactual.testing.tiny_controlnet import ensure_tiny_controlnet
+
+    with torch.inference_mode():
+        image = run_v3(nodes, "CXRFitToModel", image=radiograph(), max_side=px, organ_masks=None, geometry=None)[0]
+        net = comfy.controlnet.load_controlnet(str(ensure_tiny_controlnet(ckpt.parent)))
+        return node(nodes, "ControlNetApplyAdvanced")().apply_controlnet(positive, negative, net, image, 1.0, 0.0, 1.0)
 
 
 def gated(nodes, model, masks, tokens):
@@ -288,6 +309,9 @@ def main() -> None:
         for name in ("dpmpp_2m", "dpmpp_2m_sde"):  # a multistep and an SDE sampler (the refined step restarts both)
             bench_refined(nodes, "tiny", px, model, masks, tokens, latent, pos, neg, args.steps, args.repeats, "2",
                           name)
+        cpos, cneg = with_controlnet(nodes, ckpt, px, pos, neg)
+        bench_refined(nodes, "tiny", px, model, masks, tokens, latent, cpos, cneg, args.steps, args.repeats, "2",
+                      control="controlnet")
     if not args.quick:
         model, masks, latent, pos, neg, tokens = prepare(nodes, ckpt, 256)
         full = random_unet_model()

@@ -132,7 +132,7 @@ def test_each_sampler_lowers_the_measured_energy_once_per_step_and_keeps_the_kep
     assert torch.equal(pasted[keep], src[keep])
 
 
-@pytest.mark.parametrize("name", ("heun", "dpmpp_2m_sde", "uni_pc"))
+@pytest.mark.parametrize("name", NAMED)
 def test_gate_and_boost_act_at_every_step_of_their_windows_under_refinement(comfy, tiny_model, chest, sigmas,
                                                                             name):
     """The trace of a gated model sampled by the refined sampler: every attention call is gated inside the gate's
