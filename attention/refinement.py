@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CXRInputError
-from .organs import OrganMasks
+from .organs import AnyOrganMasks, check_mask_count, mask_sets
 from .regions import coverage
 from .run_record import RefineStep
 from .stages import Grid
@@ -103,7 +103,8 @@ def concentration_energy(maps: torch.Tensor, inside: torch.Tensor, *, smoothing:
 
     Args:
         maps: ``[B, h, w]`` non-negative pathology attention maps.
-        inside: ``[h, w]`` (or ``[h·w]``) bool, the target's cells at this grid.
+        inside: bool, the target's cells at this grid: ``[h, w]`` (or ``[h·w]``) for one target every map shares,
+            or ``[B, h, w]`` (or ``[B, h·w]``) for each map's own target (a batch of radiographs).
         smoothing: Gaussian σ in cells (0 = none).
         extent_weight: λ, weight of the extent term (0 = concentration only).
         extent_threshold: τ, the level (of the map normalised to its max) that counts as "covered".
@@ -113,8 +114,9 @@ def concentration_energy(maps: torch.Tensor, inside: torch.Tensor, *, smoothing:
         ``[B]`` energies.
     """
     b, h, w = maps.shape
-    inside = inside.reshape(h, w).to(maps.device)
-    require_cells(inside, (h, w))
+    inside = inside.reshape(-1, h, w).to(maps.device)  # [1 or B, h, w]: one target per map, or one for all
+    for one in inside:
+        require_cells(one, (h, w))
     a = smooth_maps(maps.float(), smoothing).clamp_min(0)
     total = a.sum(dim=(1, 2)).clamp_min(1e-12)
     conc = 1 - (a * inside).sum(dim=(1, 2)) / total
@@ -122,7 +124,7 @@ def concentration_energy(maps: torch.Tensor, inside: torch.Tensor, *, smoothing:
         return conc.clamp(0, 1)
     norm = a / a.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
     area = torch.sigmoid((norm - extent_threshold) / extent_sharpness).mean(dim=(1, 2))
-    ext = (area - inside.float().mean()).abs()
+    ext = (area - inside.float().mean(dim=(1, 2))).abs()
     return ((1 - extent_weight) * conc + extent_weight * ext).clamp(0, 1)
 
 
@@ -200,11 +202,11 @@ def require_cells(inside: torch.Tensor, grid: Grid, node: str = "") -> None:
 @dataclass(frozen=True)
 class Refinement:
     """What a refinement reads (as the CXR Refinement Sampler node sets it): the settings, the one-region
-    ``target``, the pathology words' ``positions`` in a prompt of ``cond_len`` tokens, and the energy grid
-    ``latent / grid_factor``."""
+    ``target`` (one set every image shares, or one per image of a batch), the pathology words' ``positions`` in a
+    prompt of ``cond_len`` tokens, and the energy grid ``latent / grid_factor``."""
 
     config: RefineConfig
-    target: OrganMasks
+    target: AnyOrganMasks
     positions: Mapping[str, tuple[int, ...]]
     cond_len: int = 77
     grid_factor: int = 4
@@ -215,23 +217,39 @@ class Refinement:
         return token_columns(itertools.chain.from_iterable(self.positions.values()), self.cond_len, context_len)
 
     def cells(self, grid: Grid, latent: Grid, node: str = "") -> torch.Tensor:
-        """``[h·w]`` bool: the energy grid's cells inside the target (cached per grid and latent).
+        """``[S, h·w]`` bool: the energy grid's cells inside the target of each of its ``S`` mask sets (1 when
+        every image shares one), cached per grid and latent.
 
         Raises:
-            CXRInputError: the target covers no cell (:func:`require_cells`).
+            CXRInputError: a set's target covers no cell (:func:`require_cells`; for a batch the message says
+                which image).
         """
         key = (grid, latent)
         if key not in self._cells:
-            # a plain tensor even when first asked under inference mode: the energy's autograd pass saves it
-            with torch.inference_mode(False):
-                cells = coverage(self.target, self.target.names, grid[0], grid[1], latent=latent).clone()
-            require_cells(cells, grid, node)
-            self._cells[key] = cells
+            sets = mask_sets(self.target)
+            rows = []
+            for i, target in enumerate(sets):
+                # a plain tensor even when first asked under inference mode: the energy's autograd pass saves it
+                with torch.inference_mode(False):
+                    cells = coverage(target, target.names, grid[0], grid[1], latent=latent).clone()
+                try:
+                    require_cells(cells, grid, node)
+                except CXRInputError as err:
+                    if len(sets) > 1:
+                        err = CXRInputError(f"image {i + 1} of the batch: {err.problem}", node=err.node,
+                                            input_name=err.input_name, fix=err.fix)
+                    raise err from None
+                rows.append(cells)
+            self._cells[key] = torch.stack(rows)
         return self._cells[key]
+
+    def check_batch(self, images: int, node: str = "") -> None:
+        """Refuse a batch whose target holds another number of mask sets than it has images."""
+        check_mask_count(self.target, images, node=node)
 
     def energy(self, maps: Sequence[torch.Tensor], batch: int, latent: Grid, node: str = "") -> torch.Tensor:
         """``[batch]`` energies of the energy layers' pathology maps (``[k·batch, h, w]`` each, for ``k`` chunks of
-        the prompt), averaged over the layers and the chunks.
+        the prompt), averaged over the layers and the chunks; each image's map against its own target.
 
         Raises:
             RuntimeError: no map (the energy layers did not run).
@@ -242,6 +260,7 @@ class Refinement:
         m = m.reshape(-1, batch, *m.shape[-2:]).mean(0)  # several cond chunks: average them
         c = self.config
         grid = (int(m.shape[-2]), int(m.shape[-1]))
+        self.check_batch(batch, node)
         return concentration_energy(m, self.cells(grid, latent, node).to(m.device),
                                     smoothing=c.smoothing, extent_weight=c.extent_weight,
                                     extent_threshold=c.extent_threshold, extent_sharpness=c.extent_sharpness)
@@ -300,7 +319,8 @@ def refine_step(energy: Energy, x: torch.Tensor, sigma: float, config: RefineCon
                 progress: Callable[[int], None] | None = None, node: str = "",
                 model_input: str = "model") -> tuple[torch.Tensor, RefineStep]:
     """One sampling step's refinement: ``config.iterations`` gradient steps (:func:`refinement_step`) down
-    ``energy``, stopping early once the energy is at or below ``stop``, and the energy after the last step.
+    ``energy``, each image of the batch stopping early once its energy is at or below ``stop``, and the energy
+    after the last step (the record holds the batch's mean).
 
     Args:
         energy: the host's energy (:data:`Energy`).
@@ -324,9 +344,14 @@ def refine_step(energy: Energy, x: torch.Tensor, sigma: float, config: RefineCon
         e, grad = _evaluate(energy, x, True, node, model_input)
         assert grad is not None
         energies.append(float(e.mean()))
-        if stop is not None and energies[-1] <= stop:
+        # Each image stops at its own threshold: an image of a batch stops where it would alone, and moves no
+        # further (a zero gradient leaves its latent bit for bit) while the others go on.
+        moving = None if stop is None else e > stop
+        if moving is not None and not bool(moving.any()):
             current = True
             break
+        if moving is not None and not bool(moving.all()):
+            grad = grad * moving.to(grad.dtype).reshape(-1, *([1] * (grad.dim() - 1)))
         # the step follows the gradient whatever the energy does next: no search, nothing discarded
         x = refinement_step(x, grad, sigma, config.step_size, edit_mask)
         done += 1

@@ -55,6 +55,7 @@ class RefinementSampler:
         # node checks it too when its model input is connected) and a window that holds none of the steps.
         energy_keys(base.diffusion_model, ref.grid_factor)
         check_controls(model.inner_model.conds, x.shape, base.diffusion_model)  # ControlNet hint, T2I-Adapter fit
+        ref.check_batch(int(x.shape[0]), TITLE)  # one target per image of the batch, or one all share
         if window.steps:  # and a target that covers no cell of the energy grid
             latent = (int(x.shape[-2]), int(x.shape[-1]))
             ref.cells(energy_layers(base.diffusion_model, latent, ref.grid_factor)[1], latent, TITLE)

@@ -162,6 +162,8 @@ def img2img(regulation: Regulation, source: torch.Tensor, cond: torch.Tensor, si
     ed = _Editor(regulation, schedule, source, noise.float().to(source.device), cond, uncond, guidance_scale, mask)
     result = EditResult(source, record=regulation.new_run())
     window = None if refine is None else refine_window(refine.config, schedule.percent_to_sigma, values)
+    if refine is not None:
+        refine.check_batch(int(source.shape[0]))  # one target per image of the batch, or one all share
     if refine is not None and window is not None and window.steps:  # refuse a target off the grid before sampling
         refine.cells(energy_layers(regulation.unet, ed.latent_hw, refine.grid_factor)[1], ed.latent_hw)
     x = noised(source, ed.noise, values[0], max_denoise(schedule, values[0]))
