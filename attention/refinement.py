@@ -240,7 +240,8 @@ class Refinement:
                                             input_name=err.input_name, fix=err.fix)
                     raise err from None
                 rows.append(cells)
-            self._cells[key] = torch.stack(rows)
+            with torch.inference_mode(False):  # (see above)
+                self._cells[key] = torch.stack(rows)
         return self._cells[key]
 
     def check_batch(self, images: int, node: str = "") -> None:
