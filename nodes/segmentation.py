@@ -43,9 +43,9 @@ def weight_files() -> list[str]:
 def common_structures(sets: list[OrganMasks]) -> list[OrganMasks]:
     """The mask sets of a batch on one list of structures: a structure found in some images only is added as an
     empty mask to the others (it was searched for and not found there), in the network's order."""
-    names = tuple(n for n in seg.ORGAN_NAMES if any(n in s for s in sets))
-    if all(s.names == names for s in sets):
+    if all(s.names == sets[0].names for s in sets):
         return sets
+    names = tuple(n for n in seg.ORGAN_NAMES if any(n in s for s in sets))
     LOG.info("structures not found in every image of the batch are empty masks where missing")
     return [OrganMasks(names, torch.stack([s.get(n) if n in s else torch.zeros(s.height, s.width) for n in names]))
             for s in sets]

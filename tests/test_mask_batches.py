@@ -111,6 +111,21 @@ def test_fit_to_model_fits_each_images_masks(comfy, batch, images, atlas_batch, 
                            "batch has 2 images.") and "Fix:" in text
 
 
+def test_segmentation_gives_a_batch_one_list_of_structures(atlas_batch):
+    from cxr_counterfactual.imaging.segmentation import ORGAN_NAMES
+    from cxr_counterfactual.nodes.segmentation import common_structures
+
+    # The atlas's sets with their structures in the network's order, as the segmentation gives them.
+    sets = [s.select([n for n in ORGAN_NAMES if n in s]) for s in mask_sets(atlas_batch[0])]
+    assert common_structures(sets) == sets  # the same structures everywhere: the sets unchanged
+    # A structure found in one image only (the heart) becomes an empty mask in the others, in the network's order.
+    lungs = sets[1].select("left_lung, right_lung")
+    padded = common_structures([sets[0], lungs])
+    assert torch.equal(padded[0].data, sets[0].data) and padded[1].names == sets[0].names
+    assert torch.equal(padded[1].get("right_lung"), sets[1].get("right_lung"))
+    assert float(padded[1].get("heart").abs().max()) == 0.0
+
+
 def test_chexmask_refuses_a_batch_for_one_row(comfy, batch):
     with pytest.raises(CXRInputError) as err:
         run(comfy.node("CXRLoadCheXmask"), csv_file="any.csv", image_id="x", image=batch)
