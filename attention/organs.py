@@ -437,3 +437,29 @@ def check_mask_count(masks: AnyOrganMasks, images: int, *, node: str, input_name
             fix="Build the organ masks from the same batch of radiographs (one set per image), or give one set "
                 "that every image shares.",
         )
+
+
+def each_image(items: Sequence, fn) -> list:
+    """``fn`` applied to every image's item of a batch, in order; an error from image ``i`` of a batch of several
+    says which image (a single item is passed straight through: its errors read as before).
+
+    Raises:
+        CXRInputError: ``fn``'s, its problem prefixed with ``image i of n``.
+    """
+    if len(items) == 1:
+        return [fn(items[0])]
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(fn(item))
+        except CXRInputError as err:
+            raise CXRInputError(f"image {i + 1} of {len(items)}: {err.problem}", node=err.node,
+                                input_name=err.input_name, fix=err.fix) from None
+    return out
+
+
+def map_each_image(masks: AnyOrganMasks, fn) -> AnyOrganMasks:
+    """:func:`map_masks` whose errors name the image of the batch (see :func:`each_image`)."""
+    if isinstance(masks, OrganMaskBatch):
+        return OrganMaskBatch(tuple(each_image(masks.samples, fn)))
+    return fn(masks)

@@ -135,7 +135,8 @@ class CXRLoadCheXmask(io.ComfyNode):
                 io.Image.Input(
                     "image", optional=True,
                     tooltip="The radiograph at its original size (e.g. Load Image of the dataset's file). "
-                    "Connected: masks come at its size. Unconnected: masks stay on the row's grid.",
+                    "Connected: masks come at its size. Unconnected: masks stay on the row's grid. One image (this "
+                    "row's); for a batch use one node per image and CXR Batch Organ Masks.",
                 ),
             ],
             outputs=[
@@ -178,6 +179,12 @@ class CXRLoadCheXmask(io.ComfyNode):
         image: torch.Tensor | None = None,
     ) -> io.NodeOutput:
         check_inputs(cls, min_dice=min_dice)
+        if image is not None and image.shape[0] != 1:
+            # One row id names one radiograph: a batch would leave the other images without masks of their own.
+            raise CXRInputError(
+                f"got a batch of {image.shape[0]} images for one CheXmask row.", node=cls.TITLE, input_name="image",
+                fix="Use one Load Organ Masks (CheXmask) per radiograph (each with its image_id) and join their "
+                "organ masks with CXR Batch Organ Masks.")
         problem = cls.validate_inputs(csv_file, image_id, id_column, border_crop)
         if problem is not True:
             raise CXRInputError(str(problem))  # already names node, input and fix

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 from comfy_api.latest import io, ui
 
-from ..attention.organs import OrganMasks
+from ..attention.organs import AnyOrganMasks, check_mask_count, each_image, mask_count, sample_masks
 from ..attention.run_state import find_run
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
@@ -61,10 +61,12 @@ class CXREvaluateEdit(io.ComfyNode):
                 io.Mask.Input("edit_region", tooltip="'edit_region' of Edit / Keep Regions (resampled to the images "
                               "when it has their aspect ratio); keep = the pixels where it is below 0.5."),
                 OrganMasksType.Input("organ_masks", optional=True,
-                                     tooltip="The source's organ masks: change per organ, and the Dice reference."),
+                                     tooltip="The source's organ masks: change per organ, and the Dice reference. "
+                                     "For a batch: one set per image pair, or one set they share."),
                 OrganMasksType.Input("edit_organ_masks", optional=True,
                                      tooltip="Organ masks of the edited image (e.g. the atlas or segmentation node run "
-                                     "on it): Dice per organ against 'organ_masks'."),
+                                     "on it): Dice per organ against 'organ_masks'. For a batch: one set per "
+                                     "edited image, or one set."),
                 io.Model.Input("model", optional=True,
                                tooltip="The model with CXR Capture Attention, for the attention–target IoU."),
                 io.Latent.Input("latent", optional=True, tooltip="The LATENT of the sampler that used 'model'."),
@@ -86,14 +88,18 @@ class CXREvaluateEdit(io.ComfyNode):
 
     @classmethod
     def execute(cls, source: torch.Tensor, edited: torch.Tensor, edit_region: torch.Tensor,
-                attention_threshold: float = 0.5, heat_scale: float = 0.0, organ_masks: OrganMasks | None = None,
-                edit_organ_masks: OrganMasks | None = None, model=None, latent: dict | None = None,
+                attention_threshold: float = 0.5, heat_scale: float = 0.0, organ_masks: AnyOrganMasks | None = None,
+                edit_organ_masks: AnyOrganMasks | None = None, model=None, latent: dict | None = None,
                 tokens: TokenMap | None = None) -> io.NodeOutput:
         check_inputs(cls, attention_threshold=attention_threshold, heat_scale=heat_scale)
         n = _pair_batches(cls.TITLE, source, edited)
         if edit_organ_masks is not None and organ_masks is None:
             raise CXRInputError("Dice needs the source's masks too.", node=cls.TITLE, input_name="organ_masks",
                                 fix="Connect the source's organ masks, or disconnect 'edit_organ_masks'.")
+        if organ_masks is not None:
+            check_mask_count(organ_masks, n, node=cls.TITLE)
+        if edit_organ_masks is not None:
+            check_mask_count(edit_organ_masks, n, node=cls.TITLE, input_name="edit_organ_masks")
         h, w = int(source.shape[1]), int(source.shape[2])
         with user_errors(cls.TITLE, "edit_region"):
             regions = region_on(edit_region, h, w)
@@ -101,19 +107,24 @@ class CXREvaluateEdit(io.ComfyNode):
             raise CXRInputError(f"{regions.shape[0]} edit regions for {n} image pairs.", node=cls.TITLE,
                                 input_name="edit_region", fix="Use one edit region, or one per image.")
         src, edt = grey(source), grey(edited)
-        dice = None
-        if organ_masks is not None and edit_organ_masks is not None:
+        def dice_of(i: int) -> dict[str, float]:
+            source_masks, edit_masks = sample_masks(organ_masks, i), sample_masks(edit_organ_masks, i)
             with user_errors(cls.TITLE, "organ_masks"):
-                organ_masks.resampled(h, w)  # a field-of-view mismatch is the source masks' fault, not the edit's
+                source_masks.resampled(h, w)  # a field-of-view mismatch is the source masks' fault, not the edit's
             with user_errors(cls.TITLE, "edit_organ_masks"):
-                dice = dice_per_organ(organ_masks, edit_organ_masks, h, w)
+                return dice_per_organ(source_masks, edit_masks, h, w)
+
+        dices = None  # one Dice per pair of mask sets (a shared pair is measured once)
+        if organ_masks is not None and edit_organ_masks is not None:
+            dices = each_image(range(max(mask_count(organ_masks), mask_count(edit_organ_masks))), dice_of)
         pairs, maps = [], []
         for i in range(n):
             s, e = src[min(i, len(src) - 1)][None], edt[min(i, len(edt) - 1)][None]
             r = regions[min(i, len(regions) - 1)]
+            masks = None if organ_masks is None else sample_masks(organ_masks, i)
             with user_errors(cls.TITLE, "organ_masks"):
-                pair = evaluate_pair(s, e, r, organ_masks)
-            pairs.append(replace(pair, organ_dice=dice) if dice is not None else pair)
+                pair = evaluate_pair(s, e, r, masks)
+            pairs.append(replace(pair, organ_dice=dices[min(i, len(dices) - 1)]) if dices is not None else pair)
             maps.append(difference_heat_map(s, e, r, heat_scale))
         ious = cls._attention(model, latent, tokens, edit_region, attention_threshold)
         report = MetricsReport(tuple(pairs), ious, attention_threshold if ious else None)

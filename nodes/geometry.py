@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 from comfy_api.latest import io
 
-from ..attention.organs import OrganMasks
+from ..attention.organs import AnyOrganMasks, OrganMasks, check_mask_count, map_each_image
 from ..errors import CXRInputError
 from ..imaging.geometry import FitRecord, NativeGeometry, apply_fit, composite_native, plan_fit, undo_fit
 from .common import user_errors
@@ -17,7 +17,8 @@ from .schema import CATEGORY_GEOMETRY, FitType, GeometryType, OrganMasksType, de
 class CXRFitToModel(io.ComfyNode):
     """Scales the radiograph (aspect ratio kept) so its longer side is 'max_side', pads it to multiples of 8 with
     black, and does the same to the organ masks, so image, masks and latent line up. The 'fit' output records how to
-    go back to native size (Restore Native Size)."""
+    go back to native size (Restore Native Size). A batch of radiographs (one size, so one fit) takes one mask set
+    per image (CXR Batch Organ Masks) or one set they all share."""
 
     TITLE = "Fit Radiograph to Model"
 
@@ -37,7 +38,8 @@ class CXRFitToModel(io.ComfyNode):
                 ),
                 OrganMasksType.Input(
                     "organ_masks", optional=True,
-                    tooltip="Organ masks of this radiograph (same aspect ratio, any size): fitted alike.",
+                    tooltip="Organ masks of this radiograph (same aspect ratio, any size): fitted alike. For a "
+                    "batch: one set per image, in the batch's order, or one set every image shares.",
                 ),
                 GeometryType.Input(
                     "geometry", optional=True,
@@ -48,7 +50,8 @@ class CXRFitToModel(io.ComfyNode):
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The radiograph on the model grid."),
                 OrganMasksType.Output(
-                    display_name="organ_masks", tooltip="The organ masks on the same grid (None if none given)."
+                    display_name="organ_masks", tooltip="The organ masks on the same grid (None if none given); one "
+                    "set per image when one per image was given."
                 ),
                 FitType.Output(display_name="fit", tooltip="How to return to native size."),
             ],
@@ -59,10 +62,10 @@ class CXRFitToModel(io.ComfyNode):
         cls,
         image: torch.Tensor,
         max_side: int,
-        organ_masks: OrganMasks | None = None,
+        organ_masks: AnyOrganMasks | None = None,
         geometry: NativeGeometry | None = None,
     ) -> io.NodeOutput:
-        _, h, w, _ = image.shape
+        b, h, w, _ = image.shape
         if geometry is not None and (geometry.height, geometry.width) != (h, w):
             raise CXRInputError(
                 f"the geometry describes a {geometry.height}×{geometry.width} radiograph, the image is {h}×{w}.",
@@ -71,12 +74,19 @@ class CXRFitToModel(io.ComfyNode):
             )
         with user_errors(cls.TITLE, "max_side"):
             fit = replace(plan_fit(h, w, max_side), geometry=geometry)
+        if organ_masks is not None:
+            check_mask_count(organ_masks, b, node=cls.TITLE)
+
+        def fitted_masks(masks: OrganMasks) -> OrganMasks:
+            native = masks.resampled(h, w)
+            return OrganMasks(native.names, apply_fit(native.data[None], fit)[0].contiguous())
+
+        # Every image of an IMAGE batch has the same size, so one fit serves the batch and each mask set.
         fitted = apply_fit(image.movedim(-1, 1), fit).movedim(1, -1)
         masks_out = None
         if organ_masks is not None:
             with user_errors(cls.TITLE, "organ_masks"):
-                native = organ_masks.resampled(h, w)
-            masks_out = OrganMasks(native.names, apply_fit(native.data[None], fit)[0].contiguous())
+                masks_out = map_each_image(organ_masks, fitted_masks)
         return io.NodeOutput(fitted, masks_out, fit)
 
 

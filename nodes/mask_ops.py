@@ -1,10 +1,23 @@
-"""Nodes that select, combine, grow/shrink/feather organ masks and define edit and keep regions."""
+"""Nodes that select, combine, grow/shrink/feather organ masks and define edit and keep regions.
+
+Each works image by image on a batch's masks (one set per image): its MASK outputs then hold one mask per image.
+"""
 
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io
 
-from ..attention.organs import OrganMasks, edit_and_keep, parse_names
+from ..attention.organs import (
+    AnyOrganMasks,
+    OrganMasks,
+    batch_masks,
+    each_image,
+    edit_and_keep,
+    map_each_image,
+    mask_sets,
+    parse_names,
+)
 from .common import check_inputs, user_errors
 from .schema import CATEGORY_MASKS, described, organ_masks_input, organ_masks_output
 
@@ -13,7 +26,7 @@ _ORGANS_TIP = "Organ names, comma-separated (e.g. 'left_lung, heart'); right/lef
 
 
 def _masks_in() -> io.Input:
-    return organ_masks_input("The organ masks to work on.")
+    return organ_masks_input("The organ masks to work on (one set, or one per image of a batch).")
 
 
 def _masks_out(tip: str = "The resulting organ masks (the input bundle is left unchanged).") -> io.Output:
@@ -35,9 +48,10 @@ class CXRSelectOrgans(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, organ_masks: OrganMasks, organs: str) -> io.NodeOutput:
+    def execute(cls, organ_masks: AnyOrganMasks, organs: str) -> io.NodeOutput:
         with user_errors(cls.TITLE, "organs"):
-            return io.NodeOutput(organ_masks.select(parse_names(organs)))
+            names = parse_names(organs)
+            return io.NodeOutput(map_each_image(organ_masks, lambda m: m.select(names)))
 
 
 class CXRCombineOrgans(io.ComfyNode):
@@ -59,20 +73,25 @@ class CXRCombineOrgans(io.ComfyNode):
             ],
             outputs=[
                 _masks_out("The input organs plus the new region."),
-                io.Mask.Output(display_name="mask", tooltip="The new region as a ComfyUI MASK [1, H, W]."),
+                io.Mask.Output(display_name="mask",
+                               tooltip="The new region as a ComfyUI MASK [B, H, W] (one per image)."),
             ],
         )
 
     @classmethod
-    def execute(cls, organ_masks: OrganMasks, organs: str, subtract: str, name: str) -> io.NodeOutput:
-        with user_errors(cls.TITLE, "organs"):
-            names = parse_names(organs)
-            if subtract.strip():
-                region = organ_masks.subtract(names, parse_names(subtract))
-            else:
-                region = organ_masks.union(names)
-        with user_errors(cls.TITLE, "name"):
-            return io.NodeOutput(organ_masks.with_mask(name, region), region[None].clone())
+    def execute(cls, organ_masks: AnyOrganMasks, organs: str, subtract: str, name: str) -> io.NodeOutput:
+        def combine(masks: OrganMasks) -> tuple[OrganMasks, torch.Tensor]:
+            with user_errors(cls.TITLE, "organs"):
+                names = parse_names(organs)
+                if subtract.strip():
+                    region = masks.subtract(names, parse_names(subtract))
+                else:
+                    region = masks.union(names)
+            with user_errors(cls.TITLE, "name"):
+                return masks.with_mask(name, region), region
+
+        out = each_image(mask_sets(organ_masks), combine)
+        return io.NodeOutput(batch_masks([b for b, _ in out]), torch.stack([r for _, r in out]))
 
 
 class CXRMorphOrgans(io.ComfyNode):
@@ -104,15 +123,19 @@ class CXRMorphOrgans(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, organ_masks: OrganMasks, organs: str, operation: str, size_px: float) -> io.NodeOutput:
+    def execute(cls, organ_masks: AnyOrganMasks, organs: str, operation: str, size_px: float) -> io.NodeOutput:
         check_inputs(cls, operation=operation, size_px=size_px)
         names = parse_names(organs) if organs.strip() else None
-        with user_errors(cls.TITLE, "organs"):
+
+        def morph(masks: OrganMasks) -> OrganMasks:
             if operation == "feather":
-                return io.NodeOutput(organ_masks.feathered(size_px, names))
+                return masks.feathered(size_px, names)
             if operation == "erode":
-                return io.NodeOutput(organ_masks.eroded(round(size_px), names))
-            return io.NodeOutput(organ_masks.dilated(round(size_px), names))
+                return masks.eroded(round(size_px), names)
+            return masks.dilated(round(size_px), names)
+
+        with user_errors(cls.TITLE, "organs"):
+            return io.NodeOutput(map_each_image(organ_masks, morph))
 
 
 class CXROrganToMask(io.ComfyNode):
@@ -127,13 +150,14 @@ class CXROrganToMask(io.ComfyNode):
             node_id="CXROrganToMask", display_name=cls.TITLE, category=CATEGORY_MASKS,
             description=described(cls),
             inputs=[_masks_in(), io.String.Input("organs", default="left_lung", tooltip=_ORGANS_TIP + " United.")],
-            outputs=[io.Mask.Output(display_name="mask", tooltip="MASK [1, H, W] on the masks' grid.")],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="MASK [B, H, W] on the masks' grid (one per image).")],
         )
 
     @classmethod
-    def execute(cls, organ_masks: OrganMasks, organs: str) -> io.NodeOutput:
+    def execute(cls, organ_masks: AnyOrganMasks, organs: str) -> io.NodeOutput:
         with user_errors(cls.TITLE, "organs"):
-            return io.NodeOutput(organ_masks.union(parse_names(organs))[None].clone())
+            names = parse_names(organs)
+            return io.NodeOutput(torch.stack(each_image(mask_sets(organ_masks), lambda m: m.union(names))))
 
 
 class CXREditKeepRegions(io.ComfyNode):
@@ -167,28 +191,35 @@ class CXREditKeepRegions(io.ComfyNode):
             ],
             outputs=[
                 io.Mask.Output(
-                    display_name="edit_region", tooltip="MASK [1, H, W]: 1 where the edit may change the image."
+                    display_name="edit_region",
+                    tooltip="MASK [B, H, W] (one per image): 1 where the edit may change the image."
                 ),
-                io.Mask.Output(display_name="keep_region", tooltip="MASK [1, H, W]: 1 where the patient is kept."),
+                io.Mask.Output(display_name="keep_region",
+                               tooltip="MASK [B, H, W] (one per image): 1 where the patient is kept."),
                 _masks_out("The input organs plus 'edit' and 'keep' regions."),
             ],
         )
 
     @classmethod
     def execute(
-        cls, organ_masks: OrganMasks, edit_organs: str, margin_px: int, feather_px: float, protect: str
+        cls, organ_masks: AnyOrganMasks, edit_organs: str, margin_px: int, feather_px: float, protect: str
     ) -> io.NodeOutput:
         check_inputs(cls, feather_px=feather_px)
-        with user_errors(cls.TITLE, "edit_organs"):
+
+        def regions(masks: OrganMasks) -> tuple[torch.Tensor, torch.Tensor, OrganMasks]:
             edit, keep = edit_and_keep(
-                organ_masks,
+                masks,
                 parse_names(edit_organs),
                 margin_px=margin_px,
                 feather_px=feather_px,
                 protect=parse_names(protect) if protect.strip() else (),
             )
-            bundle = organ_masks.with_mask("edit", edit).with_mask("keep", keep)
-        return io.NodeOutput(edit[None].clone(), keep[None].clone(), bundle)
+            return edit, keep, masks.with_mask("edit", edit).with_mask("keep", keep)
+
+        with user_errors(cls.TITLE, "edit_organs"):
+            out = each_image(mask_sets(organ_masks), regions)
+        edit, keep, bundles = zip(*out, strict=True)
+        return io.NodeOutput(torch.stack(edit), torch.stack(keep), batch_masks(bundles))
 
 
 NODES: list[type[io.ComfyNode]] = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -11,9 +12,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..attention.organs import OrganMasks, batch_masks, each_image
 from ..errors import CXRInputError
 from ..imaging import segmentation as seg
-from .common import check_inputs, require_single, user_errors
+from .common import check_inputs, user_errors
 from .schema import CATEGORY_MASKS, organ_masks_output
 
 LOG = logging.getLogger(__name__)
@@ -36,6 +38,17 @@ register_model_folder()
 
 def weight_files() -> list[str]:
     return folder_paths.get_filename_list(MODEL_FOLDER)
+
+
+def common_structures(sets: list[OrganMasks]) -> list[OrganMasks]:
+    """The mask sets of a batch on one list of structures: a structure found in some images only is added as an
+    empty mask to the others (it was searched for and not found there), in the network's order."""
+    if all(s.names == sets[0].names for s in sets):
+        return sets
+    names = tuple(n for n in seg.ORGAN_NAMES if any(n in s for s in sets))
+    LOG.info("structures not found in every image of the batch are empty masks where missing")
+    return [OrganMasks(names, torch.stack([s.get(n) if n in s else torch.zeros(s.height, s.width) for n in names]))
+            for s in sets]
 
 
 def missing_weights_message(name: str) -> str:
@@ -66,8 +79,9 @@ class CXRSegmentOrgans(io.ComfyNode):
             "on the image's left in a PA view). Needs the optional torchxrayvision: "
             'pip install "cxr-counterfactual[seg]".',
             inputs=[
-                io.Image.Input("image", tooltip="The frontal chest radiograph (batch 1), any size; it is padded "
-                               f"to a square and resized to {seg.INPUT_SIZE} px for the network."),
+                io.Image.Input("image", tooltip="The frontal chest radiograph, any size; it is padded to a square "
+                               f"and resized to {seg.INPUT_SIZE} px for the network. A batch is segmented image by "
+                               "image (one mask set each)."),
                 io.Combo.Input(
                     "weights", options=files, default=default,
                     tooltip=f"PSPNet weight file from models/{MODEL_FOLDER} (.pth/.pt/.safetensors): "
@@ -77,10 +91,12 @@ class CXRSegmentOrgans(io.ComfyNode):
                     "threshold", default=0.5, min=0.01, max=0.99, step=0.01,
                     tooltip="Probability at or above which a pixel belongs to a structure (each structure has "
                     "its own sigmoid; structures may overlap). Structures not found are left out, except the "
-                    "lungs and heart, whose absence is an error.",
+                    "lungs and heart, whose absence is an error. In a batch, a structure found in some images "
+                    "only is an empty mask in the others.",
                 ),
             ],
-            outputs=[organ_masks_output(f"The structures found, as one bundle at the image's size: {names}.")],
+            outputs=[organ_masks_output(f"The structures found, as one bundle at the image's size (one per image "
+                                        f"of a batch): {names}.")],
         )
 
     @classmethod
@@ -102,7 +118,6 @@ class CXRSegmentOrgans(io.ComfyNode):
     @classmethod
     def execute(cls, image: torch.Tensor, weights: str, threshold: float) -> io.NodeOutput:
         check_inputs(cls, threshold=threshold)
-        require_single(cls.TITLE, "image", image.shape[0], "image")
         with user_errors(cls.TITLE, "weights"):
             seg.require_torchxrayvision()
             path = folder_paths.get_full_path(MODEL_FOLDER, weights) if weights else None
@@ -112,7 +127,10 @@ class CXRSegmentOrgans(io.ComfyNode):
         device = mm.get_torch_device()
         LOG.info("PSPNet segmentation with %s on %s", weights, device)
         with user_errors(cls.TITLE, "threshold"):
-            masks = seg.segment_organs(model, image[0], threshold, input_size=seg.INPUT_SIZE, device=device)
+            segment = functools.partial(seg.segment_organs, model, threshold=threshold, input_size=seg.INPUT_SIZE,
+                                        device=device)
+            sets = each_image(list(image), segment)
+        masks = batch_masks(common_structures(sets))
         del model
         mm.soft_empty_cache()
         return io.NodeOutput(masks)

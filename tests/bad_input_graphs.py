@@ -159,9 +159,18 @@ def label_map(g: Graph, name: str = "bi_labels.png", mapping: str = "right_lung=
 
 
 def fit_masks(g: Graph, masks: str = "full", image: str = "bi_cxr_112x128.png") -> None:
-    bundle = g.file_masks() if masks == "full" else g.from_mask(left_lung=g.solid(1.0, 300, 100))
+    if masks == "batch_of_two":  # two mask sets (one per image of a batch) for one radiograph
+        bundle = g.from_mask(left_lung=g.solid(1.0, 56, 64, batch=2))
+    else:
+        bundle = g.file_masks() if masks == "full" else g.from_mask(left_lung=g.solid(1.0, 300, 100))
     _, fitted, _ = g.fitted(bundle, g.image(image))
     g.save_organs(fitted, "left_lung")
+
+
+def batch_other_organs(g: Graph) -> None:
+    """CXR Batch Organ Masks given the file masks (three organs) and a left lung alone."""
+    odd = g.from_mask(left_lung=g.solid(1.0, 56, 64))
+    g.save_organs([g.add("CXRBatchOrganMasks", organ_masks_1=g.file_masks(), organ_masks_2=odd), 0], "left_lung")
 
 
 def preview_other_aspect(g: Graph) -> None:

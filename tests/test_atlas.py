@@ -213,11 +213,11 @@ def test_node_returns_masks_overlay_report_and_preview(comfy, example):
     assert out.ui is not None
 
 
-def test_node_stops_on_an_unfittable_image_and_on_a_batch(comfy):
+def test_node_stops_on_an_unfittable_image_and_names_it_in_a_batch(comfy):
     cls = comfy.node("CXRAtlasOrgans")
     with pytest.raises(CXRInputError) as err, torch.inference_mode():
         run_node(cls, image=torch.full((1, 256, 256, 3), 0.5), min_quality=DEFAULT_MIN_QUALITY)
     text = str(err.value)
     assert text.startswith("[Organ Masks from Atlas (approximate)] input 'image'") and "quality 0.00" in text
-    with pytest.raises(CXRInputError, match="batch of 2"):
+    with pytest.raises(CXRInputError, match=r"input 'image': image 1 of 2: the lung/heart atlas does not fit"):
         run_node(cls, image=torch.zeros(2, 128, 128, 3), min_quality=0.5)

@@ -85,8 +85,9 @@ def test_masks_from_comfy_mask_inputs_and_extension(comfy, organ_masks):
     assert organ_masks.names == ("right_lung", "left_lung", "heart")  # the input bundle is untouched
     with pytest.raises(ValueError, match="no name"):
         run(cls, other_name="", other=lesion)
-    with pytest.raises(ValueError, match="batch of 2"):
-        run(cls, other_name="", heart=torch.ones(2, 8, 8))
+    # A MASK batch gives one set per image; batches of different sizes do not pair up.
+    with pytest.raises(ValueError, match=r"input 'heart': got a batch of 2 masks where the batch has 3 images"):
+        run(cls, other_name="", heart=torch.ones(2, 8, 8), right_lung=torch.ones(3, 8, 8))
 
 
 def test_ops_nodes(comfy, organ_masks):

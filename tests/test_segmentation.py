@@ -175,3 +175,11 @@ def test_node_segments_with_a_weight_file_from_the_folder(comfy, model_folder, m
     # The file's head marks every structure present except the spine, which is left out.
     assert masks.names == tuple(n for n in seg.ORGAN_NAMES if n != "spine")
     assert (masks.height, masks.width) == (90, 70) and float(masks.get("right_lung").mean()) == 1.0
+    # A batch is segmented image by image: set i is what image i alone gives.
+    images = torch.rand(2, 90, 70, 3, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        (batch,) = run(cls, image=images, weights=seg.OFFICIAL_WEIGHTS, threshold=0.5)
+        alone = [run(cls, image=images[i:i + 1], weights=seg.OFFICIAL_WEIGHTS, threshold=0.5)[0] for i in range(2)]
+    assert batch.count == 2
+    for got, one in zip(batch.samples, alone, strict=True):
+        assert got.names == one.names and torch.equal(got.data, one.data)
