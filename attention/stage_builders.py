@@ -137,7 +137,8 @@ def target_region(masks: OrganMasks | None, organs: str | Iterable[str] = "",
 
 def word_factors(words: str | Mapping[str, float], tokens: TokenMap, default: float) -> dict[str, float]:
     """Per-word boost factors: ``"effusion=3, consolidation"`` (a bare word gets ``default``) or a mapping;
-    empty = every pathology word of ``tokens`` at ``default``. Each factor in ``(0, FACTOR_MAX]``."""
+    empty = every pathology word of ``tokens`` at ``default``. A word may name one occurrence, ``effusion#1=3``
+    (resolved by :meth:`.TokenMap.indices`). Each factor in ``(0, FACTOR_MAX]``."""
     chosen: dict[str, float] = {}
     if isinstance(words, str):
         for part in re.split(r"[,;\n]+", words):
@@ -219,11 +220,25 @@ def boost_stage(tokens: TokenMap, target: OrganMasks | None, to_sigma: ToSigma, 
         positions = {w: tokens.indices(w) for w in factors}
     except CXRInputError as err:
         raise _located(err, "words") from None
+    _disjoint(positions)
     if target is None and not (all(f == 1.0 for f in factors.values()) and outside_damping == 1.0):
         target_region(None)  # refuses: "no target region"
     sigma_start, sigma_end = to_sigma(start_percent), to_sigma(end_percent)
     return BoostStage(title, sigma_start, sigma_end, parts, target=target, positions=positions, factors=factors,
                       damping=outside_damping, cond_len=tokens.cond_len)
+
+
+def _disjoint(positions: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse two boosted names for the same token ('effusion' and 'effusion#1'): one factor would silently win."""
+    seen: dict[int, str] = {}
+    for word, idx in positions.items():
+        for i in idx:
+            if i in seen:
+                base = word.partition("#")[0].strip()
+                raise CXRInputError(f"'{seen[i]}' and '{word}' name the same tokens.", input_name="words",
+                                    fix=f"Name each token once: '{base}' (every occurrence) or its occurrences "
+                                    f"'{base}#1', '{base}#2', ... each with its own factor.")
+            seen[i] = word
 
 
 def capture_stage(tokens: TokenMap, to_sigma: ToSigma, *, label: str = "run", grid_factor: int | str = 2,

@@ -52,7 +52,10 @@ class CXRPathologyBoost(io.ComfyNode):
                                tooltip="Boost inside the target (1 = no change)."),
                 io.String.Input("words", default="",
                                 tooltip="Per-word factors 'effusion=3, consolidation=2'; empty = every pathology "
-                                "word of the token map at 'factor'."),
+                                "word of the token map at 'factor'. A word means every occurrence in the prompt; "
+                                "'effusion#1=3' only the 1st (counted in prompt order). Two boost nodes chain: "
+                                "their biases add where both act, so each can boost its own word in its own "
+                                "target."),
                 schema.fraction_input("outside_damping", 1.0,
                                "Multiplier for the same words outside the target (1 = leave, 0 = hide)."),
                 io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="all",

@@ -46,7 +46,7 @@ def locate_words(clip, text: str, anatomy: str, pathology: str) -> tuple[dict, T
                                     parse_words(pathology))
     first = next(iter(maps.values()))
     for key, other in maps.items():
-        if dict(other.positions) != dict(first.positions):
+        if dict(other.positions) != dict(first.positions) or dict(other.spans) != dict(first.spans):
             raise CXRInputError(f"tokenizers disagree on word positions ('{key}').", input_name="clip")
     return tokens, first
 
@@ -74,11 +74,14 @@ class CXRTextEncode(io.ComfyNode):
                 io.String.Input(
                     "anatomy", default="left lung, heart",
                     tooltip="Anatomy words or phrases in the prompt, comma-separated, each tied to an organ: "
-                    "'left lung' → left_lung, 'lungs' → both lungs, or explicit 'lungs=right_lung+left_lung'.",
+                    "'left lung' → left_lung, 'lungs' → both lungs, or explicit 'lungs=right_lung+left_lung'. "
+                    "'left lung#2' names only the 2nd occurrence in the prompt (no '#' = every occurrence).",
                 ),
                 io.String.Input(
                     "pathology", default="effusion",
-                    tooltip="Pathology words in the prompt (e.g. effusion, consolidation, pneumothorax).",
+                    tooltip="Pathology words in the prompt (e.g. effusion, consolidation, pneumothorax). A word "
+                    "stands for every occurrence; 'effusion#1' for only the 1st (counted from 1 in prompt order), "
+                    "e.g. in 'left lung effusion, right lung clear, no effusion'.",
                 ),
             ],
             outputs=[

@@ -53,6 +53,7 @@ FILES, FROM_MASK = "Load Organ Masks (files)", "Organ Masks from MASK"
 KEEP, REFINE, DICOM = "Apply Keep Region", "CXR Refinement Sampler", "Load Chest X-ray (DICOM/PNG/JPEG)"
 CHEXMASK, TEXT = "Load Organ Masks (CheXmask)", "CXR Text Encode (with token map)"
 EDIT_KEEP, MORPH = "Edit / Keep Regions", "Dilate / Erode / Feather Organs"
+REPEATED = "chest x-ray, left lung effusion, right lung clear, no effusion, normal heart"  # effusion twice
 
 
 # ---- the table ----------------------------------------------------------------------------------------------------
@@ -158,6 +159,15 @@ CASES: list[Case] = [
          Error(BOOST, "words", "at most 50")),
     Case("boost_word_factor_inf", "CXRPathologyBoost", partial(boost_target, words="effusion=inf"),
          Error(BOOST, "words", "at most 50")),
+    Case("boost_word_occurrence_beyond_count", "CXRPathologyBoost",
+         run_pipeline(text=REPEATED, boost={"words": "effusion#3=2"}),
+         Error(BOOST, "words", "Use effusion#1 or effusion#2")),
+    Case("boost_word_occurrence_malformed", "CXRPathologyBoost",
+         run_pipeline(text=REPEATED, boost={"words": "effusion#x"}),
+         Error(BOOST, "words", "effusion#1 for the first")),
+    Case("boost_word_occurrence_picked", "CXRPathologyBoost",
+         run_pipeline(text=REPEATED, boost={"words": "effusion#2=3"}),
+         Works(FIT_LATENT)),
     Case("prompt_over_75_tokens", "CXRTextEncode", run_pipeline(text=LONG_PROMPT, **ALL_STAGES), Works(FIT_LATENT)),
     Case("negative_longer_than_positive", "CXRPathologyBoost",
          run_pipeline(negative="blurry, noisy, " * 30, **ALL_STAGES), Works(FIT_LATENT)),
