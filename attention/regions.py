@@ -83,13 +83,35 @@ def cells_per_token(latent: tuple[int, int], grid: tuple[int, int]) -> int:
     return 2 ** max(0, round(math.log2(max(lh / grid[0], lw / grid[1]))))
 
 
+def token_offset(cells: int) -> float:
+    """Where a token of a grid with ``cells`` latent cells per token side (``2^L`` at UNet level ``L``) is
+    centred, in latent cells, relative to the aligned cell ``[cells·i, cells·(i+1))``: ``-(cells - 1) / 2``.
+
+    Why: SD's UNets go down a level with a 3×3 convolution of stride 2 and padding 1, so level-``L`` token ``i``
+    reads level-``L-1`` tokens ``2i-1, 2i, 2i+1`` and, down the levels, latent cells symmetric about cell
+    ``2^L·i``: its centre is ``2^L·i + 0.5`` (cell ``j`` spanning ``[j, j+1)``), not the aligned cell's
+    ``2^L·i + 2^L/2``. That is 0, -0.5, -1.5, -3.5 cells (0, 4, 12, 28 px at 8 px per cell, up and left) at
+    levels 0–3. Decoder (output-block) tokens get their level's skip connection with exactly this geometry,
+    plus a nearest up-sampled path whose share is learned; measured on the SD1.5, SD2 and SDXL-family test
+    models (``tests/test_token_geometry.py``, single latent cells perturbed, response-weighted centre of
+    every interior token's response), encoder, middle and decoder tokens alike lie within 0.2 cells of this
+    offset at every level, so one offset per level serves every part of the UNet
+    (``docs/nodes.md``, "Token geometry", has the table).
+    """
+    return -(cells - 1) / 2
+
+
 def fit_to_layer(masks: OrganMasks, height: int, width: int, latent: tuple[int, int] | None) -> OrganMasks:
     """The masks over exactly the field of view of an ``height×width`` token grid of a latent.
 
-    A UNet halves its grid with stride-2 convolutions that round up, so an odd latent side makes the
-    coarser grids cover a little more than the image (e.g. 7 latent columns → 4 tokens covering 8): the
-    masks are padded with "outside" at the bottom/right by that excess before resampling, instead of being
-    stretched. Masks must have the latent's aspect ratio (same field of view).
+    Token ``i`` of a grid with ``f`` latent cells per token side covers the latent cells
+    ``[f·i + o, f·(i+1) + o)``, ``o = token_offset(f)`` (:func:`token_offset`: the UNet's stride-2 down-sampling
+    centres a token on cell ``f·i``), so the masks are shifted down/right by ``-o`` cells ("outside" comes in at
+    the top/left) before resampling. A UNet halves its grid with convolutions that round up, so an odd latent
+    side makes the coarser grids reach past the image (e.g. 7 latent columns → 4 tokens): the masks are padded
+    with "outside" at the bottom/right by that excess, and cropped there where the shifted grid ends before the
+    image does, instead of being stretched. Masks must have the latent's aspect ratio (same field of view).
+    Without a ``latent`` the masks are taken to cover the grid exactly.
     """
     if latent is None:
         return masks
@@ -101,16 +123,24 @@ def fit_to_layer(masks: OrganMasks, height: int, width: int, latent: tuple[int, 
             fix="Use the organ masks output of 'Fit Radiograph to Model' for the same image.",
         )
     factor = cells_per_token((lh, lw), (height, width))
+    shift = -token_offset(factor)  # cells of "outside" at the top/left
     extra_h, extra_w = height * factor - lh, width * factor - lw
-    if extra_h <= 0 and extra_w <= 0:
+    if shift == 0 and extra_h <= 0 and extra_w <= 0:
         return masks
-    # Pad by whole pixels per latent cell, so the padded masks show exactly the grid's field of view: padding
-    # masks of any size by a rounded number of pixels can leave them off the grid's aspect ratio (e.g. 31×91 for
-    # a 1×3 grid), which resampling would then refuse. Masks already on whole pixels per cell (those of Fit
-    # Radiograph to Model: 8 per cell) are not resampled.
+    # Shift and pad by whole pixels per latent cell (an even number when the shift is half a cell), so the result
+    # shows exactly the grid's field of view: padding masks of any size by a rounded number of pixels can leave
+    # them off the grid's aspect ratio (e.g. 31×91 for a 1×3 grid), which resampling would then refuse. Masks
+    # already on such a grid (those of Fit Radiograph to Model: 8 px per cell) are not resampled.
     scale = max(1, -(-masks.height // lh), -(-masks.width // lw))
     exact = masks.resampled(lh * scale, lw * scale)
-    return OrganMasks(masks.names, F.pad(exact.data, (0, max(0, extra_w) * scale, 0, max(0, extra_h) * scale)))
+    if shift * scale != int(shift * scale):  # half a cell on an odd pixel count: duplicating pixels is exact
+        exact = OrganMasks(masks.names, exact.data.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2))
+        scale *= 2
+    top = int(shift * scale)
+    data = F.pad(exact.data, (top, max(0, extra_w * scale - top), top, max(0, extra_h * scale - top)))
+    # Normal grids reach the image's far side (height·f ≥ lh); a fallback grid keeps the masks' own length.
+    rows, cols = max(height * factor, lh) * scale, max(width * factor, lw) * scale
+    return OrganMasks(masks.names, data[:, :rows, :cols].contiguous())
 
 
 def partition(masks: OrganMasks, organs: Sequence[str], height: int, width: int, *,
