@@ -21,21 +21,36 @@ queries see every key (stock attention for them).
 Anatomy-token cross-attention: each anatomy token is tied to an organ; queries outside that organ see the
 token's weight scaled by ``λ_tok`` (0 = not at all), renormalised by the softmax (an additive ``log λ``
 bias on a ``N × T`` score matrix: T is the prompt length, so this mask is small).
+
+Prompt isolation (``anatomy_isolation="prompt"``): CLIP's text encoder is causal, so a hidden word has already been
+mixed into every later token (later words, end, padding), which outside queries still see: measured on the test
+models, masking leaves ≈ 97 % of the word's effect on outside queries (``benchmarks/anatomy_leakage.py``). With
+prompt isolation a query outside the organs of the anatomy words ``S`` attends instead over the prompt encoded
+without the words of ``S`` (:class:`PromptIsolation`): nothing of those words reaches it, by construction.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .kernels import Kernel, LseKernel, masked_reference, sdpa, sdpa_with_lse
 from .regions import RegionPartition
-from .tokens import token_columns
+from .tokens import TokenMap, token_columns
 
 #: The background policies, in the order the gate node lists them (saved workflows store the value).
 BACKGROUNDS = ("free", "confined")
+#: How anatomy words are kept from queries outside their organ (the gate node's ``anatomy_isolation``, in order):
+#: "tokens" hides the words' own tokens; "prompt" attends over the prompt encoded without them.
+ISOLATIONS = ("tokens", "prompt")
+#: Prompt isolation encodes the prompt once per non-empty subset of anatomy words (2^M − 1 encodes).
+ISOLATION_MAX_WORDS = 4
+#: Tokens per prompt chunk (start, 75 text tokens, end/padding).
+CHUNK = 77
 
 
 def _check_leak(leak: float) -> None:
@@ -182,3 +197,64 @@ def token_masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Rows never lose all their keys: only anatomy tokens are hidden, the start token always remains.
     """
     return masked_reference(q, k, v, bias.to(q.device))
+
+
+@dataclass(frozen=True)
+class PromptTokenMap(TokenMap):
+    """A :class:`.tokens.TokenMap` that can also encode its prompt with some tokens removed (CXR Text Encode's):
+    ``encode_without(positions)`` → ``[1, cond_len, C]``, the positions removed within their 77-token chunk and
+    the chunk padded back at its end, as the tokenizer pads."""
+
+    encode_without: Callable[[tuple[int, ...]], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+
+def removal_columns(removed: Sequence[int], cond_len: int) -> torch.Tensor:
+    """``[cond_len]``: for each column of the prompt encoded without the ``removed`` positions (removed within their
+    chunk, the chunk padded back at its end), the column of the full prompt holding the same token (a new padding
+    column: the chunk's last column). Other stages' biases (a boost on 'effusion') follow their word this way."""
+    gone = set(removed)
+    cols: list[int] = []
+    for start in range(0, cond_len, CHUNK):
+        kept = [p for p in range(start, start + CHUNK) if p not in gone]
+        cols.extend(kept + [start + CHUNK - 1] * (CHUNK - len(kept)))
+    return torch.tensor(cols, dtype=torch.long)
+
+
+@dataclass(frozen=True, eq=False)
+class PromptIsolation:
+    """What prompt isolation needs: per non-empty subset of anatomy words (indices into the gate's words), the
+    prompt encoded without them and its :func:`removal_columns`; and the host's projection of a context by one
+    layer's ``to_k``/``to_v`` (``project(key, context, like)`` → ``(k, v)``, flat layout, ``like``'s dtype, device)."""
+
+    contexts: Mapping[frozenset[int], torch.Tensor]
+    columns: Mapping[frozenset[int], torch.Tensor]
+    project: Callable[[tuple, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+    @staticmethod
+    def build(words: Sequence[Sequence[int]], cond_len: int, encode_without: Callable[[tuple[int, ...]], torch.Tensor],
+              project: Callable) -> PromptIsolation:
+        """Encode the prompt without every non-empty subset of ``words`` (each word's positions)."""
+        contexts, columns = {}, {}
+        for size in range(1, len(words) + 1):
+            for subset in itertools.combinations(range(len(words)), size):
+                removed = tuple(sorted({p for i in subset for p in words[i]}))
+                contexts[frozenset(subset)] = encode_without(removed).detach().cpu()
+                columns[frozenset(subset)] = removal_columns(removed, cond_len)
+        return PromptIsolation(contexts, columns, project)
+
+
+def isolation_groups(inside: torch.Tensor) -> list[tuple[frozenset[int], torch.Tensor]]:
+    """``inside``: ``[M, N]`` bool, each anatomy word's organ coverage. Returns, for each non-empty set ``S`` of words
+    some query is outside of, ``(S, the query indices outside exactly the words of S)``."""
+    groups: dict[frozenset[int], list[int]] = {}
+    for n, column in enumerate((~inside).t().tolist()):
+        subset = frozenset(i for i, out in enumerate(column) if out)
+        if subset:
+            groups.setdefault(subset, []).append(n)
+    return [(s, torch.tensor(rows, dtype=torch.long)) for s, rows in sorted(groups.items(), key=lambda g: g[1][0])]
+
+
+def isolated_cross_attention(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, bias: torch.Tensor | None):
+    """Queries ``[B, H, n, D]`` over one isolated context's keys/values (``bias`` ``[n, T]``: other stages' bias,
+    remapped by :func:`removal_columns`; None = plain attention)."""
+    return sdpa(qh, kh, vh) if bias is None else masked_reference(qh, kh, vh, bias.to(qh.device))

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ..errors import CXRInputError
-from .gating import BACKGROUNDS
+from .gating import BACKGROUNDS, ISOLATION_MAX_WORDS, ISOLATIONS, PromptIsolation
 from .organs import OrganMasks, parse_names
 from .stages import BoostStage, CaptureStage, GateStage
 from .tokens import TokenMap
@@ -172,10 +172,19 @@ def gate_stage(masks: OrganMasks, to_sigma: ToSigma, *, tokens: TokenMap | None 
                token_strength: float = 1.0, organs: str | Iterable[str] = "right_lung, left_lung, heart",
                background: str = "free", margin_px: int = 0, blocks: str | Iterable[str] = "all",
                start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = False,
-               title: str = "") -> GateStage:
+               title: str = "", anatomy_isolation: str = "tokens", project: Callable | None = None) -> GateStage:
     """The anatomy gate: ``strength`` confines self-attention to organs (1 = hard), ``token_strength`` hides
-    anatomy words of ``tokens`` from image tokens outside their organ. Neutral (``stage.neutral``) at 0 and 0."""
+    anatomy words of ``tokens`` from image tokens outside their organ. Neutral (``stage.neutral``) at 0 and 0.
+
+    ``anatomy_isolation="prompt"`` (token strength 1): outside queries attend over the prompt encoded without their
+    words instead (:class:`.gating.PromptIsolation`); it needs a token map that can re-encode its prompt (CXR Text
+    Encode's) and the host's ``project`` (a layer's ``to_k``/``to_v``)."""
     check_choice("background", background, BACKGROUNDS)
+    check_choice("anatomy_isolation", anatomy_isolation, ISOLATIONS)
+    if anatomy_isolation == "prompt" and project is None:
+        raise CXRInputError("anatomy_isolation 'prompt' is not supported by this host (it needs each layer's key and "
+                            "value projections at sampling time; the ComfyUI gate node has them).",
+                            input_name="anatomy_isolation", fix="Use anatomy_isolation 'tokens' here.")
     parts = unet_parts(blocks)
     _strength("strength", strength)
     _strength("token_strength", token_strength)
@@ -197,11 +206,32 @@ def gate_stage(masks: OrganMasks, to_sigma: ToSigma, *, tokens: TokenMap | None 
                     fix="Tie the word to a present organ where the anatomy words are given (CXR Text Encode, or "
                     "token_map's anatomy), e.g. 'lungs=right_lung+left_lung'.")
             words.append((tokens.indices(word), tied))
+    isolation = None
+    if anatomy_isolation == "prompt" and words:
+        isolation = _prompt_isolation(tokens, words, token_strength, project)
     sigma_start, sigma_end = to_sigma(start_percent), to_sigma(end_percent)
     return GateStage(title=title, sigma_start=sigma_start, sigma_end=sigma_end, blocks=parts, masks=masks,
                      organs=names, self_leak=1.0 - strength, token_leak=1.0 - token_strength, background=background,
                      margin_px=margin_px, apply_to_uncond=apply_to_uncond,
-                     cond_len=tokens.cond_len if tokens else 77, token_words=tuple(words))
+                     cond_len=tokens.cond_len if tokens else 77, token_words=tuple(words), isolation=isolation)
+
+
+def _prompt_isolation(tokens, words, token_strength: float, project: Callable) -> PromptIsolation:
+    """The prompt encoded without each non-empty subset of the anatomy words (refusals first: encoding is the cost)."""
+    encode = getattr(tokens, "encode_without", None)
+    if encode is None:
+        raise CXRInputError("anatomy_isolation 'prompt' re-encodes the prompt, and these tokens cannot (they do not "
+                            "come from CXR Text Encode).", input_name="tokens",
+                            fix="Connect the tokens output of CXR Text Encode, or use anatomy_isolation 'tokens'.")
+    if token_strength != 1.0:
+        raise CXRInputError(f"anatomy_isolation 'prompt' removes the anatomy words outright; token_strength "
+                            f"{token_strength} asks for a partial mask.", input_name="token_strength",
+                            fix="Use token_strength 1 with 'prompt', or anatomy_isolation 'tokens' for a partial mask.")
+    if len(words) > ISOLATION_MAX_WORDS:
+        raise CXRInputError(f"anatomy_isolation 'prompt' encodes the prompt once per subset of anatomy words; "
+                            f"{len(words)} words would need {2 ** len(words) - 1} encodes.", input_name="tokens",
+                            fix=f"Use at most {ISOLATION_MAX_WORDS} anatomy words with 'prompt', or 'tokens'.")
+    return PromptIsolation.build([pos for pos, _ in words], tokens.cond_len, encode, project)
 
 
 def boost_stage(tokens: TokenMap, target: OrganMasks | None, to_sigma: ToSigma, *, factor: float = 3.0,

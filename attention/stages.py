@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CXRInputError
 from .boosting import pathology_boost_bias
-from .gating import anatomy_token_bias
+from .gating import PromptIsolation, anatomy_token_bias, isolation_groups
 from .organs import OrganMasks
 from .regions import RegionCache, coverage, partition
 from .tokens import token_columns
@@ -112,6 +112,8 @@ class GateStage(Stage):
     apply_to_uncond: bool = False
     cond_len: int = 77
     token_words: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...] = ()
+    #: anatomy_isolation "prompt": outside queries attend over the prompt encoded without their words (None: "tokens")
+    isolation: PromptIsolation | None = None
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -153,6 +155,14 @@ class GateStage(Stage):
             positions = [pos for pos, _ in self.token_words]
             return anatomy_token_bias(inside, positions, self.cond_len, context_len, self.token_leak).to(device)
         return self.cache.get(("tok", h, w, latent, context_len, str(device)), build)
+
+    def isolation_groups(self, h: int, w: int, latent: Grid, device) -> list[tuple[frozenset[int], torch.Tensor]]:
+        """Prompt isolation at this grid: (the words a query group is outside of, its query indices), per group."""
+        def build():
+            inside = torch.stack([coverage(self.masks, organs, h, w, margin_px=self.margin_px, latent=latent)
+                                  for _, organs in self.token_words])  # cross_bias, called first, refused misfit masks
+            return [(s, rows.to(device)) for s, rows in isolation_groups(inside)]
+        return self.cache.get(("iso", h, w, latent, str(device)), build)
 
 
 def _target_tokens(stage: Stage, target: OrganMasks, h: int, w: int, latent: Grid) -> torch.Tensor:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.gating import BACKGROUNDS
+from ..attention.gating import BACKGROUNDS, ISOLATIONS
 from ..attention.organs import OrganMasks
 from ..attention.stage_builders import BLOCK_CHOICES, MARGIN_MAX, gate_stage
 from ..attention.tokens import TokenMap
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
+from ..hosts.comfy.prompt_isolation import projector
 from ..hosts.comfy.unet_layout import transformer_keys
 from . import schema  # attention nodes read the shared declarations as schema.X
 from .common import check_inputs, user_errors
@@ -68,6 +69,14 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
                     tooltip="Also gate the negative (uncond) pass's self-attention. Token masking always acts "
                     "on the positive prompt only.",
                 ),
+                io.Combo.Input(
+                    "anatomy_isolation", options=list(ISOLATIONS), default="tokens",
+                    tooltip="tokens: hide an anatomy word's own tokens from image tokens outside its organ (CLIP has "
+                    "already mixed the word into later tokens, which they still see). prompt: those image tokens "
+                    "attend over the prompt encoded without the word: nothing of it reaches them. Costs one more "
+                    "text encode per subset of anatomy words (3 for two words) and, in every gated layer, the "
+                    "outside tokens' attention again over those prompts. Needs token_strength 1.",
+                ),
             ],
             outputs=[schema.patched_model_output()],
         )
@@ -87,6 +96,7 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
         end_percent: float,
         apply_to_uncond: bool,
         tokens: TokenMap | None = None,
+        anatomy_isolation: str = "tokens",
     ) -> io.NodeOutput:
         check_inputs(cls, start_percent=start_percent, end_percent=end_percent)
         with user_errors(cls.TITLE, "model"):
@@ -95,7 +105,8 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
             stage = gate_stage(organ_masks, percent_to_sigma(model), tokens=tokens, strength=strength,
                                token_strength=token_strength, organs=organs, background=background,
                                margin_px=margin_px, blocks=blocks, start_percent=start_percent,
-                               end_percent=end_percent, apply_to_uncond=apply_to_uncond, title=cls.TITLE)
+                               end_percent=end_percent, apply_to_uncond=apply_to_uncond, title=cls.TITLE,
+                               anatomy_isolation=anatomy_isolation, project=projector(model))
         if stage.neutral:
             return io.NodeOutput(model)  # nothing to do: exactly the unpatched model
         return io.NodeOutput(install_stage(model, stage))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from comfy_api.latest import io
 
+from ..attention.gating import PromptTokenMap
 from ..attention.tokens import TokenMap, build_token_map, parse_anatomy, parse_words
 from ..errors import CXRInputError
 from .common import user_errors
@@ -49,6 +52,22 @@ def locate_words(clip, text: str, anatomy: str, pathology: str) -> tuple[dict, T
         if dict(other.positions) != dict(first.positions) or dict(other.spans) != dict(first.spans):
             raise CXRInputError(f"tokenizers disagree on word positions ('{key}').", input_name="clip")
     return tokens, first
+
+
+def tokens_without(clip, tokens: dict, removed: tuple[int, ...]) -> dict:
+    """``clip.tokenize``'s output with the context ``removed`` positions taken out of every tokenizer's chunks, each
+    chunk padded back at its end with that tokenizer's padding (as it pads a shorter prompt)."""
+    gone = set(removed)
+    out = {}
+    for key, chunks in tokens.items():
+        tok = _tokenizer_for(clip, key)
+        kept_chunks = []
+        for c, chunk in enumerate(chunks):
+            kept = [t for i, t in enumerate(chunk) if c * len(chunk) + i not in gone]
+            pad = (tok.pad_token, 1.0, 0)[: len(chunk[-1])]
+            kept_chunks.append(kept + [pad] * (len(chunk) - len(kept)))
+        out[key] = kept_chunks
+    return out
 
 
 class CXRTextEncode(io.ComfyNode):
@@ -97,6 +116,10 @@ class CXRTextEncode(io.ComfyNode):
                                 fix="Connect the CLIP output of a checkpoint that has a text encoder.")
         with user_errors(cls.TITLE, "text"):
             tokens, token_map = locate_words(clip, text, anatomy, pathology)
+        # The gate's anatomy_isolation "prompt" re-encodes the prompt without its anatomy words, lazily (only then).
+        token_map = PromptTokenMap(**{f.name: getattr(token_map, f.name) for f in dataclasses.fields(token_map)},
+                                   encode_without=lambda removed: clip.encode_from_tokens(
+                                       tokens_without(clip, tokens, removed)))
         return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens), token_map)
 
 

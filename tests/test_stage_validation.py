@@ -47,6 +47,7 @@ BAD = {
     "gate_window_start_inf": Bad(GATE, {"start_percent": INF}),
     "gate_organ_absent": Bad(GATE, {"organs": "left_lung, clavicle"}),
     "gate_anatomy_word_without_mask": Bad(GATE, {"organ_masks": "lungs only", "organs": "right_lung, left_lung"}),
+    "gate_isolation_unknown": Bad(GATE, {"anatomy_isolation": "sideways"}),
     # the boost (the diffusers builder takes the target built by target_region)
     "boost_factor_nan": Bad(BOOST, {"factor": NAN}),
     "boost_factor_inf": Bad(BOOST, {"factor": INF}),
@@ -116,8 +117,10 @@ def _diffusers_build(node: str, tokens, schedule, inputs: dict, extra: dict):
     masks = inputs["organ_masks"]
     window = {k: inputs[k] for k in ("start_percent", "end_percent")}
     if node == GATE:
-        keys = ("strength", "token_strength", "organs", "background", "margin_px", "blocks", "apply_to_uncond")
-        return stages.gate_stage(masks, schedule, tokens=tokens, **{k: inputs[k] for k in keys}, **window)
+        keys = ("strength", "token_strength", "organs", "background", "margin_px", "blocks", "apply_to_uncond",
+                "anatomy_isolation")
+        return stages.gate_stage(masks, schedule, tokens=tokens, **{k: inputs[k] for k in keys if k in inputs},
+                                 **window)
     if node == BOOST:
         target = target_region(masks, inputs["target_organs"], inputs.get("target_mask"))
         kwargs = dict(factor=inputs["factor"], damping=inputs["outside_damping"], blocks=inputs["blocks"], **window)

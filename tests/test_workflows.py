@@ -63,15 +63,25 @@ SAVED = Path(__file__).parent / "data" / "workflows-c6de3a8"
 def test_workflows_saved_before_the_loader_read_png_load_unchanged(comfy_server, name):
     """A user's copy of a workflow saved before CXRLoadDICOM read PNG/JPEG (taken unchanged from commit c6de3a8):
     the frontend maps its widget values by position onto today's node definitions and must give every input
-    the value it had, and saving it again must write the same widget list."""
+    the value it had (inputs appended since, at the end, take their defaults), and saving it again must write the
+    same widget list followed by those defaults."""
     object_info = comfy_server.object_info()
     ui, api = load(SAVED / f"{name}.json"), load(SAVED / "api" / f"{name}.json")
-    assert ui_to_api(ui, object_info) == api
-    assert check_values(api, object_info, FILE_INPUTS) == []
+    loaded = ui_to_api(ui, object_info)
+    for node_id, entry in api.items():  # inputs appended since then (at the end) come at their defaults
+        appended = {k: v for k, v in loaded[node_id]["inputs"].items() if k not in entry["inputs"]}
+        spec = object_info[entry["class_type"]]["input"]
+        declared = {k: d[1].get("default") for group in ("required", "optional") for k, d in spec.get(group, {}).items()
+                    if len(d) > 1 and isinstance(d[1], dict)}
+        assert appended == {k: declared[k] for k in appended}, (entry["class_type"], appended)
+        kept = {k: v for k, v in loaded[node_id]["inputs"].items() if k in entry["inputs"]}
+        assert {**loaded[node_id], "inputs": kept} == entry  # every saved value as it was
+    assert check_values(loaded, object_info, FILE_INPUTS) == []
     for node in ui["nodes"]:
         if node["type"] not in VIRTUAL_NODES:
-            inputs = api[str(node["id"])]["inputs"]
-            assert widget_values(object_info[node["type"]], inputs) == node["widgets_values"], node["type"]
+            inputs = loaded[str(node["id"])]["inputs"]
+            saved = node["widgets_values"]
+            assert widget_values(object_info[node["type"]], inputs)[: len(saved)] == saved, node["type"]
     assert any(n["type"] == "CXRLoadDICOM" for n in ui["nodes"]) == (name in ("cxr_counterfactual_edit",
                                                                               "cxr_dicom_masked_edit"))
 

@@ -57,7 +57,8 @@ def _stages(g: Graph, model: list[Any], masks: list[Any], tokens: list[Any],
             boost_end: float = 0.4, capture: str | None = None) -> tuple[str, str]:
     gate = g.add("CXRAnatomyAttentionGate", "Stage 2: anatomy gate", model=model, organ_masks=masks, tokens=tokens,
                  strength=1.0, token_strength=1.0, organs="right_lung, left_lung, heart", background="free",
-                 margin_px=0, blocks="all", start_percent=0.0, end_percent=1.0, apply_to_uncond=False)
+                 margin_px=0, blocks="all", start_percent=0.0, end_percent=1.0, apply_to_uncond=False,
+                 anatomy_isolation="tokens")
     boosted = out(gate)
     if capture:  # between gate and boost: ComfyUI then runs it, and its grid check, before the inversion that
         # also takes the gate's model; it records the boosted maps all the same (stages compose in any order).

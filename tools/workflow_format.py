@@ -81,10 +81,14 @@ def ui_to_api(ui: Mapping[str, Any], object_info: Mapping[str, Any]) -> dict[str
         inputs: dict[str, Any] = {}
         for name, definition in ordered_inputs(spec):
             if is_widget(definition):
+                options = _options(definition)
+                if not values and options.get("default") is not None:
+                    # saved before this input was appended: the frontend gives the new widget its default
+                    inputs[name] = options["default"]
+                    continue
                 if not values:
                     raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}")
                 inputs[name] = values.pop(0)
-                options = _options(definition)
                 if options.get("control_after_generate") and values:
                     values.pop(0)
                 if any(options.get(flag) for flag in UPLOAD_FLAGS) and values:

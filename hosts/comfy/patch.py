@@ -40,6 +40,7 @@ from ...attention.layer_call import (
 from ...attention.run_state import ResultStore, RunState, latent_fingerprint
 from ...attention.stages import CaptureStage, GateStage, Key, Stage
 from .control_checks import check_controls
+from .prompt_isolation import isolated, isolating_gate
 from .unet_layout import transformer_keys
 
 logger = logging.getLogger("cxr_counterfactual")
@@ -202,7 +203,8 @@ class CXRReplace:
         def work(q, k, v, extra):
             qh, kh = capture(q, k, extra)
             return to_flat(token_masked_cross_attention(qh, kh, to_heads(v, extra["n_heads"]), bias)).to(q.dtype)
-        return work
+        gate = isolating_gate(active)
+        return work if gate is None else isolated(work, gate, active, self.key, h, w, latent)
 
     def _capture(self, cap: CaptureStage, qh, kh, bias, h, w, latent, sigma, state) -> None:
         if state is not None:

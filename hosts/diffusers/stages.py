@@ -46,13 +46,14 @@ def gate_stage(masks: OrganMasks, schedule: DiscreteSchedule, *, tokens: TokenMa
                strength: float = 1.0, token_strength: float = 1.0, organs: str = "right_lung, left_lung, heart",
                background: str = "free", margin_px: int = 0, blocks: str | Iterable[str] = "all",
                start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = False,
-               title: str = "CXR gate") -> GateStage:
+               title: str = "CXR gate", anatomy_isolation: str = "tokens") -> GateStage:
     """The anatomy gate (as the CXR Anatomy Attention Gate node): ``strength`` confines self-attention to
-    organs (1 = hard), ``token_strength`` hides anatomy words from tokens outside their organ."""
+    organs (1 = hard), ``token_strength`` hides anatomy words from tokens outside their organ.
+    ``anatomy_isolation`` "prompt" is ComfyUI's only: refused here (:class:`.CXRInputError`)."""
     return build.gate_stage(masks, schedule.percent_to_sigma, tokens=tokens, strength=strength,
                             token_strength=token_strength, organs=organs, background=background, margin_px=margin_px,
                             blocks=blocks, start_percent=start_percent, end_percent=end_percent,
-                            apply_to_uncond=apply_to_uncond, title=title)
+                            apply_to_uncond=apply_to_uncond, title=title, anatomy_isolation=anatomy_isolation)
 
 
 def boost_stage(tokens: TokenMap, target: OrganMasks, schedule: DiscreteSchedule, *, factor: float = 3.0,
