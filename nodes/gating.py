@@ -15,7 +15,7 @@ from .common import check_inputs, user_errors
 
 
 class CXRAnatomyAttentionGate(io.ComfyNode):
-    """Stage 2 of the method: keeps each organ's structure to itself. Self-attention of every UNet transformer block
+    """Stage 2 of the pack: keeps each organ's structure to itself. Self-attention of every UNet transformer block
     is confined to the organ a token belongs to (strength 1: hard; less: other regions leak in with weight 1 −
     strength), and anatomy words of the prompt ('left lung', 'heart') are hidden from image tokens outside their
     organ. Returns a patched copy of the model; composes with other attention patches applied before it."""
