@@ -64,9 +64,10 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
                 *schema.window_inputs("Gating starts at this point of denoising.",
                                       "Gating ends at this point of denoising."),
                 io.Boolean.Input(
-                    "apply_to_uncond", default=False,
-                    tooltip="Also gate the negative (uncond) pass's self-attention. Token masking always acts "
-                    "on the positive prompt only.",
+                    "apply_to_uncond", default=True,
+                    tooltip="Also gate the negative (uncond) pass's self-attention (default on: off, CFG "
+                    "multiplies the gate's change by cfg; README, 'Defaults for the negative prompt's pass'). "
+                    "Token masking always acts on the positive prompt only.",
                 ),
             ],
             outputs=[schema.patched_model_output()],
