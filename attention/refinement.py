@@ -4,15 +4,17 @@ The pathology words' cross-attention map ``A`` (``[h, w]``: the attention probab
 columns, summed over the words' tokens, averaged over heads and over the chosen layers) should lie inside
 the target region ``T`` (e.g. the left lung). The energy of a map is::
 
-    A~      = G_s * A                                  (Gaussian smoothing, Attend-and-Excite style)
+    A~      = G_s * A                                  (Gaussian smoothing, as Attend-and-Excite's code)
     E_conc  = 1 − Σ_{n∈T} A~_n / Σ_n A~_n              (the share of pathology mass outside the target)
     a       = mean_n sigmoid((A~_n / max A~ − τ) / κ)  (soft area fraction of the normalised map above τ)
     E_ext   = |a − |T| / N|                            (extent: that area vs the target's area fraction)
     E       = (1 − λ)·E_conc + λ·E_ext                 (λ = extent_weight, default 0)
 
 Both terms lie in [0, 1], so ``E`` does too; ``E = 0`` when all (smoothed) mass lies inside ``T`` and
-λ = 0. Smoothing (kernel 3, σ 0.5 as in A&E) only spreads mass to neighbouring cells, so mass held one
-cell inside the border still counts fully.
+λ = 0. Smoothing (kernel 3, σ 0.5: the defaults of Attend-and-Excite's released code, yuval-alaluf/Attend-and-Excite
+``config.py`` ``kernel_size``/``sigma``) only spreads mass to neighbouring cells, so mass held one cell inside the
+border still counts fully. The energy itself is ours: A&E's loss is ``max over subject tokens of (1 − peak smoothed
+attention)`` (``pipeline_attend_and_excite.py``, ``_compute_loss``), a different quantity from a share of mass.
 
 A refinement step moves the latent against the energy's gradient, normalised to unit RMS over the cells that
 may move and scaled by the current noise level (the latent's own scale in k-diffusion form ``x = x0 + σ·ε``)::
@@ -25,11 +27,16 @@ of the cells that may move is exactly ``step_size · σ`` whatever their share o
 (``m = 0``) do not move. (Normalising over the whole latent would move the editable cells by
 ``step_size · σ / sqrt(edit fraction)``: 2× at a quarter of the latent.)
 
-Attend-and-Excite (Chefer et al. 2023) updates the VP latent by ``α_t = 20·sqrt(1 − ᾱ_t)`` times the raw
-gradient; normalising the gradient keeps ``step_size`` meaningful across models whose attention
-gradients differ by orders of magnitude (random test weights vs trained ones), and the σ factor gives the
-same decay over the schedule. Optional per-window thresholds stop a step's iterations once ``E`` is low
-enough (A&E's 0.05 / 0.5 / 0.8 attention targets at 0 / 20 / 40 % correspond to energies 0.95 / 0.5 / 0.2).
+Attend-and-Excite's released code (yuval-alaluf/Attend-and-Excite, ``pipeline_attend_and_excite.py``; defaults in
+``config.py``) moves the latent by the *raw* gradient times ``scale_factor·sqrt(scale_range[i])``, with
+``scale_factor`` 20 and ``scale_range = linspace(1.0, 0.5, steps)`` indexed by step ``i`` (20 → 14.1 over the
+schedule), once per step for the first ``max_iter_to_alter`` = 25 of 50 steps. Normalising the gradient and
+scaling by σ is our choice: it keeps ``step_size`` meaningful across models whose attention gradients differ by
+orders of magnitude (random test weights vs trained ones) and shrinks the move with the noise level, a much
+steeper decay than A&E's. Optional per-window thresholds stop a step's iterations once ``E`` is low enough. A&E
+refines iteratively (up to 20 iterations) at step indices 0, 10 and 20 of 50 until every subject token's peak
+attention reaches 0.05 / 0.5 / 0.8 (``config.py`` ``thresholds``); our thresholds are energies at percents of the
+noise range, so "0:0.95, 0.2:0.5, 0.4:0.2" is our analogue of those numbers, not an equivalent.
 
 Both hosts run the same loop, :func:`refine_step` (given the host's energy as a callable, as
 :func:`.inversion.ddim_invert` is given a denoiser), over the steps of :func:`refine_window`.

@@ -188,7 +188,8 @@ def bench(nodes, label, px, models: dict, latent, positive, negative, steps, rep
 
 
 # Refined cases (CXR Refinement Sampler vs plain Euler through SamplerCustom, same sigmas and noise).
-# Fixed settings: 1 iteration per step over the first half (A&E-like), step 0.1.
+# Fixed settings: 1 iteration per step over the first half of the noise range (A&E's released code updates once per
+# step for the first 25 of 50 steps: config.py max_iter_to_alter), step 0.1.
 REFINE = dict(target_organs="left_lung", iterations=1, step_size=0.1, start_percent=0.0, end_percent=0.5,
               thresholds="", smoothing=0.5, extent_weight=0.0, extent_threshold=0.5)
 

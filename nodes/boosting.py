@@ -28,7 +28,7 @@ def _check_model(title: str, model) -> None:
 
 
 class CXRPathologyBoost(io.ComfyNode):
-    """Stage 3 of the method: strengthens the cross-attention of pathology words ('effusion') inside the target
+    """Stage 3 of the pack: strengthens the cross-attention of pathology words ('effusion') inside the target
     region (e.g. the left lung) during early denoising, and optionally damps them outside, so the lesion appears
     where asked. A query's pathology share P becomes fP / (fP + 1 − P). Composes with the gate in either order."""
 

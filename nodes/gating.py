@@ -16,7 +16,7 @@ from .common import check_inputs, user_errors
 
 
 class CXRAnatomyAttentionGate(io.ComfyNode):
-    """Stage 2 of the method: keeps each organ's structure to itself. Self-attention of every UNet transformer block
+    """Stage 2 of the pack: keeps each organ's structure to itself. Self-attention of every UNet transformer block
     is confined to the organ a token belongs to (strength 1: hard; less: other regions leak in with weight 1 −
     strength), and anatomy words of the prompt ('left lung', 'heart') are hidden from image tokens outside their
     organ. Returns a patched copy of the model; composes with other attention patches applied before it."""
@@ -65,9 +65,10 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
                 *schema.window_inputs("Gating starts at this point of denoising.",
                                       "Gating ends at this point of denoising."),
                 io.Boolean.Input(
-                    "apply_to_uncond", default=False,
-                    tooltip="Also gate the negative (uncond) pass's self-attention. Token masking always acts "
-                    "on the positive prompt only.",
+                    "apply_to_uncond", default=True,
+                    tooltip="Also gate the negative (uncond) pass's self-attention (default on: off, CFG "
+                    "multiplies the gate's change by cfg; README, 'Defaults for the negative prompt's pass'). "
+                    "Token masking always acts on the positive prompt only.",
                 ),
                 io.Combo.Input(
                     "anatomy_isolation", options=list(ISOLATIONS), default="tokens",

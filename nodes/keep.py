@@ -4,8 +4,11 @@ How the keep region works (ComfyUI 0.3.64, ``comfy/samplers.py``):
 - ``CXRApplyKeepRegion`` sets the edit region as the LATENT's ``noise_mask`` (exactly SetLatentNoiseMask).
   Every sampler then runs through ``KSamplerX0Inpaint``: at *each* model call it replaces the model's input
   outside the mask by the source latent noised to the *current* sigma (``latent·scale + noise·sigma``) and
-  the prediction there by the source. So, unlike RadEdit's released pipeline, the kept region is never
-  pasted one step too noisy, and the feathered border is blended at every step (no seam).
+  the prediction there by the source. So the kept region is never pasted one step too noisy, and the
+  feathered border is blended at every step (no seam). RadEdit's released ``StableDiffusionRadEditPipeline``
+  pastes after ``scheduler.step`` (``latents = mask_keep * image_latents[i] + (1 - mask_keep) * latents``, its
+  loop starting from ``image_latents[0]``): the kept cells carry the noise of the step's input timestep while the
+  rest has moved on to the next one.
 - That path ends at the source only up to float rounding (~1e-5 relative: the latent is scaled by
   0.18215 and back, and the last Euler step computes ``x − (x − x0)``). ``CXRPasteKeepRegion``, after the
   sampler, copies the source latent bit for bit where the sampler's mask is exactly 0 (the latent cells

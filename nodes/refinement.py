@@ -52,10 +52,10 @@ class CXRRefinementSampler(io.ComfyNode):
     """A SAMPLER for SamplerCustom: your sampler (the optional 'sampler' input, e.g. KSamplerSelect's dpmpp_2m;
     Euler when empty) that, before each of its steps inside the early window, moves the latent down the gradient
     of an attention-concentration energy E = 1 − (pathology attention inside the target ÷ all pathology
-    attention) (+ an optional extent term), Attend-and-Excite style: once per step, however many model calls the
-    sampler makes in it. 0 iterations = your sampler exactly. Multistep samplers (dpmpp_2m, lms, uni_pc, ...)
-    restart their history after each refined step. Energies per step go to the run's record (see CXR
-    Refinement Preview)."""
+    attention) (+ an optional extent term): a latent update in the manner of Attend-and-Excite, with our own
+    energy and step rule. Once per step, however many model calls the sampler makes in it. 0 iterations = your
+    sampler exactly. Multistep samplers (dpmpp_2m, lms, uni_pc, ...) restart their history after each refined
+    step. Energies per step go to the run's record (see CXR Refinement Preview)."""
 
     TITLE = TITLE
 
@@ -78,15 +78,15 @@ class CXRRefinementSampler(io.ComfyNode):
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Refinement starts here." + WINDOW_TIP),
                 io.Float.Input("end_percent", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Refinement ends here (A&E: the first half)." + WINDOW_TIP),
+                               tooltip="Refinement ends here (A&E's code: the first 25 of 50 steps)." + WINDOW_TIP),
                 io.String.Input("thresholds", default="",
                                 tooltip="Optional early stop 'percent:energy, ...' (e.g. 0:0.95, 0.2:0.5, 0.4:0.2): "
                                 "a step's iterations stop once the energy is at or below the value in force."),
                 io.Combo.Input("grid_factor", options=list(GRID_FACTORS), default="4",
                                tooltip="Energy maps from the encoder layers whose grid is the latent ÷ this "
-                               "(4 = A&E's 16×16 at 512 px). Smaller = finer grid but more weights copied."),
+                               "(4 = A&E's attention_res 16 at 512 px). Smaller = finer grid but more weights copied."),
                 io.Float.Input("smoothing", default=0.5, min=0.0, max=3.0, step=0.05,
-                               tooltip="Gaussian σ (in cells) applied to the maps (A&E: 0.5; 0 = none)."),
+                               tooltip="Gaussian σ (in cells) applied to the maps (A&E's code: 0.5; 0 = none)."),
                 io.Float.Input("extent_weight", default=0.0, min=0.0, max=1.0, step=0.05,
                                tooltip="Weight of the extent term (map area above the threshold vs target area)."),
                 io.Float.Input("extent_threshold", default=0.5, min=0.0, max=1.0, step=0.05,

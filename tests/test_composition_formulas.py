@@ -27,12 +27,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cxr_helpers import gate, sample
+from cxr_helpers import gate as gate_at_defaults
+from cxr_helpers import sample
 from node_run import run
 
 pytestmark = pytest.mark.slow
 
 CFG = 5.0
+
+
+def gate(comfy, model, chest, **overrides):
+    """The gate with the negative prompt's rows stock unless ``overrides`` say otherwise: the formulas above are
+    for that layout (the node's default gates both passes; README, "Defaults for the negative prompt's pass")."""
+    return gate_at_defaults(comfy, model, chest, **{"apply_to_uncond": False, **overrides})
 
 
 def denoised(comfy, model, chest, cfg: float = CFG) -> torch.Tensor:
