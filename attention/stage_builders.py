@@ -42,6 +42,9 @@ BLOCK_CHOICES: dict[str, tuple[str, ...]] = {
 GRID_FACTORS = ("2", "1", "4", "8")
 #: Boost factors (the node's ``factor`` range; per-word factors may go lower, down to anything above 0).
 FACTOR_MIN, FACTOR_MAX = 0.05, 50.0
+#: The gate's default for the negative prompt's pass (self-attention gating on both passes): decided by the rule in
+#: README, "Defaults for the negative prompt's pass" (benchmarks/defaults.py); every host and the node use it.
+GATE_APPLY_TO_UNCOND = True
 #: Organ growth before labelling tokens, in pixels of the masks' grid.
 MARGIN_MAX = 256
 
@@ -171,7 +174,7 @@ def word_factors(words: str | Mapping[str, float], tokens: TokenMap, default: fl
 def gate_stage(masks: OrganMasks, to_sigma: ToSigma, *, tokens: TokenMap | None = None, strength: float = 1.0,
                token_strength: float = 1.0, organs: str | Iterable[str] = "right_lung, left_lung, heart",
                background: str = "free", margin_px: int = 0, blocks: str | Iterable[str] = "all",
-               start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = False,
+               start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = GATE_APPLY_TO_UNCOND,
                title: str = "", anatomy_isolation: str = "tokens", project: Callable | None = None) -> GateStage:
     """The anatomy gate: ``strength`` confines self-attention to organs (1 = hard), ``token_strength`` hides
     anatomy words of ``tokens`` from image tokens outside their organ. Neutral (``stage.neutral``) at 0 and 0.

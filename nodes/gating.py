@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..attention.gating import BACKGROUNDS, ISOLATIONS
 from ..attention.organs import OrganMasks
-from ..attention.stage_builders import BLOCK_CHOICES, MARGIN_MAX, gate_stage
+from ..attention.stage_builders import BLOCK_CHOICES, GATE_APPLY_TO_UNCOND, MARGIN_MAX, gate_stage
 from ..attention.tokens import TokenMap
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
 from ..hosts.comfy.prompt_isolation import projector
@@ -65,7 +65,7 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
                 *schema.window_inputs("Gating starts at this point of denoising.",
                                       "Gating ends at this point of denoising."),
                 io.Boolean.Input(
-                    "apply_to_uncond", default=True,
+                    "apply_to_uncond", default=GATE_APPLY_TO_UNCOND,
                     tooltip="Also gate the negative (uncond) pass's self-attention (default on: off, CFG "
                     "multiplies the gate's change by cfg; README, 'Defaults for the negative prompt's pass'). "
                     "Token masking always acts on the positive prompt only.",

@@ -64,7 +64,8 @@ def _stages(t, which: str):
     out = []
     if "gate" in which:
         strength = 0.7 if "soft" in which else 1.0
-        out.append(gate_stage(t["masks"], schedule, tokens=t["tokens"], strength=strength, background="confined"))
+        out.append(gate_stage(t["masks"], schedule, tokens=t["tokens"], strength=strength, background="confined",
+                              apply_to_uncond=False))  # the negative rows stay stock (checked below)
     if "boost" in which:
         out.append(boost_stage(t["tokens"], target, schedule, factor=4.0, damping=0.5, end_percent=1.0))
     if "capture" in which:

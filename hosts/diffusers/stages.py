@@ -45,7 +45,7 @@ def token_map(tokenizer, prompt: str, anatomy: str = "", pathology: str = "") ->
 def gate_stage(masks: OrganMasks, schedule: DiscreteSchedule, *, tokens: TokenMap | None = None,
                strength: float = 1.0, token_strength: float = 1.0, organs: str = "right_lung, left_lung, heart",
                background: str = "free", margin_px: int = 0, blocks: str | Iterable[str] = "all",
-               start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = False,
+               start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = build.GATE_APPLY_TO_UNCOND,
                title: str = "CXR gate", anatomy_isolation: str = "tokens") -> GateStage:
     """The anatomy gate (as the CXR Anatomy Attention Gate node): ``strength`` confines self-attention to
     organs (1 = hard), ``token_strength`` hides anatomy words from tokens outside their organ.
