@@ -108,6 +108,7 @@ class RunState:
         self.reached: set[tuple[str, Key]] = set()  # (kind, key) of our replaces that ran in this run
         self.positive: frozenset | None = None  # conditioning ids of the positive prompt in this run
         self.call: CondCall | None = None  # the current call of the conditionings (areas, positive lists)
+        self.guider: object | None = None  # the host's sampler object of this run (its positive conditionings)
         self._reported: set[tuple] = set()
 
     def clone(self) -> RunState:
@@ -120,6 +121,7 @@ class RunState:
         self.reached = set()
         self._reported = set()
         self.call = None
+        self.guider = None
         return self
 
     def reach(self, kind: str, key: Key) -> None:

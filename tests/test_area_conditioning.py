@@ -114,9 +114,10 @@ def test_two_same_size_areas_batched_together_each_get_their_own_labels(comfy, t
     b = area_cond(comfy, chest128.positive, 64, 64, 48, 56)  # (8, 8, 7, 6)
     both = comfy.nodes.ConditioningCombine().combine(a, b)[0]
     sample(comfy, patched, both, chest128.negative, chest128.latent)
-    # the negative prompt has no area: ComfyUI gives it a copy under each positive area, ungated here (off for
-    # the negative), so only the positive's areas appear
+    # the negative prompt has no area: ComfyUI gives it a copy under each positive area (with the positive's id and
+    # the negative's text); the gate is off for the negative, so only positive rows are gated, under their areas
     check(recorder, chest128.masks, {(8, 8, 2, 1), (8, 8, 7, 6)})
+    assert all(cou and set(cou) == {0} for *_, cou in recorder)
     per_call: dict[int, set] = {}
     for n, field, _, _ in recorder:
         per_call.setdefault(n, set()).add(field.area)
@@ -163,7 +164,7 @@ def test_boost_under_an_area_uses_the_target_cropped_to_it(comfy, tiny_model, ch
     from cxr_counterfactual.attention.stage_builders import target_region
 
     boost = comfy.node("CXRPathologyBoost")
-    positive = area_cond(comfy, chest128.positive, 56, 64, 0, 0)  # (8, 7, 0, 0): the top-left quarter
+    positive = area_cond(comfy, chest128.positive, 112, 64, 0, 0)  # (8, 14, 0, 0): the top half
     target = target_region(chest128.masks, "left_lung")
     bottom = target.data[0].clone()
     bottom[:64] = 0  # only the latent's bottom half: outside the area

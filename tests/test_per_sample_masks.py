@@ -24,7 +24,7 @@ STEPS = 2
 # Batch and single runs differ only in float32 rounding: the same rows go through convolutions and attention whose
 # kernels block and order their sums by batch size. One float32 op rounds to 2^-24 relative; the tiny UNet's
 # reductions run over ≤ 1152 terms (3×3×128 convolution inputs), so one layer's worst case is ≈ 1152 · 2^-24 ≈ 7e-5
-# relative, and errors of ~20 layers and 2 steps add to a bound near 3e-3 of the latent's scale. Measured: ~1e-6.
+# relative, and errors of ~20 layers and 2 steps add to a bound near 3e-3 of the latent's scale.
 TOL = 3e-3
 
 

@@ -393,6 +393,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         conds = getattr(guider, "conds", None) or {}
         if "positive" in conds:  # CFGGuider and ours; other guiders fall back to cond_or_uncond
             state.positive = frozenset(c["uuid"] for c in conds["positive"] if "uuid" in c)
+            state.guider = guider  # its conds["positive"] is the list its model calls pass
     try:
         out = executor(*args, **kwargs)
         if state is not None:
@@ -466,6 +467,7 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
         return executor(model, conds, x_in, timestep, model_options)
     latent = (int(x_in.shape[-2]), int(x_in.shape[-1]))
     call = CondCall(latent)
+    positive = (getattr(state.guider, "conds", None) or {}).get("positive")
     lists = []
     for group in conds:
         ids = []
@@ -476,8 +478,11 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
                     call.areas[cond["uuid"]] = clip_area(cond["area"], latent)
             if "uuid" in cond:
                 ids.append(cond["uuid"])
-        lists.append(bool(ids) and state.positive is not None and all(u in state.positive for u in ids))
-    if state.positive is not None and all(any("uuid" in c for c in g or ()) for g in conds):
+        # The guider's positive list itself (ComfyUI may add the negative's area copies to it), or a list of positive
+        # conditionings only (a pack's filtered copy); never a list holding the negative prompt's own ids.
+        lists.append(group is not None and (group is positive or (
+            bool(ids) and state.positive is not None and all(u in state.positive for u in ids))))
+    if positive is not None or (state.positive is not None and all(any("uuid" in c for c in g) for g in conds if g)):
         call.positive = tuple(lists)
     state.call = call
     try:
