@@ -192,15 +192,28 @@ def _target_tokens(stage: Stage, target: AnyOrganMasks, h: int, w: int, field: F
     return inside
 
 
-def _target_count(target: AnyOrganMasks | None) -> int:
-    return 1 if target is None else mask_count(target)
+class _PerImageTarget:
+    """Boost and capture: a one-region ``target`` (one per image, or one every image shares)."""
+
+    TARGET_INPUT: ClassVar[str] = "organ_masks"
+    target: AnyOrganMasks | None
+    title: str
+
+    @property
+    def mask_count(self) -> int:
+        return 1 if self.target is None else mask_count(self.target)
+
+    def check_batch(self, images: int) -> None:
+        if self.target is not None:
+            check_mask_count(self.target, images, node=self.title, input_name=self.TARGET_INPUT)
 
 
 @dataclass(eq=False)
-class BoostStage(Stage):
+class BoostStage(_PerImageTarget, Stage):
     """Pathology boosting: ``positions`` word → indices, ``factors`` word → f, ``damping`` outside."""
 
     KINDS = ("attn2",)
+    TARGET_INPUT = "organ_masks / target_mask"
 
     target: AnyOrganMasks | None = None  # None only for a neutral boost (factors 1, damping 1): it never runs
     positions: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -211,14 +224,6 @@ class BoostStage(Stage):
     @property
     def neutral(self) -> bool:
         return self.damping == 1.0 and all(f == 1.0 for f in self.factors.values())
-
-    @property
-    def mask_count(self) -> int:
-        return _target_count(self.target)
-
-    def check_batch(self, images: int) -> None:
-        if self.target is not None:
-            check_mask_count(self.target, images, node=self.title, input_name="organ_masks / target_mask")
 
     def cross_bias(self, h: int, w: int, field: Field, context_len: int, device) -> torch.Tensor | None:
         field = field.for_masks(self.target)
@@ -238,7 +243,7 @@ class BoostStage(Stage):
 
 
 @dataclass(eq=False)
-class CaptureStage(Stage):
+class CaptureStage(_PerImageTarget, Stage):
     """Records per-word cross-attention maps at one grid (``latent // grid_factor``) and, with a target,
     the pathology words' attention share inside it, per step."""
 
@@ -250,14 +255,6 @@ class CaptureStage(Stage):
     grid_factor: int = 2
     target: AnyOrganMasks | None = None
     cond_len: int = 77
-
-    @property
-    def mask_count(self) -> int:
-        return _target_count(self.target)
-
-    def check_batch(self, images: int) -> None:
-        if self.target is not None:
-            check_mask_count(self.target, images, node=self.title, input_name="organ_masks")
 
     def wants(self, h: int, w: int, latent: Grid) -> bool:
         return (-(-latent[0] // self.grid_factor), -(-latent[1] // self.grid_factor)) == (h, w)
