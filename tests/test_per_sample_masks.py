@@ -138,3 +138,15 @@ def test_target_region_builds_one_target_per_image(trio):
     empty[1] = 0
     with pytest.raises(CXRInputError, match="target mask 2 of 3 is empty"):
         target_region(None, "", empty)
+
+
+def test_the_diffusers_host_refuses_a_batch_of_mask_sets(trio):
+    """The diffusers host applies one mask set per call: a stage holding one per image is refused when installed."""
+    from cxr_counterfactual.attention.stage_builders import gate_stage
+    from cxr_counterfactual.hosts.diffusers.processors import install_regulation
+
+    sets, _ = trio
+    stage = gate_stage(OrganMaskBatch(tuple(sets)), lambda p: 1.0 - p, title="gate")
+    with pytest.raises(CXRInputError, match=r"\[gate\] input 'organ_masks'.*3 mask sets"):
+        install_regulation(object(), [stage])
+    assert stage.mask_count == 3
