@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -84,6 +86,17 @@ def latent_fingerprint(samples: torch.Tensor) -> str:
     return hashlib.sha1(data.numpy().tobytes() + str(tuple(data.shape)).encode()).hexdigest()
 
 
+@dataclass
+class CondCall:
+    """What the host's model-call wrapper saw of the current call of the conditionings (ComfyUI's
+    ``calc_cond_batch``): the full latent, each conditioning's area by its id, and which of the call's lists of
+    conditionings (``cond_or_uncond`` numbers them) are the positive prompt's."""
+
+    latent: Grid
+    areas: dict[Hashable, tuple[int, int, int, int]] = field(default_factory=dict)
+    positive: tuple[bool, ...] | None = None
+
+
 class RunState:
     """The one per-run holder: options, the current run's record, the shared result store."""
 
@@ -94,6 +107,8 @@ class RunState:
         self.record = RunRecord()
         self.reached: set[tuple[str, Key]] = set()  # (kind, key) of our replaces that ran in this run
         self.positive: frozenset | None = None  # conditioning ids of the positive prompt in this run
+        self.call: CondCall | None = None  # the current call of the conditionings (areas, positive lists)
+        self.guider: object | None = None  # the host's sampler object of this run (its positive conditionings)
         self._reported: set[tuple] = set()
 
     def clone(self) -> RunState:
@@ -105,6 +120,8 @@ class RunState:
         self.record = self.store.new_run()
         self.reached = set()
         self._reported = set()
+        self.call = None
+        self.guider = None
         return self
 
     def reach(self, kind: str, key: Key) -> None:

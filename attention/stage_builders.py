@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CXRInputError
 from .gating import BACKGROUNDS, ISOLATION_MAX_WORDS, ISOLATIONS, PromptIsolation
-from .organs import OrganMasks, parse_names
+from .organs import AnyOrganMasks, OrganMasks, batch_masks, mask_sets, parse_names, sample_masks
 from .stages import BoostStage, CaptureStage, GateStage
 from .tokens import TokenMap
 
@@ -111,29 +111,35 @@ def _located(err: CXRInputError, input_name: str) -> CXRInputError:
     return err.located("", input_name)
 
 
-def target_region(masks: OrganMasks | None, organs: str | Iterable[str] = "",
-                  mask: torch.Tensor | None = None) -> OrganMasks:
-    """The one-region target that boosting, capture and refinement take: ``mask`` when given (one mask, values
-    0 to 1, not empty), else the union of ``organs`` from ``masks``."""
+def target_region(masks: AnyOrganMasks | None, organs: str | Iterable[str] = "",
+                  mask: torch.Tensor | None = None) -> AnyOrganMasks:
+    """The one-region target that boosting, capture and refinement take: ``mask`` when given (values 0 to 1, not
+    empty), else the union of ``organs`` from ``masks``.
+
+    Per image where the input is per image: a MASK batch of ``n > 1`` masks (one per image) or an
+    :class:`.organs.OrganMaskBatch` gives an ``OrganMaskBatch`` of one-region targets, image ``i``'s from its own
+    mask (set); one mask (set) gives one target that every image shares.
+    """
     if mask is not None:
         batch = mask.reshape(-1, *mask.shape[-2:]).float().cpu()
-        if batch.shape[0] != 1:
-            raise CXRInputError(f"got a batch of {batch.shape[0]} target masks; the target is one region.",
-                                input_name="target_mask",
-                                fix="Connect one mask (e.g. pick one with a batch-select node).")
-        m = batch[0]
-        if not bool(torch.isfinite(m).all()):
-            raise CXRInputError("the target mask contains NaN or infinite values.", input_name="target_mask",
-                                fix="Fix the node that made the MASK (values must be 0 to 1).")
-        if float(m.max()) <= 0:
-            raise CXRInputError("the target mask is empty.", input_name="target_mask",
-                                fix="Connect a mask that marks the target region (1 = inside).")
-        return OrganMasks(("target",), m.clamp(0, 1)[None])
+        targets = []
+        for i, m in enumerate(batch):
+            which = "the target mask" if batch.shape[0] == 1 else f"target mask {i + 1} of {batch.shape[0]}"
+            if not bool(torch.isfinite(m).all()):
+                raise CXRInputError(f"{which} contains NaN or infinite values.", input_name="target_mask",
+                                    fix="Fix the node that made the MASK (values must be 0 to 1).")
+            if float(m.max()) <= 0:
+                raise CXRInputError(f"{which} is empty.", input_name="target_mask",
+                                    fix="Connect a mask that marks the target region (1 = inside), one per image "
+                                        "of the batch or one for all.")
+            targets.append(OrganMasks(("target",), m.clamp(0, 1)[None]))
+        return batch_masks(targets)
     if masks is None:
         raise CXRInputError("no target region.", input_name="organ_masks",
                             fix="Connect the fitted organ masks (and name target organs) or a target MASK.")
     try:
-        return OrganMasks(("target",), masks.union(parse_names(organs))[None])
+        names = parse_names(organs)
+        return batch_masks([OrganMasks(("target",), m.union(names)[None]) for m in mask_sets(masks)])
     except CXRInputError as err:
         raise _located(err, "target_organs") from None
 
@@ -171,7 +177,7 @@ def word_factors(words: str | Mapping[str, float], tokens: TokenMap, default: fl
 
 # --------------------------------------------------------------------------------------------------
 # the builders
-def gate_stage(masks: OrganMasks, to_sigma: ToSigma, *, tokens: TokenMap | None = None, strength: float = 1.0,
+def gate_stage(masks: AnyOrganMasks, to_sigma: ToSigma, *, tokens: TokenMap | None = None, strength: float = 1.0,
                token_strength: float = 1.0, organs: str | Iterable[str] = "right_lung, left_lung, heart",
                background: str = "free", margin_px: int = 0, blocks: str | Iterable[str] = "all",
                start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = GATE_APPLY_TO_UNCOND,
@@ -193,15 +199,16 @@ def gate_stage(masks: OrganMasks, to_sigma: ToSigma, *, tokens: TokenMap | None 
     _strength("token_strength", token_strength)
     check_number("margin_px", margin_px, 0, MARGIN_MAX)
     check_window(start_percent, end_percent)
+    first = sample_masks(masks, 0)  # every set of a batch has the same organs
     try:
         names = tuple(parse_names(organs))
-        masks.select(names)  # every organ must be present
+        first.select(names)  # every organ must be present
     except CXRInputError as err:
         raise _located(err, "organs") from None
     words: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
     if tokens is not None and token_strength > 0:
         for word, tied in tokens.anatomy.items():
-            missing = [o for o in tied if o not in masks]
+            missing = [o for o in tied if o not in first]
             if missing:
                 raise CXRInputError(
                     f"the anatomy word '{word}' is tied to {', '.join(missing)}, which the organ masks lack "
@@ -237,7 +244,7 @@ def _prompt_isolation(tokens, words, token_strength: float, project: Callable) -
     return PromptIsolation.build([pos for pos, _ in words], tokens.cond_len, encode, project)
 
 
-def boost_stage(tokens: TokenMap, target: OrganMasks | None, to_sigma: ToSigma, *, factor: float = 3.0,
+def boost_stage(tokens: TokenMap, target: AnyOrganMasks | None, to_sigma: ToSigma, *, factor: float = 3.0,
                 words: str | Mapping[str, float] = "", outside_damping: float = 1.0,
                 blocks: str | Iterable[str] = "all", start_percent: float = 0.0, end_percent: float = 0.4,
                 title: str = "") -> BoostStage:
@@ -275,7 +282,7 @@ def _disjoint(positions: Mapping[str, tuple[int, ...]]) -> None:
 
 
 def capture_stage(tokens: TokenMap, to_sigma: ToSigma, *, label: str = "run", grid_factor: int | str = 2,
-                  target: OrganMasks | None = None, start_percent: float = 0.0, end_percent: float = 1.0,
+                  target: AnyOrganMasks | None = None, start_percent: float = 0.0, end_percent: float = 1.0,
                   title: str = "") -> CaptureStage:
     """Attention capture: per-word maps at the grid ``latent ÷ grid_factor`` and, with a ``target``, the
     pathology words' share inside it, per step, into the run's record. Never changes the result."""

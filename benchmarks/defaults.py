@@ -53,8 +53,9 @@ def boost_negative_rows():
         if self.kind != "attn2" or rows is None:
             return out
         sigma = float(extra["sigmas"].max())
-        h, w, latent = patch._grids(extra)
-        bias = cross_bias(active_stages(self.stages, self.key, sigma), h, w, latent, k.shape[1], q.device)
+        h, w = patch._grid(extra)
+        field = patch.chunk_fields(extra)[0]  # one radiograph, no area: every chunk has the same field
+        bias = cross_bias(active_stages(self.stages, self.key, sigma), h, w, field, k.shape[1], q.device)
         others = sorted(set(range(q.shape[0])) - set(rows.tolist()))
         if bias is None or not others:
             return out

@@ -26,6 +26,7 @@ from diffusers_helpers import (
     tiny_unet,
 )
 
+from cxr_counterfactual.attention.field import Field
 from cxr_counterfactual.attention.layer_call import COND, UNCOND, layer_grid
 from cxr_counterfactual.attention.schedule import DiscreteSchedule
 from cxr_counterfactual.attention.stage_builders import target_region
@@ -87,7 +88,7 @@ def test_one_attention_layer_stock_and_gated(tiny):
         off = proc(attn, x, cxr_step=_step(sigma=-1.0))  # outside the stage's window: the original processor
         gated = proc(attn, x, cxr_step=_step(sigma=1.0, chunks=(COND, COND)))
         q, k, v = (t.view(2, 72, 2, 8).transpose(1, 2) for t in (attn.to_q(x), attn.to_k(x), attn.to_v(x)))
-        part = gate.partition(9, 8, LATENT, x.device)
+        part = gate.partition(9, 8, Field(LATENT), x.device)
         ref = gated_self_attention_dense(q, k, v, part, 0.0, "confined").transpose(1, 2).reshape(2, 72, 16)
         ref = attn.to_out[0](ref)
     assert torch.equal(off, stock)

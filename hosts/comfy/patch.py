@@ -4,7 +4,10 @@ What it does:
 - finds every SpatialTransformer of the model (never a hard-coded block list) and registers one replace
   per attention on a **clone** of the ModelPatcher, under the 3-part key ``(block, number, index)``;
 - reads ``extra_options`` at run time (the layer's token grid ``activations_shape``, ``cond_or_uncond``,
-  ``sigmas``, ``n_heads``), picks the rows to regulate and calls the core;
+  ``uuids``, ``sigmas``, ``n_heads``), picks the rows to regulate, groups them by their region source (a
+  :class:`...attention.field.Field`: the image of the batch, and the area of its conditioning, which a
+  CALC_COND_BATCH wrapper records per conditioning id because ComfyUI narrows the input to it before the model
+  runs) and calls the core once per group;
 - composes with other packs: a replace already under our key (or under the block's 2-part key, at node
   time or, like PAG's, at sampling time) becomes the attention *kernel* our gating calls (per region
   group for hard gating); a replace that overwrites ours after we installed it (SAG does) is detected when
@@ -25,19 +28,22 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
+from ...attention.field import Field, check_area, clip_area, group_rows, row_fields
 from ...attention.gating import gated_self_attention, self_attention_bias, token_masked_cross_attention
 from ...attention.kernels import sdpa, sdpa_with_lse, to_flat, to_heads
 from ...attention.layer_call import (
     COND,
     UNCOND,
     active_stages,
+    check_images,
     cross_bias,
+    per_sample,
     record_capture,
     regulated_rows,
     self_gate,
     wanted_captures,
 )
-from ...attention.run_state import ResultStore, RunState, latent_fingerprint
+from ...attention.run_state import CondCall, ResultStore, RunState, latent_fingerprint
 from ...attention.stages import CaptureStage, GateStage, Key, Stage
 from .control_checks import check_controls
 from .prompt_isolation import isolated, isolating_gate
@@ -54,11 +60,36 @@ def _state(options: dict) -> RunState | None:
     return options.get(HOLDER_KEY)
 
 
-def _grids(extra: dict) -> tuple[int, int, tuple[int, int]]:
-    """This layer's token grid ``h, w`` (from its activations, never guessed) and the latent's ``(H, W)``."""
+def _grid(extra: dict) -> tuple[int, int]:
+    """This layer's token grid ``h, w`` (from its activations, never guessed)."""
     h, w = (int(n) for n in extra["activations_shape"][-2:])
-    lh, lw = (int(n) for n in extra["original_shape"][-2:])
-    return h, w, (lh, lw)
+    return h, w
+
+
+def chunk_fields(extra: dict) -> list[Field]:
+    """One :class:`Field` per chunk of this model call (``uuids``: one conditioning id per chunk).
+
+    ``original_shape`` is the input the UNet got: the area of an area-conditioned chunk, not the latent. The
+    full latent and each conditioning's area come from the run's :class:`CondCall` (recorded by
+    :func:`calc_cond_batch_wrapper`); without it (a probe pass with no per-run holder, another caller of the
+    model) the input is its own latent.
+    """
+    shape = (int(extra["original_shape"][-2]), int(extra["original_shape"][-1]))
+    own = Field(shape)
+    labels = extra.get("cond_or_uncond") or [0]
+    state = _state(extra)
+    call = state.call if state is not None else None
+    uuids = extra.get("uuids")
+    if call is None or uuids is None or len(uuids) != len(labels):
+        return [own] * len(labels)
+    out = []
+    for u in uuids:
+        area = call.areas.get(u)
+        if area is not None and area[:2] == shape:
+            out.append(Field(call.latent, area))
+        else:  # no area (or not the one this input was narrowed to): the input is the whole latent
+            out.append(Field(call.latent) if shape == call.latent else own)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,7 +105,12 @@ def _rows(extra: dict, batch: int, include_uncond: bool) -> torch.Tensor | None:
     labels = list(extra.get("cond_or_uncond") or [])
     state = _state(extra)
     uuids = extra.get("uuids")
-    if state is not None and state.positive is not None and uuids is not None and len(uuids) == len(labels):
+    call = state.call if state is not None else None
+    if call is not None and call.positive is not None and all(0 <= c < len(call.positive) for c in labels):
+        # ComfyUI gives the negative prompt a copy of an area-conditioned positive one (same id, same area,
+        # the negative's text): the call's lists, not the ids alone, say which chunks are positive.
+        labels = [COND if call.positive[c] else UNCOND for c in labels]
+    elif state is not None and state.positive is not None and uuids is not None and len(uuids) == len(labels):
         labels = [COND if u in state.positive else UNCOND for u in uuids]
     return regulated_rows(labels, batch, include_uncond)
 
@@ -88,6 +124,9 @@ def _sub_options(extra: dict, rows: torch.Tensor | None, batch: int) -> dict:
     chunks = sorted({int(r) // per for r in rows})
     sub = dict(extra)
     sub["cond_or_uncond"] = [cou[c] for c in chunks]
+    uuids = extra.get("uuids")
+    if uuids is not None and len(uuids) == len(cou):
+        sub["uuids"] = [uuids[c] for c in chunks]
     return sub
 
 
@@ -126,10 +165,10 @@ class CXRReplace:
         sigmas = extra.get("sigmas")
         sigma = float(sigmas.max()) if sigmas is not None else 0.0
         active = active_stages(self.stages, self.key, sigma)
-        h, w, latent = _grids(extra)
+        h, w = _grid(extra)
+        gate = None
         if self.kind == "attn1":
             gate = self_gate(active)
-            work = None if gate is None else (lambda qq, kk, vv, sub: self._gate(gate, qq, kk, vv, sub, state))
             include_uncond = gate is not None and gate.apply_to_uncond
             if gate is not None and include_uncond and self.inner is not None:
                 # Region-by-region calls would show another pack pieces of the negative prompt's attention, and
@@ -139,17 +178,38 @@ class CXRReplace:
                                  "gets the negative prompt's rows ungated (apply_to_uncond is off in this layer).")
                 include_uncond = False
         else:
-            work = self._cross_work(active, h, w, latent, k.shape[1], q.device, sigma, state)
             include_uncond = False  # token indices belong to the positive prompt
-        if work is None:
+        groups = self._groups(q.shape[0], extra, active, include_uncond) if active else []
+        if self.kind == "attn1":
+            plans = [] if gate is None else [
+                (rows, field, lambda qq, kk, vv, sub, f=field: self._gate(gate, qq, kk, vv, sub, state, f))
+                for field, rows in groups]
+        else:
+            plans = [(rows, field, work) for field, rows in groups
+                     if (work := self._cross_work(active, h, w, field, k.shape[1], q.device, sigma, state)) is not None]
+        if not plans:
             if state is not None:
                 state.trace(self.kind, self.key, sigma, False)
             return self._stock(q, k, v, extra)
         if state is not None:
             state.trace(self.kind, self.key, sigma, True)
-        if getattr(work, "whole_batch", False):
-            return work(q, k, v, extra)
-        return self._on_rows(q, k, v, extra, include_uncond, work)
+        if len(groups) == 1 and len(plans) == 1:  # one region source (no area, one mask set): the one-field path
+            work = plans[0][2]
+            if getattr(work, "whole_batch", False):
+                return work(q, k, v, extra)
+            return self._on_rows(q, k, v, extra, include_uncond, work)
+        return self._on_groups(q, k, v, extra, plans, h, w, sigma, state)
+
+    def _groups(self, batch: int, extra: dict, active, include_uncond: bool) -> list[tuple[Field, list[int]]]:
+        """The regulated rows grouped by their field (one group: all share it)."""
+        rows = _rows(extra, batch, include_uncond)
+        chunks = chunk_fields(extra)
+        if per_sample(active):
+            check_images(active, batch // len(chunks))
+        fields = row_fields(chunks, batch, per_sample(active))
+        if rows is not None and rows.numel() == 0:  # nothing to regulate in this call (e.g. the negative alone)
+            return [(fields[0], [])]
+        return group_rows(range(batch) if rows is None else rows.tolist(), fields)
 
     def _on_rows(self, q, k, v, extra: dict, include_uncond: bool, work) -> torch.Tensor:
         """Run ``work`` on the regulated rows and stock attention (once) on the others."""
@@ -169,10 +229,55 @@ class CXRReplace:
         out[r] = regulated.to(stock.dtype)
         return out
 
-    def _cross_work(self, active, h, w, latent, context_len, device, sigma, state):
-        """Cross-attention: the sum of the active stages' biases, plus any captures; None = stock."""
-        bias = cross_bias(active, h, w, latent, context_len, device)
-        captures = wanted_captures(active, h, w, latent)
+    def _on_groups(self, q, k, v, extra: dict, plans, h: int, w: int, sigma: float, state) -> torch.Tensor:
+        """Several region sources: each group's work on its rows, stock attention (once) on the rest.
+
+        A capture records every group's rows together (one :func:`record_capture` per capture stage); a group
+        that is only observed (captured, no bias) attends with the stock rows.
+        """
+        batch = q.shape[0]
+        captured: dict[CaptureStage, list] = {}
+        done: list[tuple[list[int], torch.Tensor]] = []
+        for rows, field, work in plans:
+            r = torch.tensor(rows, dtype=torch.long, device=q.device)
+            sub = _sub_options(extra, r, batch)
+            qq, kk, vv = q.index_select(0, r), k.index_select(0, r), v.index_select(0, r)
+            if self.kind == "attn1":
+                done.append((rows, work(qq, kk, vv, sub)))
+                continue
+            bias, captures = work.bias, work.captures
+            if captures:
+                qh, kh = to_heads(qq, extra["n_heads"]), to_heads(kk, extra["n_heads"])
+                for cap in captures:
+                    captured.setdefault(cap, []).append((qh, kh, bias, field))
+            if bias is not None:
+                done.append((rows, work.attend(qq, kk, vv, sub)))
+        if state is not None:
+            for cap, parts in captured.items():
+                record_capture(cap, parts, h, w, sigma, state)
+        if not done:  # captures only: the whole batch attends exactly as without us
+            return self._stock(q, k, v, extra)
+        regulated_rows_ = sorted(r for rows, _ in done for r in rows)
+        others = sorted(set(range(batch)) - set(regulated_rows_))
+        dtype = q.dtype
+        out = None
+        if others:
+            o = torch.tensor(others, dtype=torch.long, device=q.device)
+            stock = self._stock(q.index_select(0, o), k.index_select(0, o), v.index_select(0, o),
+                                _sub_options(extra, o, batch))
+            out = torch.empty(batch, *stock.shape[1:], dtype=stock.dtype, device=stock.device)
+            out[o] = stock
+        for rows, result in done:
+            if out is None:
+                out = torch.empty(batch, *result.shape[1:], dtype=dtype, device=result.device)
+            out[torch.tensor(rows, dtype=torch.long, device=q.device)] = result.to(out.dtype)
+        return out
+
+    def _cross_work(self, active, h, w, field: Field, context_len, device, sigma, state):
+        """Cross-attention for rows of ``field``: the sum of the active stages' biases, plus any captures; None =
+        stock."""
+        bias = cross_bias(active, h, w, field, context_len, device)
+        captures = wanted_captures(active, h, w, field)
         if bias is None and not captures:
             return None
         if bias is not None and (self.inner is not None) and state is not None:
@@ -182,9 +287,15 @@ class CXRReplace:
         def capture(q, k, extra):
             heads = extra["n_heads"]
             qh, kh = to_heads(q, heads), to_heads(k, heads)
-            for cap in captures:
-                self._capture(cap, qh, kh, bias, h, w, latent, sigma, state)
+            if state is not None:
+                for cap in captures:
+                    record_capture(cap, [(qh, kh, bias, field)], h, w, sigma, state)
             return qh, kh
+
+        def attend(q, k, v, extra):
+            heads = extra["n_heads"]
+            return to_flat(token_masked_cross_attention(to_heads(q, heads), to_heads(k, heads), to_heads(v, heads),
+                                                        bias)).to(q.dtype)
 
         if bias is None:
             def observe(q, k, v, extra):
@@ -198,27 +309,27 @@ class CXRReplace:
                     capture(q.index_select(0, r), k.index_select(0, r), _sub_options(extra, rows, q.shape[0]))
                 return self._stock(q, k, v, extra)
             observe.whole_batch = True  # type: ignore[attr-defined]
-            return observe
+            work = observe
+        else:
+            def work(q, k, v, extra):
+                qh, kh = capture(q, k, extra)
+                return to_flat(token_masked_cross_attention(qh, kh, to_heads(v, extra["n_heads"]), bias)).to(q.dtype)
+            gate = isolating_gate(active)
+            if gate is not None:  # anatomy_isolation "prompt": outside queries attend over the prompt without them
+                work = isolated(work, gate, active, self.key, h, w, field)
+                attend = isolated(attend, gate, active, self.key, h, w, field)
+        work.bias, work.captures, work.attend = bias, captures, attend  # type: ignore[attr-defined]
+        return work
 
-        def work(q, k, v, extra):
-            qh, kh = capture(q, k, extra)
-            return to_flat(token_masked_cross_attention(qh, kh, to_heads(v, extra["n_heads"]), bias)).to(q.dtype)
-        gate = isolating_gate(active)
-        return work if gate is None else isolated(work, gate, active, self.key, h, w, latent)
-
-    def _capture(self, cap: CaptureStage, qh, kh, bias, h, w, latent, sigma, state) -> None:
-        if state is not None:
-            record_capture(cap, qh, kh, bias, h, w, latent, sigma, state)
-
-    def _gate(self, stage: GateStage, q, k, v, extra: dict, state: RunState | None):
+    def _gate(self, stage: GateStage, q, k, v, extra: dict, state: RunState | None, field: Field):
         heads = extra["n_heads"]
-        h, w, latent = _grids(extra)
+        h, w = _grid(extra)
         precision = extra.get("attn_precision")
         dtype = q.dtype
         if precision == torch.float32 and dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()  # honour the model's attention precision
         qh, kh, vh = to_heads(q, heads), to_heads(k, heads), to_heads(v, heads)
-        part = stage.partition(h, w, latent, q.device)
+        part = stage.partition(h, w, field, q.device)
         kernel, lse_kernel = self._kernels(heads, extra)
         if self.inner is not None and stage.self_leak == 0.0:
             try:
@@ -276,6 +387,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     if latent_image is not None:
         check_controls(getattr(guider, "conds", None), latent_image.shape,
                        guider.model_patcher.get_model_object("diffusion_model"))
+        if HOLDER_KEY in guider.model_options.get("transformer_options", {}):
+            check_batch(guider.model_options, getattr(guider, "conds", None), latent_image.shape)
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     to = guider.model_options["transformer_options"]
@@ -285,6 +398,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         conds = getattr(guider, "conds", None) or {}
         if "positive" in conds:  # CFGGuider and ours; other guiders fall back to cond_or_uncond
             state.positive = frozenset(c["uuid"] for c in conds["positive"] if "uuid" in c)
+            state.guider = guider  # its conds["positive"] is the list its model calls pass
     try:
         out = executor(*args, **kwargs)
         if state is not None:
@@ -294,6 +408,92 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         return out
     finally:
         guider.model_options = original
+
+
+def our_stages(model_options: dict) -> list[Stage]:
+    """Every stage our replaces in ``model_options`` carry (each once)."""
+    stages: list[Stage] = []
+    for table in model_options.get("transformer_options", {}).get("patches_replace", {}).values():
+        for fn in table.values():
+            for stage in getattr(fn, "stages", ()) if isinstance(fn, CXRReplace) else ():
+                if all(stage is not s for s in stages):
+                    stages.append(stage)
+    return stages
+
+
+def _raw_area(cond: dict, latent: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """A conditioning's area in latent cells as ComfyUI will resolve it (``resolve_areas_and_cond_masks_multidim``;
+    a "mask bounds" area lies within its mask, so inside the latent: None)."""
+    area = cond.get("area")
+    if area is None or len(area) < 4:
+        return None
+    if area[0] == "percentage":
+        a = area[1:]
+        n = len(a) // 2
+        return (max(1, round(a[0] * latent[0])), max(1, round(a[1] * latent[1])), round(a[n] * latent[0]),
+                round(a[n + 1] * latent[1]))
+    if len(area) != 4:  # areas of latents with more dimensions (video): not ours to check
+        return None
+    return tuple(int(v) for v in area)  # type: ignore[return-value]
+
+
+def _area_node(cond: dict) -> str:
+    area = cond.get("area")
+    if area is not None and area[0] == "percentage":
+        return "ConditioningSetAreaPercentage"
+    return "ConditioningSetMask" if "mask" in cond else "ConditioningSetArea"
+
+
+def check_batch(model_options: dict, conds: dict | None, shape: Sequence[int]) -> None:
+    """Before sampling: refuse per-image masks that do not match the latent batch, and a conditioning area outside
+    the latent (ComfyUI would fail mid-sampling, or give that prompt nothing to act on).
+
+    Raises:
+        CXRInputError: naming the stage's node and masks input, or the area's node and its position inputs.
+    """
+    if len(shape) != 4:
+        return
+    for stage in our_stages(model_options):
+        stage.check_batch(int(shape[0]))
+    latent = (int(shape[-2]), int(shape[-1]))
+    for group in (conds or {}).values():
+        for cond in group or ():
+            area = _raw_area(cond, latent)
+            if area is not None:
+                check_area(area, latent, node=_area_node(cond))
+
+
+def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options):
+    """Record, for this call of the conditionings, the full latent, each conditioning's resolved area by its id
+    (ComfyUI narrows the model's input to it; ``transformer_options`` carries only the ids) and which of the
+    call's lists are the positive prompt's; refuse an area outside the latent before the model runs."""
+    state = _state(model_options.get("transformer_options", {}))
+    if state is None or x_in.ndim != 4:
+        return executor(model, conds, x_in, timestep, model_options)
+    latent = (int(x_in.shape[-2]), int(x_in.shape[-1]))
+    call = CondCall(latent)
+    positive = (getattr(state.guider, "conds", None) or {}).get("positive")
+    lists = []
+    for group in conds:
+        ids = []
+        for cond in group or ():
+            if "area" in cond and len(cond["area"]) == 4 and cond["area"][0] != "percentage":
+                check_area(cond["area"], latent, node=_area_node(cond))
+                if "uuid" in cond:
+                    call.areas[cond["uuid"]] = clip_area(cond["area"], latent)
+            if "uuid" in cond:
+                ids.append(cond["uuid"])
+        # The guider's positive list itself (ComfyUI may add the negative's area copies to it), or a list of positive
+        # conditionings only (a pack's filtered copy); never a list holding the negative prompt's own ids.
+        lists.append(group is not None and (group is positive or (
+            bool(ids) and state.positive is not None and all(u in state.positive for u in ids))))
+    if positive is not None or (state.positive is not None and all(any("uuid" in c for c in g) for g in conds if g)):
+        call.positive = tuple(lists)
+    state.call = call
+    try:
+        return executor(model, conds, x_in, timestep, model_options)
+    finally:
+        state.call = None
 
 
 def _check_ownership(state: RunState, to: dict) -> None:
@@ -360,9 +560,11 @@ def install_stage(model, stage: Stage, kinds: Sequence[str] | None = None):
     to = m.model_options["transformer_options"]
     to[HOLDER_KEY] = state
     wrappers = to.get("wrappers", {})
-    if HOLDER_KEY not in wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {}):
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, HOLDER_KEY, outer_sample_wrapper)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, HOLDER_KEY, apply_model_wrapper)
+    kinds = comfy.patcher_extension.WrappersMP
+    for kind, fn in ((kinds.OUTER_SAMPLE, outer_sample_wrapper), (kinds.APPLY_MODEL, apply_model_wrapper),
+                     (kinds.CALC_COND_BATCH, calc_cond_batch_wrapper)):
+        if HOLDER_KEY not in wrappers.get(kind, {}):
+            m.add_wrapper_with_key(kind, HOLDER_KEY, fn)
     return m
 
 

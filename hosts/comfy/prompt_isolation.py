@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
+from ...attention.field import Field
 from ...attention.gating import isolated_cross_attention
 from ...attention.kernels import to_flat, to_heads
 from ...attention.layer_call import cross_bias
-from ...attention.stages import GateStage, Grid, Key, Stage
+from ...attention.stages import GateStage, Key, Stage
 
 
 def attn2_module(dm: torch.nn.Module, key: Key) -> torch.nn.Module:
@@ -50,7 +51,7 @@ def isolating_gate(active: Sequence[Stage]) -> GateStage | None:
     return next((s for s in active if isinstance(s, GateStage) and s.isolation is not None), None)
 
 
-def isolated(work: Callable, gate: GateStage, active: Sequence[Stage], key: Key, h: int, w: int, latent: Grid):
+def isolated(work: Callable, gate: GateStage, active: Sequence[Stage], key: Key, h: int, w: int, field: Field):
     """``work`` (the layer's regulated rows → flat output) with the outside queries' rows recomputed over the
     prompt without their words; other stages' biases (a boost) follow their words' columns there."""
     iso = gate.isolation
@@ -59,12 +60,12 @@ def isolated(work: Callable, gate: GateStage, active: Sequence[Stage], key: Key,
 
     def run(q, k, v, extra):
         out = work(q, k, v, extra)
-        groups = gate.isolation_groups(h, w, latent, q.device)
+        groups = gate.isolation_groups(h, w, field, q.device)
         if not groups:
             return out
         heads, b = extra["n_heads"], q.shape[0]
         qh = to_heads(q, heads)
-        bias = cross_bias(others, h, w, latent, k.shape[1], q.device)
+        bias = cross_bias(others, h, w, field, k.shape[1], q.device)
         out = out.clone()
         for subset, rows in groups:
             ks, vs = iso.project(key, iso.contexts[subset], q)

@@ -26,12 +26,13 @@ import comfy.model_patcher
 import comfy.samplers
 import torch
 
+from ...attention.field import row_fields
 from ...attention.kernels import to_heads
-from ...attention.layer_call import probe_map
+from ...attention.layer_call import active_stages, per_sample, probe_map
 from ...attention.refinement import Energy, Refinement, grid_at
 from ...attention.stages import Key
 from ...errors import CXRInputError
-from .patch import HOLDER_KEY, CXRReplace
+from .patch import HOLDER_KEY, CXRReplace, chunk_fields
 from .unet_layout import grid_factor_keys
 
 TITLE = "CXR Refinement Sampler"
@@ -136,11 +137,15 @@ class _Capture:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
         heads = extra["n_heads"]
         h, w = (int(n) for n in extra["activations_shape"][-2:])
-        latent = (int(extra["original_shape"][-2]), int(extra["original_shape"][-1]))
-        # boosted/gated models: the maps the model really uses (the biases of our stages active here)
+        # boosted/gated models: the maps the model really uses (the biases of our stages active here), each row
+        # with its field by the rule of the sampling pass (this pass has no per-run holder: the input is its own
+        # latent, and row r of a chunk is image r % per where a stage holds one mask set per image)
         stages = self.inner.stages if isinstance(self.inner, CXRReplace) else ()
-        self.maps.append(probe_map(stages, self.key, float(extra["sigmas"].max()), to_heads(q, heads),
-                                   to_heads(k, heads), h, w, latent, self.columns(k.shape[1])))
+        sigma = float(extra["sigmas"].max())
+        active = active_stages(stages, self.key, sigma)
+        fields = row_fields(chunk_fields(extra), q.shape[0], per_sample(active))
+        self.maps.append(probe_map(stages, self.key, sigma, to_heads(q, heads), to_heads(k, heads), h, w, fields,
+                                   self.columns(k.shape[1])))
         if self.last:
             raise _Stop
         if self.inner is not None:  # attend exactly as the model would (our gate/boost, or another pack's)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...attention.field import Field
 from ...attention.gating import gated_self_attention, token_masked_cross_attention
 from ...attention.kernels import sdpa, sdpa_with_lse
 from ...attention.layer_call import (
@@ -181,6 +182,7 @@ class CXRAttnProcessor:
                 input_name="cxr_step", fix="Install the regulation on the pipeline (or pass its scheduler), wrap the "
                 "UNet call in 'with regulation.step(...)', or pass cross_attention_kwargs={'cxr_step': ...}.")
         state, sigma, latent = reg.state, step.sigma, step.latent
+        field = Field(latent)  # diffusers pipelines condition on the whole latent, and masks are one set (see install)
         active = active_stages(reg.stages, self.key, sigma)
         probe = reg.probe if reg.probe is not None and self.name in reg.probe.layers else None
         if hidden_states.ndim == 4:  # [B, C, h, w]: the grid is given
@@ -191,8 +193,8 @@ class CXRAttnProcessor:
         if self.kind == "attn1":
             gate = self_gate(active)
         elif encoder_hidden_states is not None:
-            bias = cross_bias(active, h, w, latent, encoder_hidden_states.shape[1], hidden_states.device)
-            captures = wanted_captures(active, h, w, latent)
+            bias = cross_bias(active, h, w, field, encoder_hidden_states.shape[1], hidden_states.device)
+            captures = wanted_captures(active, h, w, field)
         if gate is None and bias is None and not captures and probe is None:
             state.trace(self.kind, self.key, sigma, False)
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs)
@@ -211,7 +213,7 @@ class CXRAttnProcessor:
         r = None if rows is None else rows.to(q.device)
         qr, kr, vr = (t if r is None else t.index_select(0, r) for t in (q, k, v))
         for cap in captures:
-            record_capture(cap, qr, kr, bias, h, w, latent, sigma, state)
+            record_capture(cap, [(qr, kr, bias, field)], h, w, sigma, state)
         if probe is not None:
             probe.maps.append(pathology_maps(qr, kr, bias, probe.columns(k.shape[2]), h, w))
             if self.name == probe.layers[-1]:
@@ -219,7 +221,7 @@ class CXRAttnProcessor:
         if gate is None and bias is None:  # capture or probe only: the layer attends exactly as without us
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs)
         if gate is not None:
-            part = gate.partition(h, w, latent, q.device)
+            part = gate.partition(h, w, field, q.device)
             regulated = gated_self_attention(qr, kr, vr, part, gate.self_leak, gate.background, sdpa, sdpa_with_lse)
         else:
             assert bias is not None
@@ -335,6 +337,13 @@ def install_regulation(target, stages: Sequence[Stage], *, scheduler=None,
     Returns:
         The :class:`Regulation` (a context manager: leaving it restores the original processors).
     """
+    for stage in stages:
+        if stage.mask_count > 1:  # one set per image needs the per-row fields the ComfyUI host groups by
+            raise CXRInputError(
+                f"the stage holds {stage.mask_count} mask sets (one per image); the diffusers host applies one set "
+                "to every image of a call.", node=stage.title or "install_regulation", input_name="organ_masks",
+                fix="Regulate one image per pipeline call with its own mask set, or use the ComfyUI nodes for a "
+                    "batch of radiographs.")
     unet = getattr(target, "unet", target)
     pipeline = target if unet is not target else None
     scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)

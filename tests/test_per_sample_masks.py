@@ -1,0 +1,152 @@
+"""Per-sample masks: a batch of radiographs, each with its own organ masks, through gate, boost and capture in one
+sampler call gives every image the result it gets alone.
+
+Three real radiographs (the CheXmask example, its mirror image and a vertically shifted copy, each with its masks
+moved the same way) fitted to 64 px (latent 8×7), one ``OrganMaskBatch``. "Alone" is a batch of one with the same
+noise: ComfyUI's ``batch_index`` in the latent makes ``prepare_noise`` give image ``i`` the noise it has in the
+batch (the batch run carries ``batch_index`` too, so both draw noise the same way). Real ComfyUI in-process, the tiny
+SD1.5 checkpoint.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cxr_helpers import chexmask_radiograph, gate
+from node_run import run
+
+from cxr_counterfactual.attention.organs import OrganMaskBatch, OrganMasks
+from cxr_counterfactual.attention.regions import partition
+from cxr_counterfactual.errors import CXRInputError
+
+ORGANS = ("right_lung", "left_lung", "heart")
+STEPS = 2
+# Batch and single runs differ only in float32 rounding: the same rows go through convolutions and attention whose
+# kernels block and order their sums by batch size. One float32 op rounds to 2^-24 relative; the tiny UNet's
+# reductions run over ≤ 1152 terms (3×3×128 convolution inputs), so one layer's worst case is ≈ 1152 · 2^-24 ≈ 7e-5
+# relative, and errors of ~20 layers and 2 steps add to a bound near 3e-3 of the latent's scale.
+TOL = 3e-3
+
+
+@pytest.fixture(scope="module")
+def trio(comfy, tiny_model, chexmask_example, chest):
+    image, masks = chexmask_radiograph(chexmask_example)
+    variants = [
+        (image, masks),
+        (image.flip(2), OrganMasks(masks.names, masks.data.flip(-1))),
+        (image.roll(90, dims=1), OrganMasks(masks.names, masks.data.roll(90, dims=-2))),
+    ]
+    sets, latents = [], []
+    with torch.inference_mode():
+        for img, m in variants:
+            fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=img, max_side=64, organ_masks=m)
+            latents.append(comfy.node("VAEEncode")().encode(tiny_model.vae, fitted)[0]["samples"])
+            sets.append(fitted_masks)
+    latent = torch.cat(latents)
+    assert latent.shape[-2:] == (8, 7)
+    assert not torch.equal(sets[0].data, sets[1].data) and not torch.equal(sets[0].data, sets[2].data)
+    return sets, latent
+
+
+def regulated(comfy, model, chest, masks):
+    """Gate, boost (left lung target) and capture (same target), all from ``masks``."""
+    m = gate(comfy, model, chest, organ_masks=masks)
+    m = run(comfy.node("CXRPathologyBoost"), model=m, tokens=chest.tokens, organ_masks=masks,
+            target_organs="left_lung", factor=4.0)[0]
+    return run(comfy.node("CXRCaptureAttention"), model=m, tokens=chest.tokens, organ_masks=masks,
+               target_organs="left_lung", grid_factor="1")[0]
+
+
+def sample(comfy, model, chest, samples, index, seed=5):
+    latent = {"samples": samples, "batch_index": list(index)}
+    with torch.inference_mode():
+        out = comfy.node("KSampler")().sample(model, seed, STEPS, 5.0, "euler", "normal", chest.positive,
+                                              chest.negative, latent, denoise=1.0)[0]
+    return out["samples"].clone()
+
+
+def shares(model) -> list[float]:
+    from cxr_counterfactual.hosts.comfy.patch import run_state
+
+    capture = run_state(model).store.latest().capture["run"]
+    return [s.share_sum / s.share_layers for _, s in sorted(capture.steps.items(), reverse=True)]
+
+
+def test_each_image_gets_its_own_masks_and_the_result_it_gets_alone(comfy, tiny_model, chest, trio, monkeypatch):
+    from cxr_counterfactual.hosts.comfy.patch import CXRReplace
+
+    sets, latent = trio
+    seen = []
+    original = CXRReplace._gate
+
+    def gated(self, stage, q, k, v, extra, state, field):
+        h, w = (int(n) for n in extra["activations_shape"][-2:])
+        seen.append((field.sample, (h, w), stage.partition(h, w, field, q.device).labels.cpu().clone()))
+        return original(self, stage, q, k, v, extra, state, field)
+
+    monkeypatch.setattr(CXRReplace, "_gate", gated)
+    model = regulated(comfy, tiny_model.model, chest, OrganMaskBatch(tuple(sets)))
+    batch = sample(comfy, model, chest, latent, range(3))
+    batch_shares = shares(model)
+    # the gate's labels for image i's rows are image i's masks on each grid
+    assert {s for s, _, _ in seen} == {0, 1, 2}
+    for s, grid, labels in seen:
+        assert torch.equal(labels, partition(sets[s], ORGANS, *grid, latent=(8, 7)).labels), (s, grid)
+    monkeypatch.undo()
+    alone_shares = []
+    for i in range(3):
+        single = regulated(comfy, tiny_model.model, chest, sets[i])
+        alone = sample(comfy, single, chest, latent[i:i + 1], [i])
+        alone_shares.append(shares(single))
+        scale = alone.abs().max()
+        assert (batch[i] - alone[0]).abs().max() <= TOL * scale, i
+    # the images' results differ (their own masks and latents), so equality above is per image
+    assert not torch.allclose(batch[0], batch[1], atol=TOL * batch.abs().max())
+    # capture: the batch records the mean over images of each image's share in its own target
+    expected = [sum(a[j] for a in alone_shares) / 3 for j in range(STEPS)]
+    assert batch_shares == pytest.approx(expected, abs=1e-4)  # a share is a ratio of float32 sums (≤ 1e-5 apart)
+
+
+def test_mask_count_differing_from_the_image_count_is_refused_before_sampling(comfy, tiny_model, chest, trio):
+    sets, latent = trio
+    two = OrganMaskBatch(tuple(sets[:2]))
+    model = gate(comfy, tiny_model.model, chest, organ_masks=two)
+    with pytest.raises(CXRInputError, match=r"\[CXR Anatomy Attention Gate\] input 'organ_masks'.*2 mask sets.*"
+                                            r"3 images"):
+        sample(comfy, model, chest, latent, range(3))
+    targets = torch.stack([s.union(["left_lung"]) for s in sets[:2]])
+    boost = run(comfy.node("CXRPathologyBoost"), model=tiny_model.model, tokens=chest.tokens, target_mask=targets,
+                factor=4.0)[0]
+    with pytest.raises(CXRInputError, match=r"\[CXR Pathology Boost\] input 'organ_masks / target_mask'"):
+        sample(comfy, boost, chest, latent, range(3))
+
+
+def test_target_region_builds_one_target_per_image(trio):
+    from cxr_counterfactual.attention.stage_builders import target_region
+
+    sets, _ = trio
+    per_image = target_region(OrganMaskBatch(tuple(sets)), "left_lung")
+    assert isinstance(per_image, OrganMaskBatch) and per_image.count == 3
+    for s, t in zip(sets, per_image.samples, strict=True):
+        assert torch.equal(t.data[0], s.union(["left_lung"]))
+    masks = torch.stack([s.union(["heart"]) for s in sets])
+    from_mask = target_region(None, "", masks)
+    assert [torch.equal(t.data[0], m) for t, m in zip(from_mask.samples, masks, strict=True)] == [True] * 3
+    single = target_region(sets[0], "left_lung")  # one set: one shared target, as before
+    assert isinstance(single, OrganMasks) and torch.equal(single.data[0], sets[0].union(["left_lung"]))
+    empty = masks.clone()
+    empty[1] = 0
+    with pytest.raises(CXRInputError, match="target mask 2 of 3 is empty"):
+        target_region(None, "", empty)
+
+
+def test_the_diffusers_host_refuses_a_batch_of_mask_sets(trio):
+    """The diffusers host applies one mask set per call: a stage holding one per image is refused when installed."""
+    from cxr_counterfactual.attention.stage_builders import gate_stage
+    from cxr_counterfactual.hosts.diffusers.processors import install_regulation
+
+    sets, _ = trio
+    stage = gate_stage(OrganMaskBatch(tuple(sets)), lambda p: 1.0 - p, title="gate")
+    with pytest.raises(CXRInputError, match=r"\[gate\] input 'organ_masks'.*3 mask sets"):
+        install_regulation(object(), [stage])
+    assert stage.mask_count == 3
