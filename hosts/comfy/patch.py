@@ -437,7 +437,7 @@ def _raw_area(cond: dict, latent: tuple[int, int]) -> tuple[int, int, int, int] 
     return tuple(int(v) for v in area)  # type: ignore[return-value]
 
 
-def _area_node(cond: dict) -> str:
+def area_node(cond: dict) -> str:
     area = cond.get("area")
     if area is not None and area[0] == "percentage":
         return "ConditioningSetAreaPercentage"
@@ -460,7 +460,7 @@ def check_batch(model_options: dict, conds: dict | None, shape: Sequence[int]) -
         for cond in group or ():
             area = _raw_area(cond, latent)
             if area is not None:
-                check_area(area, latent, node=_area_node(cond))
+                check_area(area, latent, node=area_node(cond))
 
 
 def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options):
@@ -478,7 +478,7 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
         ids = []
         for cond in group or ():
             if "area" in cond and len(cond["area"]) == 4 and cond["area"][0] != "percentage":
-                check_area(cond["area"], latent, node=_area_node(cond))
+                check_area(cond["area"], latent, node=area_node(cond))
                 if "uuid" in cond:
                     call.areas[cond["uuid"]] = clip_area(cond["area"], latent)
             if "uuid" in cond:

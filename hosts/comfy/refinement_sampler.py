@@ -27,9 +27,26 @@ from ...attention.run_record import RunRecord
 from ...attention.run_state import ResultStore, latent_fingerprint
 from ...errors import CXRInputError
 from .control_checks import check_controls
-from .patch import HOLDER_KEY
+from .patch import HOLDER_KEY, area_node
 from .refinement_energy import TITLE, energy_function, energy_keys, energy_layers, path_parameters
 from .sampler_methods import METHODS, SamplerMethod, plan, run_noise_sampler, run_segment
+
+
+def check_no_area(conds: dict | None) -> None:
+    """Refuse a positive prompt with an area (ConditioningSetArea / ...Percentage / SetMask "mask bounds"): ComfyUI
+    runs it on the area's crop, so the energy pass would read a crop's attention against the whole latent's target.
+
+    Raises:
+        CXRInputError: naming the area's node and the fix.
+    """
+    for cond in (conds or {}).get("positive") or ():
+        if cond.get("area") is not None:
+            raise CXRInputError(
+                "the positive prompt has an area: ComfyUI runs it on the area's crop of the latent, while the "
+                "refinement's energy measures the pathology attention over the whole latent.",
+                node=area_node(cond), input_name="conditioning",
+                fix=f"Connect a positive prompt without an area to the sampler that uses {TITLE} (the gate and the "
+                    "boost follow areas), or sample an area-conditioned prompt with a stock sampler.")
 
 
 class RefinementSampler:
@@ -56,6 +73,7 @@ class RefinementSampler:
         energy_keys(base.diffusion_model, ref.grid_factor)
         check_controls(model.inner_model.conds, x.shape, base.diffusion_model)  # ControlNet hint, T2I-Adapter fit
         ref.check_batch(int(x.shape[0]), TITLE)  # one target per image of the batch, or one all share
+        check_no_area(model.inner_model.conds)
         if window.steps:  # and a target that covers no cell of the energy grid
             latent = (int(x.shape[-2]), int(x.shape[-1]))
             ref.cells(energy_layers(base.diffusion_model, latent, ref.grid_factor)[1], latent, TITLE)
