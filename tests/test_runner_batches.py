@@ -120,6 +120,26 @@ def test_rows_run_as_batches_and_each_keeps_its_own_outputs(comfy_server, tiny_c
     # Metrics per image differ between rows (a shared first-pair metric would repeat one value).
     assert len({r["metric_edit_mad"] for r in rows}) == 4
 
+    # Reproduce row 2 alone, as docs/runner.md says: Repeat Latent Batch (3) and Latent From Batch (index 2) before
+    # the sampler give it noise index 2 of the seed. The model then runs on a batch of 1 instead of 4: float32 sums
+    # in another order, so equal within a float32 tolerance (2 euler steps from unit-variance noise).
+    alone = json.loads(workflow.read_text())
+    alone["20"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["6", 0], "amount": 3}}
+    alone["21"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["20", 0], "batch_index": 2, "length": 1}}
+    alone["7"]["inputs"]["latent_image"] = ["21", 0]
+    (tmp_path / "alone.json").write_text(json.dumps(alone))
+    single = cli(pack_import_path, str(tmp_path / "alone.json"), "--manifest",
+                 str(write_manifest(tmp_path / "one.csv", rows_of(radiographs[2:3]))), "--server", comfy_server.url,
+                 "--out", str(tmp_path / "alone"), "--no-progress")
+    assert single.returncode == 0, single.stdout + single.stderr
+    from safetensors.numpy import load_file
+
+    batched = load_file(out / rows[2]["output_dir"] / "save-latent.latent")["latent_tensor"]
+    own = load_file(tmp_path / "alone" / results(tmp_path / "alone")[0]["output_dir"] /
+                    "save-latent.latent")["latent_tensor"]
+    assert batched.shape == own.shape == (1, 4, PX // 8, PX // 8)
+    assert np.abs(batched - own).max() < 1e-3, np.abs(batched - own).max()
+
     more = write_manifest(tmp_path / "rows.csv", rows_of(radiographs) + [
         {"id": f"again-{p.stem}", "radiograph": str(p), "seed": "9"} for p in radiographs[:2]])
     again = cli(pack_import_path, str(workflow), "--manifest", str(more), *args[3:])
