@@ -16,6 +16,7 @@ from test_runner_graph import write_manifest
 from cxr_counterfactual.runner import graph as g
 from cxr_counterfactual.runner.batching import BatchJob, CannotBatch, batch_graph, plan
 from cxr_counterfactual.runner.manifest import prepare, read_manifest
+from cxr_counterfactual.testing.batch_graphs import img2img_graph, same_size_radiographs
 
 pytestmark = pytest.mark.slow
 
@@ -23,38 +24,16 @@ PX = 64  # every image is scaled to 64 px before the model: 8×8 latents, a seco
 
 
 def batchable_workflow(path: Path, checkpoint: str, masks: bool = False) -> Path:
-    """An img2img graph whose nodes all take batches on main: Load Image → scale → encode → KSampler → decode →
-    Save Image, and CXR Evaluate Edit (the runner adds CXR Save Metrics) for per-image metrics. With ``masks``,
-    organ mask files shown on the radiograph (a per-row mask source read by an output node only)."""
-    graph = {
-        "1": {"class_type": "LoadImage", "_meta": {"title": "Radiograph"}, "inputs": {"image": "x.png"}},
-        "2": {"class_type": "ImageScale", "_meta": {"title": "Scale"},
-              "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": PX, "height": PX,
-                         "crop": "disabled"}},
-        "3": {"class_type": "CheckpointLoaderSimple", "_meta": {"title": "Checkpoint"},
-              "inputs": {"ckpt_name": checkpoint}},
-        "4": {"class_type": "CLIPTextEncode", "_meta": {"title": "Prompt"},
-              "inputs": {"clip": ["3", 1], "text": "chest x-ray, left pleural effusion"}},
-        "5": {"class_type": "CLIPTextEncode", "_meta": {"title": "Negative"}, "inputs": {"clip": ["3", 1], "text": ""}},
-        "6": {"class_type": "VAEEncode", "_meta": {"title": "Encode"}, "inputs": {"pixels": ["2", 0], "vae": ["3", 2]}},
-        "7": {"class_type": "KSampler", "_meta": {"title": "Sampler"},
-              "inputs": {"model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0],
-                         "seed": 5, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal",
-                         "denoise": 0.5}},
-        "8": {"class_type": "VAEDecode", "_meta": {"title": "Decode"},
-              "inputs": {"samples": ["7", 0], "vae": ["3", 2]}},
-        "9": {"class_type": "SaveImage", "_meta": {"title": "Save: edit"},
-              "inputs": {"images": ["8", 0], "filename_prefix": "batches/edit"}},
-        "10": {"class_type": "SolidMask", "_meta": {"title": "Whole image"},
-               "inputs": {"value": 1.0, "width": PX, "height": PX}},
-        "11": {"class_type": "CXREvaluateEdit", "_meta": {"title": "Metrics"},
-               "inputs": {"source": ["2", 0], "edited": ["8", 0], "edit_region": ["10", 0],
-                          "attention_threshold": 0.5, "heat_scale": 0.0}},
+    """The batch-ready img2img graph (CXR Evaluate Edit: the runner adds CXR Save Metrics) saving its scaled source
+    and latent too. With ``masks``, organ mask files shown on the radiograph (a per-row mask source read by an
+    output node only)."""
+    graph = img2img_graph(checkpoint, PX, steps=2, cfg=2.0, denoise=0.5)
+    graph.update({
         "13": {"class_type": "SaveImage", "_meta": {"title": "Save: source"},
                "inputs": {"images": ["2", 0], "filename_prefix": "batches/source"}},
         "12": {"class_type": "SaveLatent", "_meta": {"title": "Save: latent"},
                "inputs": {"samples": ["7", 0], "filename_prefix": "batches/latent"}},
-    }
+    })
     if masks:
         graph["14"] = {"class_type": "CXRLoadOrganMasks", "_meta": {"title": "Organ masks"},
                        "inputs": {"right_lung": "(none)", "left_lung": "(none)", "heart": "(none)", "threshold": 0.5}}
@@ -66,14 +45,7 @@ def batchable_workflow(path: Path, checkpoint: str, masks: bool = False) -> Path
 
 @pytest.fixture(scope="module")
 def radiographs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Four real radiographs of one size: the NIH image, mirrored, upside down and inverted."""
-    folder = tmp_path_factory.mktemp("radiographs")
-    nih = np.asarray(Image.open(data_dir / "cxr" / "nih" / "00000001_000.png").convert("L"))
-    paths = []
-    for name, pixels in (("nih", nih), ("mirrored", nih[:, ::-1]), ("flipped", nih[::-1]), ("inverted", 255 - nih)):
-        paths.append(folder / f"{name}.png")
-        Image.fromarray(np.ascontiguousarray(pixels)).save(paths[-1])
-    return paths
+    return same_size_radiographs(tmp_path_factory.mktemp("radiographs"))
 
 
 def rows_of(radiographs: list[Path], **values: str) -> list[dict[str, str]]:
@@ -246,8 +218,10 @@ def test_graphs_that_cannot_batch_say_which_node(comfy_server, data_dir, chexmas
     assert graph[evaluate["edited"][0]]["class_type"] == "ImageFromBatch"
     assert graph[evaluate["edit_region"][0]]["class_type"] == "ImageToMask"
     assert batch.row_nodes[2]["17_row2"] == "17"
-    with pytest.raises(CannotBatch, match="no input organ_masks_4"):
-        batch_graph(jobs + jobs[:1], joinable)
+    inputs = joinable["CXRBatchOrganMasks"]["input"]
+    joins = sum(name.startswith("organ_masks_") for part in inputs.values() for name in part)
+    with pytest.raises(CannotBatch, match=f"no input organ_masks_{joins + 1}"):
+        batch_graph((jobs * (joins // len(jobs) + 1))[:joins + 1], joinable)
 
 
 def test_batch_size_is_checked_before_anything_runs(pack_import_path, tmp_path):
