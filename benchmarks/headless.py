@@ -32,6 +32,7 @@ from cxr_counterfactual.runner.manifest import prepare, read_manifest, row_key  
 from cxr_counterfactual.runner.results import ResultsBook  # noqa: E402
 from cxr_counterfactual.runner.server import ComfyServer  # noqa: E402
 from cxr_counterfactual.runner.worker import Worker  # noqa: E402
+from cxr_counterfactual.testing.batch_graphs import small_chexmask_overrides  # noqa: E402
 from cxr_counterfactual.testing.data import test_data_dir  # noqa: E402
 
 
@@ -74,11 +75,8 @@ def main() -> None:
     comfyui = require_comfyui()
     ckpt = tiny_checkpoint(Path(os.environ.get("CXR_DEMO_CACHE", Path.home() / ".cache" / "cxr-counterfactual")),
                            comfyui)
-    base = g.apply_overrides(g.load_workflow("cxr_chexmask_edit"), [
-        f"Checkpoint (SD1.5 CXR model).ckpt_name={ckpt.name}", f"Fit radiograph to the model.max_side={args.px}",
-        f"Sampler (img2img in the edit region).steps={args.steps}",
-        "Edit region (left lung + margin, heart kept).margin_px=2",  # at 64 px the default margin covers all
-        "Edit region (left lung + margin, heart kept).feather_px=1"])
+    base = g.apply_overrides(g.load_workflow("cxr_chexmask_edit"),
+                             small_chexmask_overrides(ckpt.name, args.px, args.steps))
     g.add_metrics_saver(base)
     servers = [ComfyServer(comfyui, checkpoints=[ckpt], base_dir=work / f"server{i}") for i in range(2)]
     try:

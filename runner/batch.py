@@ -3,7 +3,8 @@
 One prompt per server because a ComfyUI runs its queue one prompt at a time anyway: queueing more would
 only hide rows from idle servers. A failed row goes back to the queue until it has had ``1 + retries``
 attempts; a graph the server rejects is not retried (it would be rejected again). A server that stops
-answering loses its thread, and its row goes back to the queue for the others.
+answering loses its thread, and its row goes back to the queue for the others. With ``--batch-size`` a queue
+item may be a batch of rows run in one graph (:mod:`.batching`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .batching import BatchJob
 from .manifest import RowJob
 from .protocol import ComfyServerError, PromptRejected, ServerUnreachable
 from .results import ResultsBook
@@ -137,18 +139,24 @@ class Progress:
             self._bar.close()
 
 
-def run_batch(jobs: Sequence[RowJob], book: ResultsBook, workers: Sequence[Worker], *, retries: int = 1,
+def run_batch(jobs: Sequence[RowJob | BatchJob], book: ResultsBook, workers: Sequence[Worker], *, retries: int = 1,
               timeout: float = 3600.0, progress: bool = True) -> BatchSummary:
-    """Run every job not yet done in ``book`` on ``workers``; see the module docstring."""
-    todo = deque(job for job in jobs if not book.is_done(job.key))
+    """Run every job not yet done in ``book`` on ``workers``; see the module docstring.
+
+    A :class:`~.batching.BatchJob` (``--batch-size``) runs its rows in one graph. If it fails, its rows go back
+    to the queue one by one (not counted as an attempt: a bad radiograph must not cost its neighbours a try);
+    if its server went down, the batch goes back whole.
+    """
+    todo: deque[RowJob | BatchJob] = deque(_not_done(job, book) for job in jobs)
+    todo = deque(job for job in todo if job is not None)
     before = sum(1 for key in book.keys if book.is_done(key))
     summary = BatchSummary(total=len(book.keys), done=0, skipped=before, results=book.out)
-    bar = Progress(len(todo), progress)
+    bar = Progress(sum(len(j.rows) if isinstance(j, BatchJob) else 1 for j in todo), progress)
     cond = threading.Condition()
     state = {"in_flight": 0}
     dead: list[str] = []
 
-    def next_job() -> RowJob | None:
+    def next_job() -> RowJob | BatchJob | None:
         with cond:
             while not todo and state["in_flight"]:
                 cond.wait()  # a row in flight elsewhere may come back for a retry
@@ -157,34 +165,48 @@ def run_batch(jobs: Sequence[RowJob], book: ResultsBook, workers: Sequence[Worke
             state["in_flight"] += 1
             return todo.popleft()
 
-    def finish(job: RowJob | None = None) -> None:
+    def finish(again: Sequence[RowJob | BatchJob] = ()) -> None:
         with cond:
-            if job is not None:
-                todo.appendleft(job)
+            todo.extendleft(reversed(again))
             state["in_flight"] -= 1
             cond.notify_all()
 
-    def attempt(worker: Worker, job: RowJob) -> tuple[RowJob | None, bool]:
-        """Run one row; returns (the row again if it should be retried, whether this server is down)."""
+    def attempt(worker: Worker, job: RowJob) -> tuple[list[RowJob | BatchJob], bool]:
+        """Run one row; returns (what goes back to the queue, whether this server is down)."""
         try:
             outcome = worker.run(job, timeout=timeout)
         except (ComfyServerError, TimeoutError, OSError) as err:
             kind, message = classify_failure(err, worker.client.is_running)
             if requeue_after_failure(book, job, kind, message, where=worker.client.url, retries=retries):
-                return job, kind == "down"
+                return [job], kind == "down"
             bar.step(job.key, False, worker.client.url)
-            return None, False
+            return [], False
         folder = book.add_success(job, outcome)
         logger.debug("row %s done in %.1f s on %s -> %s", job.key, outcome.elapsed_s, outcome.server, folder)
         bar.step(job.key, True, outcome.server)
-        return None, False
+        return [], False
+
+    def attempt_batch(worker: Worker, batch: BatchJob) -> tuple[list[RowJob | BatchJob], bool]:
+        """Run a batch; a failed one hands its rows back one by one (the whole batch when the server is down)."""
+        try:
+            outcomes = worker.run_batch(batch, timeout=timeout)
+        except (ComfyServerError, TimeoutError, OSError) as err:
+            kind, message = classify_failure(err, worker.client.is_running)
+            logger.warning("batch of %d rows (%s) failed on %s: %s; %s", len(batch.rows), batch.key,
+                           worker.client.url, message,
+                           "it goes back whole" if kind == "down" else "its rows run again one at a time")
+            return ([batch] if kind == "down" else list(batch.rows)), kind == "down"
+        for job, outcome in zip(batch.rows, outcomes, strict=True):
+            book.add_success(job, outcome)
+            bar.step(job.key, True, outcome.server)
+        return [], False
 
     def serve(worker: Worker) -> None:
         while (job := next_job()) is not None:
-            requeue: RowJob | None = job  # what an unexpected error (a bug, a full disk) leaves behind
+            requeue: list[RowJob | BatchJob] = [job]  # what an unexpected error (a bug, a full disk) leaves behind
             down = True
             try:
-                requeue, down = attempt(worker, job)
+                requeue, down = attempt_batch(worker, job) if isinstance(job, BatchJob) else attempt(worker, job)
             except BaseException as err:  # noqa: BLE001 - reported, and this thread stops taking rows
                 logger.exception("row %s: unexpected error on %s", job.key, worker.client.url)
                 dead.append(f"{worker.client.url}: {type(err).__name__}: {err}")
@@ -193,7 +215,8 @@ def run_batch(jobs: Sequence[RowJob], book: ResultsBook, workers: Sequence[Worke
             if down:
                 logger.error("server %s is down; its rows go to the other servers", worker.client.url)
                 if not dead or not dead[-1].startswith(worker.client.url):
-                    dead.append(f"{worker.client.url}: {book.failed.get(job.key, 'down')}")
+                    reason = book.failed.get(job.key, "down") if isinstance(job, RowJob) else "down"
+                    dead.append(f"{worker.client.url}: {reason}")
                 return
 
     threads = [threading.Thread(target=serve, args=(w,), name=f"server-{i}", daemon=True)
@@ -203,4 +226,12 @@ def run_batch(jobs: Sequence[RowJob], book: ResultsBook, workers: Sequence[Worke
     for t in threads:
         t.join()
     bar.close()
-    return summary.close(book, todo, dead, before, "server")
+    rows_left = [row for job in todo for row in (job.rows if isinstance(job, BatchJob) else [job])]
+    return summary.close(book, rows_left, dead, before, "server")
+
+
+def _not_done(job: RowJob | BatchJob, book: ResultsBook) -> RowJob | BatchJob | None:
+    """``job`` without its finished rows (None when all are finished): a batch is planned before it runs."""
+    if isinstance(job, RowJob):
+        return None if book.is_done(job.key) else job
+    return None if all(book.is_done(r.key) for r in job.rows) else job

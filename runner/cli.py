@@ -3,6 +3,7 @@
     run cxr_dicom_masked_edit --input RG1_UNCR.dcm --set "Sampler.steps=8" --out runs
     run cxr_chexmask_edit --manifest rows.csv --out dataset --server http://127.0.0.1:8188 --server ...
     run cxr_chexmask_edit --manifest rows.csv --out dataset --ray auto
+    run cxr_chexmask_edit --manifest rows.csv --out dataset --batch-size 4 --gpu
 
 Without ``--server`` it starts its own headless ComfyUI(s) with this pack (ComfyUI found like the tests
 find it: ``--comfyui``, ``COMFYUI_PATH``, the ComfyUI holding the pack, ``~/comfy/ComfyUI``).
@@ -50,6 +51,12 @@ def parser() -> argparse.ArgumentParser:
     batch = p.add_argument_group("batch")
     batch.add_argument("--retries", type=int, default=1, help="extra attempts for a failed row (default 1)")
     batch.add_argument("--timeout", type=float, default=3600.0, help="seconds one row may run (default 3600)")
+    batch.add_argument("--batch-size", type=int, default=1, metavar="N",
+                       help="run up to N rows as one batch in one graph (rows with the same workflow, values and "
+                            "radiograph size; only their radiograph and masks differ). Image i of a batch gets "
+                            "noise index i of the batch's seed, so a row's result depends on its batch: see "
+                            "docs/runner.md. A graph that cannot batch runs its rows one at a time (logged). "
+                            "Default 1")
     batch.add_argument("--ray", metavar="ADDRESS", help="run on Ray: 'auto' (a cluster) or 'local' (this machine)")
     batch.add_argument("--ray-actors", type=int, help="Ray actors (default: one per GPU, else 1)")
     servers = p.add_argument_group("servers")
@@ -177,6 +184,7 @@ def _plain_namer(path: Path) -> Any:
 def run_manifest(args: argparse.Namespace, base: g.Graph, info: dict[str, Any] | None,
                  clients: Sequence[ComfyClient]) -> int:
     from .batch import output_lock, run_batch
+    from .batching import plan
 
     rows = read_manifest(args.manifest)
     keys = [row_key(row, i, base) for i, row in enumerate(rows, start=1)]
@@ -199,8 +207,9 @@ def run_manifest(args: argparse.Namespace, base: g.Graph, info: dict[str, Any] |
             finally:
                 ray.shutdown()
         else:
+            units = plan(jobs, args.batch_size, info or {}) if args.batch_size > 1 else jobs
             workers = [Worker(c) for c in clients]
-            summary = run_batch(jobs, book, workers, retries=args.retries, timeout=args.timeout,
+            summary = run_batch(units, book, workers, retries=args.retries, timeout=args.timeout,
                                 progress=not args.no_progress)
     sys.stdout.write("\n".join(summary.lines()) + "\n")
     return 0 if summary.ok else 1
@@ -211,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if args.ray and not args.manifest:
         raise SystemExit("error: --ray runs a --manifest batch")
+    if args.batch_size < 1:
+        raise SystemExit("error: --batch-size must be 1 or more")
+    if args.batch_size > 1 and not args.manifest:
+        raise SystemExit("error: --batch-size batches the rows of a --manifest")
+    if args.batch_size > 1 and args.ray:
+        raise SystemExit("error: --batch-size is not supported with --ray yet; use --server or local servers")
     if args.ray and args.server:
         raise SystemExit("error: --ray starts a ComfyUI in every actor; it takes no --server")
     try:

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 RECORD = "row.json"
 CSV_EVERY_S = 5.0
-STATUS_COLUMNS = ("key", "status", "attempts", "server", "output_dir", "files", "elapsed_s", "error")
+STATUS_COLUMNS = ("key", "status", "attempts", "server", "output_dir", "files", "elapsed_s", "batch_size",
+                  "batch_index", "batch_seed", "error")
 
 
 def commit(parent: Path, name: str, files: Mapping[str, bytes], record: Mapping[str, Any]) -> Path:
@@ -73,12 +74,17 @@ def record_of(job: RowJob, outcome: RowOutcome, attempts: int) -> dict[str, Any]
     return {"key": job.key, "index": job.index, "row": job.row, "server": outcome.server,
             "prompt_id": outcome.prompt_id, "elapsed_s": round(outcome.elapsed_s, 3), "attempts": attempts,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": sorted(outcome.files),
-            "metrics": outcome.metrics, "outputs": outcome.outputs, "graph": job.graph}
+            "metrics": outcome.metrics, "outputs": outcome.outputs, "graph": job.graph,
+            # The row alone is ``graph``; run in a batch, image ``batch.index`` of ``batch.graph`` (noise index).
+            "batch": outcome.batch}
 
 
 def _slim(record: Mapping[str, Any]) -> dict[str, Any]:
     """What results.csv shows of a row.json (a batch of many rows keeps only this in memory)."""
-    return {k: record.get(k) for k in ("attempts", "server", "files", "elapsed_s", "metrics")}
+    slim = {k: record.get(k) for k in ("attempts", "server", "files", "elapsed_s", "metrics")}
+    batch = record.get("batch") or {}
+    slim["batch"] = {k: batch.get(k) for k in ("size", "index", "seeds")}
+    return slim
 
 
 class ResultsBook:
@@ -159,9 +165,12 @@ class ResultsBook:
     def _status(self, key: str) -> dict[str, Any]:
         rec = self.done.get(key)
         if rec is not None:
+            batch = rec.get("batch") or {}
             return {"key": key, "status": "done", "attempts": rec.get("attempts", ""), "server": rec.get("server"),
                     "output_dir": f"rows/{key}", "files": ";".join(rec.get("files") or []),
-                    "elapsed_s": rec.get("elapsed_s"), "error": ""}
+                    "elapsed_s": rec.get("elapsed_s"), "batch_size": batch.get("size", ""),
+                    "batch_index": batch.get("index", ""),
+                    "batch_seed": ";".join(str(s) for s in batch.get("seeds") or []), "error": ""}
         status = "failed" if key in self.failed else "pending"
         return {"key": key, "status": status, "attempts": self.attempts.get(key, 0),
                 "error": self.failed.get(key, "").replace("\n", " | ")}

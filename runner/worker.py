@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import graph as g
+from .batching import BatchJob, sampler_seeds
 from .client import ComfyClient
 from .manifest import RowJob, Upload
 from .protocol import ProgressEvent
@@ -40,6 +41,8 @@ class RowOutcome:
         server: The server that ran it.
         prompt_id: The id it ran under there.
         elapsed_s: Wall time of the run, uploads and downloads included.
+        batch: How the row ran: ``size`` rows in one graph, this row image (and noise index) ``index`` of it,
+            the samplers' ``seeds``, and the batch graph; size 1, index 0 for a row run alone.
     """
 
     files: dict[str, bytes]
@@ -48,6 +51,7 @@ class RowOutcome:
     server: str = ""
     prompt_id: str = ""
     elapsed_s: float = 0.0
+    batch: dict[str, Any] = field(default_factory=dict)
 
 
 def slug(text: str) -> str:
@@ -70,14 +74,40 @@ class Worker:
             ComfyServerError (and subclasses): see :meth:`ComfyClient.run`.
         """
         started = time.monotonic()
-        for upload in job.uploads:
-            if upload.name not in self._uploaded:
-                self.client.upload_bytes(upload.name, self.read(upload))
-                self._uploaded.add(upload.name)
+        self._upload(job.uploads)
         result = self.client.run(job.graph, timeout=timeout, on_progress=on_progress)
         files, outputs, metrics = collect(self.client, job.graph, result.outputs)
         return RowOutcome(files=files, outputs=outputs, metrics=metrics, server=self.client.url,
-                          prompt_id=result.prompt_id, elapsed_s=time.monotonic() - started)
+                          prompt_id=result.prompt_id, elapsed_s=time.monotonic() - started,
+                          batch={"size": 1, "index": 0, "seeds": sampler_seeds(job.graph)})
+
+    def run_batch(self, batch: BatchJob, timeout: float = 3600.0) -> list[RowOutcome]:
+        """Run a batch graph and give every row the outputs of its own output nodes (batch order).
+
+        Raises:
+            ComfyServerError (and subclasses): see :meth:`ComfyClient.run`; the batch then failed as a whole.
+        """
+        started = time.monotonic()
+        self._upload(batch.uploads)
+        result = self.client.run(batch.graph, timeout=timeout * len(batch.rows))
+        elapsed = time.monotonic() - started
+        outcomes = []
+        for index, (job, nodes) in enumerate(zip(batch.rows, batch.row_nodes, strict=True)):
+            # The row's own output nodes, under their ids in the row's graph: files are named as in a run alone.
+            own = {nodes[node_id]: ui for node_id, ui in result.outputs.items() if node_id in nodes}
+            files, outputs, metrics = collect(self.client, job.graph, own)
+            info = {"size": len(batch.rows), "index": index, "seeds": sampler_seeds(batch.graph),
+                    "rows": [r.key for r in batch.rows], "graph": batch.graph}
+            outcomes.append(RowOutcome(files=files, outputs=outputs, metrics=metrics, server=self.client.url,
+                                       prompt_id=result.prompt_id, elapsed_s=elapsed / len(batch.rows),
+                                       batch=info))
+        return outcomes
+
+    def _upload(self, uploads: list[Upload]) -> None:
+        for upload in uploads:
+            if upload.name not in self._uploaded:
+                self.client.upload_bytes(upload.name, self.read(upload))
+                self._uploaded.add(upload.name)
 
 
 def _free_name(files: Mapping[str, bytes], stem: str, suffix: str) -> str:
