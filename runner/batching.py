@@ -39,23 +39,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Join:
-    """A node type that stacks per-row outputs of one type into a batch.
-
-    ``inputs`` names its inputs; with ``pairwise`` it takes two (a chain of N−1 nodes joins N), otherwise
-    one input per row, named ``inputs[0].format(n)`` for n = 1..N (the server says how many it has).
-    """
+    """A node type that stacks two per-row outputs of one type into a batch (its two inputs ``inputs``); a chain of
+    N−1 such nodes joins N rows, whatever N (each node appends to the batch the previous one made)."""
 
     class_type: str
-    inputs: tuple[str, ...]
-    pairwise: bool
+    inputs: tuple[str, str]
 
 
-# The joins by ComfyUI type. ORGAN_MASKS: the pack's 'CXR Batch Organ Masks' (issue 20, nodes/masks.py), with
-# optional inputs organ_masks_1..N: if it lands under another id or input names, change this entry only.
+# The joins by ComfyUI type. ORGAN_MASKS: the pack's 'CXR Batch Organ Masks' (nodes/masks.py), which appends the sets
+# of its second input (a set or a batch) to its first's.
 JOINS: dict[str, Join] = {
-    "IMAGE": Join("ImageBatch", ("image1", "image2"), pairwise=True),
-    "LATENT": Join("LatentBatch", ("samples1", "samples2"), pairwise=True),
-    "ORGAN_MASKS": Join("CXRBatchOrganMasks", ("organ_masks_{}",), pairwise=False),
+    "IMAGE": Join("ImageBatch", ("image1", "image2")),
+    "LATENT": Join("LatentBatch", ("samples1", "samples2")),
+    "ORGAN_MASKS": Join("CXRBatchOrganMasks", ("organ_masks_1", "organ_masks_2")),
 }
 
 # Splits by ComfyUI type: a chain of (class_type, input the previous link goes to, other inputs), the first node
@@ -197,11 +193,6 @@ def _output_type(object_info: Mapping[str, Any], class_type: str, index: int) ->
     return str(outputs[index]) if index < len(outputs) else "?"
 
 
-def _input_names(object_info: Mapping[str, Any], class_type: str) -> set[str]:
-    spec = object_info.get(class_type, {}).get("input", {})
-    return {name for part in ("required", "optional") for name in spec.get(part, {})}
-
-
 def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
 
@@ -250,22 +241,11 @@ def batch_graph(rows: Sequence[RowJob], object_info: Mapping[str, Any]) -> Batch
             raise CannotBatch(f"{name(reader)} reads {kind} from {name(src)}; joining {kind} over rows needs the "
                               f"node {spec.class_type}, which the server does not have")
         parts = [[f"{src}_row{i}", index] for i in range(n)]
-        if spec.pairwise:
-            link = parts[0]
-            for i in range(1, n):
-                node_id = f"join_{src}_{index}_{i}"
-                out[node_id] = {"class_type": spec.class_type, "_meta": {"title": f"runner: join {kind}"},
-                                "inputs": {spec.inputs[0]: link, spec.inputs[1]: parts[i]}}
-                link = [node_id, 0]
-        else:
-            names = [spec.inputs[0].format(i + 1) for i in range(n)]
-            missing = [x for x in names if x not in _input_names(object_info, spec.class_type)]
-            if missing:
-                raise CannotBatch(f"{spec.class_type} (joins {kind}) has no input {missing[0]}: it joins fewer "
-                                  f"than {n} rows; use a smaller --batch-size")
-            node_id = f"join_{src}_{index}"
+        link = parts[0]
+        for i in range(1, n):
+            node_id = f"join_{src}_{index}_{i}"
             out[node_id] = {"class_type": spec.class_type, "_meta": {"title": f"runner: join {kind}"},
-                            "inputs": dict(zip(names, parts, strict=True))}
+                            "inputs": {spec.inputs[0]: link, spec.inputs[1]: parts[i]}}
             link = [node_id, 0]
         joined[(src, index)] = link
         return link

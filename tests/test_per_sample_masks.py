@@ -1,8 +1,9 @@
 """Per-sample masks: a batch of radiographs, each with its own organ masks, through gate, boost and capture in one
 sampler call gives every image the result it gets alone.
 
-Three real radiographs (the CheXmask example, its mirror image and a vertically shifted copy, each with its masks
-moved the same way) fitted to 64 px (latent 8×7), one ``OrganMaskBatch``. "Alone" is a batch of one with the same
+Four real radiographs fitted to 64 px (latent 8×7), one ``OrganMaskBatch``: the CheXmask example with its human
+masks, its mirror image and a vertically shifted copy (masks moved the same way), and another patient, the NIH
+radiograph (cropped to the example's aspect ratio) with the atlas's masks. "Alone" is a batch of one with the same
 noise: ComfyUI's ``batch_index`` in the latent makes ``prepare_noise`` give image ``i`` the noise it has in the
 batch (the batch run carries ``batch_index`` too, so both draw noise the same way). Real ComfyUI in-process, the tiny
 SD1.5 checkpoint.
@@ -29,12 +30,20 @@ TOL = 3e-3
 
 
 @pytest.fixture(scope="module")
-def trio(comfy, tiny_model, chexmask_example, chest):
+def trio(comfy, tiny_model, chexmask_example, data_dir, chest):
+    import numpy as np
+    from PIL import Image
+
     image, masks = chexmask_radiograph(chexmask_example)
+    nih = Image.open(data_dir / "cxr" / "nih" / "00000001_000.png").convert("RGB")
+    nih = torch.from_numpy(np.asarray(nih, dtype=np.float32) / 255.0)[None, :, 32:480]  # 512×448: the example's aspect
+    with torch.inference_mode():
+        nih_masks = run(comfy.node("CXRAtlasOrgans"), image=nih)[0]
     variants = [
         (image, masks),
         (image.flip(2), OrganMasks(masks.names, masks.data.flip(-1))),
         (image.roll(90, dims=1), OrganMasks(masks.names, masks.data.roll(90, dims=-2))),
+        (nih, nih_masks),
     ]
     sets, latents = [], []
     with torch.inference_mode():
@@ -44,7 +53,7 @@ def trio(comfy, tiny_model, chexmask_example, chest):
             sets.append(fitted_masks)
     latent = torch.cat(latents)
     assert latent.shape[-2:] == (8, 7)
-    assert not torch.equal(sets[0].data, sets[1].data) and not torch.equal(sets[0].data, sets[2].data)
+    assert all(not torch.equal(sets[0].data, other.data) for other in sets[1:])
     return sets, latent
 
 
@@ -86,15 +95,15 @@ def test_each_image_gets_its_own_masks_and_the_result_it_gets_alone(comfy, tiny_
 
     monkeypatch.setattr(CXRReplace, "_gate", gated)
     model = regulated(comfy, tiny_model.model, chest, OrganMaskBatch(tuple(sets)))
-    batch = sample(comfy, model, chest, latent, range(3))
+    batch = sample(comfy, model, chest, latent, range(4))
     batch_shares = shares(model)
     # the gate's labels for image i's rows are image i's masks on each grid
-    assert {s for s, _, _ in seen} == {0, 1, 2}
+    assert {s for s, _, _ in seen} == {0, 1, 2, 3}
     for s, grid, labels in seen:
         assert torch.equal(labels, partition(sets[s], ORGANS, *grid, latent=(8, 7)).labels), (s, grid)
     monkeypatch.undo()
     alone_shares = []
-    for i in range(3):
+    for i in range(4):
         single = regulated(comfy, tiny_model.model, chest, sets[i])
         alone = sample(comfy, single, chest, latent[i:i + 1], [i])
         alone_shares.append(shares(single))
@@ -103,7 +112,7 @@ def test_each_image_gets_its_own_masks_and_the_result_it_gets_alone(comfy, tiny_
     # the images' results differ (their own masks and latents), so equality above is per image
     assert not torch.allclose(batch[0], batch[1], atol=TOL * batch.abs().max())
     # capture: the batch records the mean over images of each image's share in its own target
-    expected = [sum(a[j] for a in alone_shares) / 3 for j in range(STEPS)]
+    expected = [sum(a[j] for a in alone_shares) / 4 for j in range(STEPS)]
     assert batch_shares == pytest.approx(expected, abs=1e-4)  # a share is a ratio of float32 sums (≤ 1e-5 apart)
 
 
@@ -112,13 +121,13 @@ def test_mask_count_differing_from_the_image_count_is_refused_before_sampling(co
     two = OrganMaskBatch(tuple(sets[:2]))
     model = gate(comfy, tiny_model.model, chest, organ_masks=two)
     with pytest.raises(CXRInputError, match=r"\[CXR Anatomy Attention Gate\] input 'organ_masks'.*2 mask sets.*"
-                                            r"3 images"):
-        sample(comfy, model, chest, latent, range(3))
+                                            r"4 images"):
+        sample(comfy, model, chest, latent, range(4))
     targets = torch.stack([s.union(["left_lung"]) for s in sets[:2]])
     boost = run(comfy.node("CXRPathologyBoost"), model=tiny_model.model, tokens=chest.tokens, target_mask=targets,
                 factor=4.0)[0]
     with pytest.raises(CXRInputError, match=r"\[CXR Pathology Boost\] input 'organ_masks / target_mask'"):
-        sample(comfy, boost, chest, latent, range(3))
+        sample(comfy, boost, chest, latent, range(4))
 
 
 def test_target_region_builds_one_target_per_image(trio):
@@ -150,3 +159,35 @@ def test_the_diffusers_host_refuses_a_batch_of_mask_sets(trio):
     with pytest.raises(CXRInputError, match=r"\[gate\] input 'organ_masks'.*3 mask sets"):
         install_regulation(object(), [stage])
     assert stage.mask_count == 3
+
+
+def refine(comfy, model, chest, masks, samples, index, sigmas):
+    """The CXR Refinement Sampler (target: each image's left lung, energy grid latent ÷ 2, early stop at energy
+    0.5) through SamplerCustom; the latent and the run's record."""
+    sampler = run(comfy.node("CXRRefinementSampler"), tokens=chest.tokens, organ_masks=masks, iterations=3,
+                  step_size=0.5, end_percent=1.0, grid_factor="2", smoothing=0.0, thresholds="0:0.5")[0]
+    latent = {"samples": samples, "batch_index": list(index)}
+    with torch.inference_mode():
+        out = comfy.node("SamplerCustom")().sample(model, True, 5, 5.0, chest.positive, chest.negative, sampler,
+                                                   sigmas, latent)[0]
+    return out["samples"].clone(), sampler.sampler_function.store.for_latent(out["samples"])
+
+
+def test_refinement_on_a_batch_gives_each_image_the_result_it_gets_alone(comfy, tiny_model, chest, trio):
+    """Each image's energy against its own left lung, each stopping at its own threshold: the batch's latents equal
+    the images' runs alone (TOL above), and so do the refined latents of the first refined step."""
+    sets, latent = trio
+    sigmas = comfy.node("BasicScheduler")().get_sigmas(tiny_model.model, "normal", STEPS, 1.0)[0]
+    batch, record = refine(comfy, tiny_model.model, chest, OrganMaskBatch(tuple(sets)), latent, range(4), sigmas)
+    assert record.refine and record.refine[0].iterations >= 1
+    first = record.refine[0]
+    for i in range(4):
+        alone, rec = refine(comfy, tiny_model.model, chest, sets[i], latent[i:i + 1], [i], sigmas)
+        scale = alone.abs().max()
+        assert (batch[i] - alone[0]).abs().max() <= TOL * scale, i
+        mine = rec.refine[0]
+        moved = (first.latent_after[i] - first.latent_before[i]).abs().max()
+        assert (first.latent_after[i] - mine.latent_after[0]).abs().max() <= TOL * max(float(moved), float(scale)), i
+    # a target that is not each image's own changes the result: the per-image targets were used
+    shared, _ = refine(comfy, tiny_model.model, chest, sets[0], latent, range(4), sigmas)
+    assert (shared[3] - batch[3]).abs().max() > TOL * batch.abs().max()

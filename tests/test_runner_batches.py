@@ -210,7 +210,9 @@ def test_graphs_that_cannot_batch_say_which_node(comfy_server, data_dir, chexmas
     assert graph["2_row1"]["class_type"] == "CXRLoadOrganMasks" and graph["1_row2"]["inputs"]["dicom_file"]
     assert graph["4"]["inputs"]["image"] == ["join_1_0_2", 0]  # Fit to model gets the batch, in row order
     assert graph["join_1_0_1"]["inputs"] == {"image1": ["1_row0", 0], "image2": ["1_row1", 0]}
-    assert graph["4"]["inputs"]["organ_masks"] == ["join_2_0", 0]
+    assert graph["4"]["inputs"]["organ_masks"] == ["join_2_0_2", 0]  # the masks joined the same way, in row order
+    assert graph["join_2_0_1"]["inputs"] == {"organ_masks_1": ["2_row0", 0], "organ_masks_2": ["2_row1", 0]}
+    assert graph["join_2_0_1"]["class_type"] == "CXRBatchOrganMasks"
     # Evaluate Edit of row 1: its own radiograph and masks, and image 1 of the composite and its region.
     evaluate = graph["18_row1"]["inputs"]
     assert evaluate["source"] == ["1_row1", 0] and evaluate["organ_masks"] == ["2_row1", 0]
@@ -218,10 +220,10 @@ def test_graphs_that_cannot_batch_say_which_node(comfy_server, data_dir, chexmas
     assert graph[evaluate["edited"][0]]["class_type"] == "ImageFromBatch"
     assert graph[evaluate["edit_region"][0]]["class_type"] == "ImageToMask"
     assert batch.row_nodes[2]["17_row2"] == "17"
-    inputs = joinable["CXRBatchOrganMasks"]["input"]
-    joins = sum(name.startswith("organ_masks_") for part in inputs.values() for name in part)
-    with pytest.raises(CannotBatch, match=f"no input organ_masks_{joins + 1}"):
-        batch_graph((jobs * (joins // len(jobs) + 1))[:joins + 1], joinable)
+    # a chain of pairwise joins: any batch size joins (12 rows: 11 joins, the last one read by Fit to model)
+    many = batch_graph((jobs * 4)[:12], joinable).graph
+    assert many["4"]["inputs"]["organ_masks"] == ["join_2_0_11", 0]
+    assert many["join_2_0_11"]["inputs"] == {"organ_masks_1": ["join_2_0_10", 0], "organ_masks_2": ["2_row11", 0]}
 
 
 def test_batch_size_is_checked_before_anything_runs(pack_import_path, tmp_path):
