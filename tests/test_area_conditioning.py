@@ -109,7 +109,7 @@ def test_odd_offsets_non_square_area_and_the_negative_given_the_same_area(comfy,
 
 
 def test_two_same_size_areas_batched_together_each_get_their_own_labels(comfy, tiny_model, chest128, recorder):
-    patched = gate(comfy, tiny_model.model, chest128)
+    patched = gate(comfy, tiny_model.model, chest128, apply_to_uncond=False)  # positive rows only: their areas
     a = area_cond(comfy, chest128.positive, 64, 64, 8, 16)  # (8, 8, 2, 1)
     b = area_cond(comfy, chest128.positive, 64, 64, 48, 56)  # (8, 8, 7, 6)
     both = comfy.nodes.ConditioningCombine().combine(a, b)[0]
@@ -125,7 +125,7 @@ def test_two_same_size_areas_batched_together_each_get_their_own_labels(comfy, t
 
 
 def test_area_percentage(comfy, tiny_model, chest128, recorder):
-    patched = gate(comfy, tiny_model.model, chest128)
+    patched = gate(comfy, tiny_model.model, chest128, apply_to_uncond=False)  # positive rows only: their areas
     width, height, x, y = 0.5, 0.6, 0.3, 0.2
     positive = comfy.nodes.ConditioningSetAreaPercentage().append(chest128.positive, width, height, x, y, 1.0)[0]
     sample(comfy, patched, positive, chest128.negative, chest128.latent)
@@ -136,7 +136,7 @@ def test_area_percentage(comfy, tiny_model, chest128, recorder):
 
 
 def test_set_mask_with_mask_bounds_and_without(comfy, tiny_model, chest128, recorder):
-    patched = gate(comfy, tiny_model.model, chest128)
+    patched = gate(comfy, tiny_model.model, chest128, apply_to_uncond=False)  # positive rows only: their areas
     mask = torch.zeros(1, 16, 14)
     mask[:, 3:12, 5:13] = 1.0  # 9×8 cells at y 3, x 5 (on the latent's grid, so ComfyUI's resize keeps it)
     bounded = comfy.nodes.ConditioningSetMask().append(chest128.positive, mask, "mask bounds", 1.0)[0]
