@@ -125,7 +125,7 @@ def record_capture(cap: CaptureStage, groups: Sequence[tuple[torch.Tensor, torch
         _, maps, share = parts[0]
     else:
         total = sum(n for n, _, _ in parts)
-        maps = {wd: sum(n * m[wd] for n, m, _ in parts) / total for wd in parts[0][1]}
+        maps = {wd: torch.stack([n * m[wd] for n, m, _ in parts]).sum(0) / total for wd in parts[0][1]}
         shares = [(n, s) for n, _, s in parts if s is not None]
         share = sum(n * s for n, s in shares) / sum(n for n, _ in shares) if shares else None
     state.capture(cap.label, (h, w), sigma, maps, share)

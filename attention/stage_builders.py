@@ -226,7 +226,7 @@ def gate_stage(masks: AnyOrganMasks, to_sigma: ToSigma, *, tokens: TokenMap | No
                      cond_len=tokens.cond_len if tokens else 77, token_words=tuple(words), isolation=isolation)
 
 
-def _prompt_isolation(tokens, words, token_strength: float, project: Callable) -> PromptIsolation:
+def _prompt_isolation(tokens, words, token_strength: float, project: Callable | None) -> PromptIsolation:
     """The prompt encoded without each non-empty subset of the anatomy words (refusals first: encoding is the cost)."""
     encode = getattr(tokens, "encode_without", None)
     if encode is None:
@@ -241,6 +241,10 @@ def _prompt_isolation(tokens, words, token_strength: float, project: Callable) -
         raise CXRInputError(f"anatomy_isolation 'prompt' encodes the prompt once per subset of anatomy words; "
                             f"{len(words)} words would need {2 ** len(words) - 1} encodes.", input_name="tokens",
                             fix=f"Use at most {ISOLATION_MAX_WORDS} anatomy words with 'prompt', or 'tokens'.")
+    if project is None:  # a host that cannot project a layer's keys and values (the diffusers builders refuse first)
+        raise CXRInputError("anatomy_isolation 'prompt' needs the host to project the shortened prompts through each "
+                            "layer; this host cannot.", input_name="anatomy_isolation",
+                            fix="Use anatomy_isolation 'tokens' here, or the ComfyUI nodes.")
     return PromptIsolation.build([pos for pos, _ in words], tokens.cond_len, encode, project)
 
 

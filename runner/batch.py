@@ -147,8 +147,7 @@ def run_batch(jobs: Sequence[RowJob | BatchJob], book: ResultsBook, workers: Seq
     to the queue one by one (not counted as an attempt: a bad radiograph must not cost its neighbours a try);
     if its server went down, the batch goes back whole.
     """
-    todo: deque[RowJob | BatchJob] = deque(_not_done(job, book) for job in jobs)
-    todo = deque(job for job in todo if job is not None)
+    todo: deque[RowJob | BatchJob] = deque(j for j in (_not_done(job, book) for job in jobs) if j is not None)
     before = sum(1 for key in book.keys if book.is_done(key))
     summary = BatchSummary(total=len(book.keys), done=0, skipped=before, results=book.out)
     bar = Progress(sum(len(j.rows) if isinstance(j, BatchJob) else 1 for j in todo), progress)
