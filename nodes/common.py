@@ -131,14 +131,6 @@ def validation_of(cls: type[io.ComfyNode], **values: float | str | None) -> bool
     return True
 
 
-def require_single(node: str, input_name: str, count: int, what: str) -> None:
-    """Organ masks describe one radiograph: refuse a batch of ``count`` images or masks."""
-    if count != 1:
-        raise CXRInputError(f"got a batch of {count} {what}s; organ masks describe one radiograph.",
-                            node=node, input_name=input_name,
-                            fix=f"Pass a single {what} (e.g. pick one with a batch-select node).")
-
-
 def output_location(title: str, prefix: str, width: int, height: int) -> tuple[str, str, int, str]:
     """ComfyUI's SaveImage placement: (folder, file stem, first free counter, subfolder) in the output folder."""
     try:
