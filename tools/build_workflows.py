@@ -20,6 +20,7 @@ _link = Path(tempfile.mkdtemp()) / "cxr_counterfactual"
 _link.symlink_to(ROOT, target_is_directory=True)
 sys.path.insert(0, str(_link.parent))
 
+from cxr_counterfactual.attention.stage_builders import GATE_APPLY_TO_UNCOND  # noqa: E402
 from cxr_counterfactual.tools.workflow_format import api_to_ui  # noqa: E402
 
 CHECKPOINT = "tiny-sd15.safetensors"  # `python -m cxr_counterfactual tiny-checkpoint`; swap in a CXR SD1.5 model
@@ -57,7 +58,8 @@ def _stages(g: Graph, model: list[Any], masks: list[Any], tokens: list[Any],
             boost_end: float = 0.4, capture: str | None = None) -> tuple[str, str]:
     gate = g.add("CXRAnatomyAttentionGate", "Stage 2: anatomy gate", model=model, organ_masks=masks, tokens=tokens,
                  strength=1.0, token_strength=1.0, organs="right_lung, left_lung, heart", background="free",
-                 margin_px=0, blocks="all", start_percent=0.0, end_percent=1.0, apply_to_uncond=False,
+                 margin_px=0, blocks="all", start_percent=0.0, end_percent=1.0,
+                 apply_to_uncond=GATE_APPLY_TO_UNCOND,  # the node's default, chosen by the README's rule
                  anatomy_isolation="tokens")
     boosted = out(gate)
     if capture:  # between gate and boost: ComfyUI then runs it, and its grid check, before the inversion that
