@@ -79,10 +79,15 @@ def test_real_sag_after_is_reported_and_before_composes(comfy, host, tiny_model,
     after = run(sag, model=gated, scale=0.5, blur_sigma=2.0)[0]
     sample(comfy, after, chest)
     assert any(c.key == MIDDLE for c in host.run_state(after).store.latest().conflicts)
-    before = gate(comfy, run(sag, model=tiny_model.model, scale=0.5, blur_sigma=2.0)[0], chest)
+    sag_first = run(sag, model=tiny_model.model, scale=0.5, blur_sigma=2.0)[0]
+    before = gate(comfy, sag_first, chest, apply_to_uncond=False)
     out = sample(comfy, before, chest)
     assert torch.isfinite(out).all() and not host.run_state(before).store.latest().conflicts
     assert not torch.allclose(out, sample(comfy, gated, chest))  # SAG is still acting
+    # with the negative pass gated (the default), SAG's layer keeps the negative rows whole and says so, once
+    both = gate(comfy, sag_first, chest)
+    assert torch.isfinite(sample(comfy, both, chest)).all()
+    assert [(c.kind, c.key) for c in host.run_state(both).store.latest().conflicts] == [("uncond-kernel", MIDDLE)]
 
 
 def test_two_part_replace_installed_at_sampling_time_is_wrapped(comfy, tiny_model, chest):

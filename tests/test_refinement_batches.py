@@ -46,7 +46,7 @@ def _masks(inside: torch.Tensor) -> OrganMasks:
 
 
 def test_refinement_cells_are_per_image_and_a_wrong_count_is_refused():
-    a, b = _target(slice(0, 3), slice(0, 5), 16, 16), _target(slice(8, 16), slice(0, 8), 16, 16)
+    a, b = _target(slice(0, 8), slice(0, 16), 16, 16), _target(slice(8, 16), slice(0, 8), 16, 16)
     ref = Refinement(RefineConfig(), OrganMaskBatch((_masks(a), _masks(b))), {"effusion": (3,)})
     cells = ref.cells((4, 4), (16, 16))
     assert cells.shape == (2, 16)
