@@ -2,7 +2,7 @@
 
 A sampler call regulates rows of a batch: ``chunks × per`` rows, one chunk per conditioning, row ``r`` of a chunk
 being image ``r % per`` of the latent batch. Each row has its own *field*: which image it is (so which of an
-:class:`.organs.OrganMaskBatch`'s mask sets applies) and which part of the latent the UNet sees for it (the
+:class:`.mask_batch.OrganMaskBatch`'s mask sets applies) and which part of the latent the UNet sees for it (the
 whole latent, or the area of an area-conditioned prompt: ComfyUI narrows the input to the area before the model
 runs). Region labels for a row are its image's masks cropped to that part (:func:`field_masks`) and then
 resampled to the layer's grid as for a whole latent (``regions.partition`` / ``coverage`` with
@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import CXRInputError
-from .organs import AnyOrganMasks, OrganMasks, mask_count, sample_masks
+from .mask_batch import AnyOrganMasks, mask_count, sample_masks
+from .organs import OrganMasks
 
 Grid = tuple[int, int]
 Area = tuple[int, int, int, int]  # (h, w, y, x) in latent cells, ComfyUI's order
@@ -31,7 +32,7 @@ class Field:
     Attributes:
         latent: the full latent's ``(H, W)``.
         area: the ``(h, w, y, x)`` latent cells the UNet sees for this row (None: the whole latent).
-        sample: the image of the batch (its mask set in an :class:`.organs.OrganMaskBatch`).
+        sample: the image of the batch (its mask set in an :class:`.mask_batch.OrganMaskBatch`).
     """
 
     latent: Grid

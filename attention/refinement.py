@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CXRInputError
-from .organs import AnyOrganMasks, check_mask_count, mask_sets
+from .mask_batch import AnyOrganMasks, check_mask_count, mask_sets
 from .regions import coverage
 from .run_record import RefineStep
 from .stages import Grid

@@ -22,7 +22,8 @@ import torch
 
 from ..errors import CXRInputError
 from .gating import BACKGROUNDS, ISOLATION_MAX_WORDS, ISOLATIONS, PromptIsolation
-from .organs import AnyOrganMasks, OrganMasks, batch_masks, mask_sets, parse_names, sample_masks
+from .mask_batch import AnyOrganMasks, batch_masks, mask_sets, sample_masks
+from .organs import OrganMasks, parse_names
 from .stages import BoostStage, CaptureStage, GateStage
 from .tokens import TokenMap
 
@@ -117,7 +118,7 @@ def target_region(masks: AnyOrganMasks | None, organs: str | Iterable[str] = "",
     empty), else the union of ``organs`` from ``masks``.
 
     Per image where the input is per image: a MASK batch of ``n > 1`` masks (one per image) or an
-    :class:`.organs.OrganMaskBatch` gives an ``OrganMaskBatch`` of one-region targets, image ``i``'s from its own
+    :class:`.mask_batch.OrganMaskBatch` gives an ``OrganMaskBatch`` of one-region targets, image ``i``'s from its own
     mask (set); one mask (set) gives one target that every image shares.
     """
     if mask is not None:

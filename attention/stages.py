@@ -21,7 +21,7 @@ from ..errors import CXRInputError
 from .boosting import pathology_boost_bias
 from .field import Field, field_masks
 from .gating import PromptIsolation, anatomy_token_bias, isolation_groups
-from .organs import AnyOrganMasks, check_mask_count, mask_count
+from .mask_batch import AnyOrganMasks, check_mask_count, mask_count
 from .regions import RegionCache, coverage, partition
 from .tokens import token_columns
 

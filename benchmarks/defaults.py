@@ -44,6 +44,7 @@ def boost_negative_rows():
     from cxr_counterfactual.attention.kernels import to_flat, to_heads
     from cxr_counterfactual.attention.layer_call import active_stages, cross_bias
     from cxr_counterfactual.hosts.comfy import patch
+    from cxr_counterfactual.hosts.comfy.cond_areas import chunk_fields
 
     original = patch.CXRReplace._on_rows
 
@@ -54,7 +55,7 @@ def boost_negative_rows():
             return out
         sigma = float(extra["sigmas"].max())
         h, w = patch._grid(extra)
-        field = patch.chunk_fields(extra)[0]  # one radiograph, no area: every chunk has the same field
+        field = chunk_fields(extra)[0]  # one radiograph, no area: every chunk has the same field
         bias = cross_bias(active_stages(self.stages, self.key, sigma), h, w, field, k.shape[1], q.device)
         others = sorted(set(range(q.shape[0])) - set(rows.tolist()))
         if bias is None or not others:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..attention.organs import batch_masks, each_image
+from ..attention.mask_batch import batch_masks, each_image
 from ..imaging.atlas import DEFAULT_MIN_QUALITY, atlas_organ_masks
 from ..imaging.overlay import overlay_organs
 from .common import check_inputs, user_errors

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 from comfy_api.latest import io, ui
 
-from ..attention.organs import AnyOrganMasks, check_mask_count, each_image, mask_count, sample_masks
+from ..attention.mask_batch import AnyOrganMasks, check_mask_count, each_image, mask_count, sample_masks
 from ..attention.run_state import find_run
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError

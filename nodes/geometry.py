@@ -7,7 +7,8 @@ from dataclasses import replace
 import torch
 from comfy_api.latest import io
 
-from ..attention.organs import AnyOrganMasks, OrganMasks, check_mask_count, map_each_image
+from ..attention.mask_batch import AnyOrganMasks, check_mask_count, map_each_image
+from ..attention.organs import OrganMasks
 from ..errors import CXRInputError
 from ..imaging.geometry import FitRecord, NativeGeometry, apply_fit, composite_native, plan_fit, undo_fit
 from .common import user_errors

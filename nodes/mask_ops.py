@@ -8,16 +8,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..attention.organs import (
-    AnyOrganMasks,
-    OrganMasks,
-    batch_masks,
-    each_image,
-    edit_and_keep,
-    map_each_image,
-    mask_sets,
-    parse_names,
-)
+from ..attention.mask_batch import AnyOrganMasks, batch_masks, each_image, map_each_image, mask_sets
+from ..attention.organs import OrganMasks, edit_and_keep, parse_names
 from .common import check_inputs, user_errors
 from .schema import CATEGORY_MASKS, described, organ_masks_input, organ_masks_output
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..attention.organs import (
+from ..attention.mask_batch import (
     AnyOrganMasks,
     OrganMaskBatch,
-    OrganMasks,
     batch_masks,
     check_mask_count,
     each_image,
     mask_count,
     mask_sets,
-    normalise_name,
     sample_masks,
 )
+from ..attention.organs import OrganMasks, normalise_name
 from ..errors import CXRInputError
 from ..imaging.mask_files import read_label_map, read_mask_image
 from .common import (

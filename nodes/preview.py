@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..attention.organs import AnyOrganMasks, check_mask_count, each_image, sample_masks
+from ..attention.mask_batch import AnyOrganMasks, check_mask_count, each_image, sample_masks
 from ..imaging.overlay import overlay_organs
 from .common import check_inputs, user_errors
 from .schema import CATEGORY_MASKS, described, fraction_input, organ_masks_input

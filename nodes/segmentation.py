@@ -12,7 +12,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..attention.organs import OrganMasks, batch_masks, each_image
+from ..attention.mask_batch import batch_masks, each_image
+from ..attention.organs import OrganMasks
 from ..errors import CXRInputError
 from ..imaging import segmentation as seg
 from .common import check_inputs, user_errors

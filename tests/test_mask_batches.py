@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from node_run import run, run_node
 from PIL import Image
 
-from cxr_counterfactual.attention.organs import OrganMaskBatch, OrganMasks, mask_sets
+from cxr_counterfactual.attention.mask_batch import OrganMaskBatch, mask_sets
+from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.errors import CXRInputError
 
 SIZE = (288, 252)  # H×W: the CheXmask example's aspect ratio (899×786), small enough for fast atlas fits

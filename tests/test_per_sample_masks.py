@@ -16,7 +16,8 @@ import torch
 from cxr_helpers import chexmask_radiograph, gate
 from node_run import run
 
-from cxr_counterfactual.attention.organs import OrganMaskBatch, OrganMasks
+from cxr_counterfactual.attention.mask_batch import OrganMaskBatch
+from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.attention.regions import partition
 from cxr_counterfactual.errors import CXRInputError
 

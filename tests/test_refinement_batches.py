@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cxr_counterfactual.attention.organs import OrganMaskBatch, OrganMasks
+from cxr_counterfactual.attention.mask_batch import OrganMaskBatch
+from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.attention.refinement import (
     RefineConfig,
     Refinement,

@@ -32,7 +32,8 @@ from ...attention.layer_call import active_stages, per_sample, probe_map
 from ...attention.refinement import Energy, Refinement, grid_at
 from ...attention.stages import Key
 from ...errors import CXRInputError
-from .patch import HOLDER_KEY, CXRReplace, chunk_fields
+from .cond_areas import chunk_fields
+from .patch import HOLDER_KEY, CXRReplace
 from .unet_layout import grid_factor_keys
 
 TITLE = "CXR Refinement Sampler"

@@ -26,8 +26,9 @@ from ...attention.refinement import Refinement, RefineWindow, refine_step, refin
 from ...attention.run_record import RunRecord
 from ...attention.run_state import ResultStore, latent_fingerprint
 from ...errors import CXRInputError
+from .cond_areas import area_node
 from .control_checks import check_controls
-from .patch import HOLDER_KEY, area_node
+from .patch import HOLDER_KEY
 from .refinement_energy import TITLE, energy_function, energy_keys, energy_layers, path_parameters
 from .sampler_methods import METHODS, SamplerMethod, plan, run_noise_sampler, run_segment
 
