@@ -97,6 +97,8 @@ class RunRecord:
         latent: fingerprint of the latent the run returned (None while it runs).
         refine: the refinement sampler's steps (None: no refinement sampler ran).
         weights_copied_mb: size of the weight clones the refinement's gradient pass made.
+        attention: which attention kernel each kind of gated call ran on (``"hard gating"`` / ``"soft gating"`` →
+            the host's backend name, e.g. ComfyUI's ``attention_sub_quad``).
     """
 
     trace: list[TraceEntry] = field(default_factory=list)
@@ -105,3 +107,4 @@ class RunRecord:
     latent: str | None = None
     refine: list[RefineStep] | None = None
     weights_copied_mb: float = 0.0
+    attention: dict[str, str] = field(default_factory=dict)

@@ -11,8 +11,9 @@ What it does:
 - composes with other packs: a replace already under our key (or under the block's 2-part key, at node
   time or, like PAG's, at sampling time) becomes the attention *kernel* our gating calls (per region
   group for hard gating); a replace that overwrites ours after we installed it (SAG does) is detected when
-  sampling starts and reported in the log and the run's record; ``optimized_attention_override`` is
-  honoured (hard gating calls it per group; soft gating gives it a dense float mask).
+  sampling starts and reported in the log and the run's record;
+- runs gated self-attention on the backend ComfyUI chose for the layer, ``optimized_attention_override``
+  included (:mod:`.attention_backend`: hard gating calls it per region; soft gating takes a log-sum-exp).
 - keeps per-run state in one holder under ``transformer_options["cxr_counterfactual"]``, replaced by a
   fresh copy at the start of every run by an OUTER_SAMPLE wrapper; what a run produces for nodes after
   the sampler goes to a :class:`ResultStore` that model copies share (both in :mod:`.run_state`).
@@ -30,7 +31,7 @@ import torch
 
 from ...attention.field import Field, group_rows, row_fields
 from ...attention.gating import gated_self_attention, self_attention_bias, token_masked_cross_attention
-from ...attention.kernels import sdpa, sdpa_with_lse, to_flat, to_heads
+from ...attention.kernels import to_flat, to_heads
 from ...attention.layer_call import (
     COND,
     UNCOND,
@@ -45,6 +46,7 @@ from ...attention.layer_call import (
 )
 from ...attention.run_state import ResultStore, RunState, latent_fingerprint
 from ...attention.stages import CaptureStage, GateStage, Key, Stage
+from . import attention_backend
 from .cond_areas import HOLDER_KEY, calc_cond_batch_wrapper, check_areas, chunk_fields
 from .cond_areas import holder as _state
 from .control_checks import check_controls
@@ -293,57 +295,64 @@ class CXRReplace:
     def _gate(self, stage: GateStage, q, k, v, extra: dict, state: RunState | None, field: Field):
         heads = extra["n_heads"]
         h, w = _grid(extra)
-        precision = extra.get("attn_precision")
         dtype = q.dtype
-        if precision == torch.float32 and dtype != torch.float32:
-            q, k, v = q.float(), k.float(), v.float()  # honour the model's attention precision
-        qh, kh, vh = to_heads(q, heads), to_heads(k, heads), to_heads(v, heads)
+        # honour the model's attention precision where our own arithmetic runs (a log-sum-exp, another pack's
+        # kernel); ComfyUI's backends get the model's dtype and attn_precision, as in a stock layer
+        upcast = extra.get("attn_precision") == torch.float32 and dtype != torch.float32
         part = stage.partition(h, w, field, q.device)
-        kernel, lse_kernel = self._kernels(heads, extra)
-        if self.inner is not None and stage.self_leak == 0.0:
-            try:
-                return to_flat(gated_self_attention(qh, kh, vh, part, 0.0, stage.background, kernel)).to(dtype)
-            except _NotAttention:
-                # PAG's perturbation (self-attention → identity) returns the values it is given: no attention to
-                # confine, each token already sees only itself. It replaces this layer ungated, as without us.
-                logger.debug("%s: the replace at %s is not an attention over its keys; it runs ungated",
-                             stage.title, self.key)
-                return self.inner(to_flat(qh).to(dtype), to_flat(kh).to(dtype), to_flat(vh).to(dtype), extra)
-        if lse_kernel is None and 0.0 < stage.self_leak < 1.0:
-            if self.inner is not None:
-                if state is not None:
-                    state.report("soft-gate", self.key, f"{stage.title}: soft gating (leak {stage.self_leak}) cannot "
-                                 f"compose with another pack's replace at {self.key}; that layer runs it ungated.")
-                return self.inner(to_flat(qh).to(dtype), to_flat(kh).to(dtype), to_flat(vh).to(dtype), extra)
-            # an attention override gives no log-sum-exp: the documented dense-mask fallback
+        if len(part.slices) == 1:
+            # One region covers every token: gating confines nothing, so the layer runs the stock call itself
+            # (same kernel, same inputs: bit-identical to a stock layer by construction).
+            return self._stock(q, k, v, extra)
+        if self.inner is not None:
+            if upcast:
+                q, k, v = q.float(), k.float(), v.float()
+            qh, kh, vh = to_heads(q, heads), to_heads(k, heads), to_heads(v, heads)
+            if stage.self_leak == 0.0:
+                try:
+                    return to_flat(gated_self_attention(qh, kh, vh, part, 0.0, stage.background,
+                                                        self._via_inner(heads, extra))).to(dtype)
+                except _NotAttention:
+                    # PAG's perturbation (self-attention → identity) returns the values it is given: no attention
+                    # to confine, each token already sees only itself. It replaces this layer ungated, as without us.
+                    logger.debug("%s: the replace at %s is not an attention over its keys; it runs ungated",
+                                 stage.title, self.key)
+            elif state is not None:
+                state.report("soft-gate", self.key, f"{stage.title}: soft gating (leak {stage.self_leak}) cannot "
+                             f"compose with another pack's replace at {self.key}; that layer runs it ungated.")
+            return self.inner(to_flat(qh).to(dtype), to_flat(kh).to(dtype), to_flat(vh).to(dtype), extra)
+        qh, kh, vh = to_heads(q, heads), to_heads(k, heads), to_heads(v, heads)
+        if stage.self_leak == 0.0:  # hard gating: each region through the backend ComfyUI chose, no mask
+            kernel = attention_backend.hard_kernel(heads, extra, state)
+            return to_flat(gated_self_attention(qh, kh, vh, part, 0.0, stage.background, kernel)).to(dtype)
+        kernel, lse_kernel = attention_backend.soft_kernels(heads, extra, state, q.device)
+        if lse_kernel is None:  # an attention override: it gets the layer whole, with a dense float mask
             bias = self_attention_bias(part, stage.self_leak, stage.background).to(q.device, q.dtype)
-            out = comfy_attention.optimized_attention(
-                to_flat(qh), to_flat(kh), to_flat(vh), heads, mask=bias, transformer_options=extra
-            )
-            return out.to(dtype)
-        out = gated_self_attention(qh, kh, vh, part, stage.self_leak, stage.background, kernel,
-                                   lse_kernel or sdpa_with_lse)
+            return comfy_attention.optimized_attention(q, k, v, heads, mask=bias, attn_precision=extra.get(
+                "attn_precision"), transformer_options=extra).to(dtype)
+        if upcast:
+            lse_kernel = _upcast(lse_kernel)
+        out = gated_self_attention(qh, kh, vh, part, stage.self_leak, stage.background, kernel, lse_kernel)
         return to_flat(out).to(dtype)
 
-    def _kernels(self, heads: int, extra: dict):
-        """Attention kernels in the heads layout: another pack's replace or override, else torch SDPA."""
-        if self.inner is not None:
-            inner = self.inner
+    def _via_inner(self, heads: int, extra: dict):
+        """Another pack's replace at this key as our mask-free kernel (heads layout): their effect and ours compose."""
+        inner = self.inner
 
-            def via_inner(q, k, v):
-                out = inner(to_flat(q), to_flat(k), to_flat(v), extra)
-                if out.shape[1] != q.shape[2]:  # one output per key, not per query: not an attention
-                    raise _NotAttention
-                return to_heads(out, heads)
-            return via_inner, None
-        if "optimized_attention_override" in extra:
-            def via_override(q, k, v):
-                out = comfy_attention.optimized_attention(
-                    to_flat(q), to_flat(k), to_flat(v), heads, transformer_options=extra
-                )
-                return to_heads(out, heads)
-            return via_override, None
-        return sdpa, sdpa_with_lse
+        def via_inner(q, k, v):
+            out = inner(to_flat(q), to_flat(k), to_flat(v), extra)
+            if out.shape[1] != q.shape[2]:  # one output per key, not per query: not an attention
+                raise _NotAttention
+            return to_heads(out, heads)
+        return via_inner
+
+
+def _upcast(lse_kernel):
+    """``lse_kernel`` on float32 inputs (the model asks for float32 attention; outputs come back in its dtype)."""
+    def kernel(q, k, v):
+        out, lse = lse_kernel(q.float(), k.float(), v.float())
+        return out.to(q.dtype), lse
+    return kernel
 
 
 # --------------------------------------------------------------------------------------------------
