@@ -22,6 +22,7 @@ Each run records which kernel each kind of gated call used (``RunRecord.attentio
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -61,6 +62,7 @@ def backend_kernel(heads: int, extra: dict) -> Kernel:
     return kernel
 
 
+@functools.cache
 def _flash_lse() -> LseKernel | None:
     """flash_attn's kernel with its log-sum-exp (UNVERIFIED: needs a CUDA GPU and flash-attn)."""
     if importlib.util.find_spec("flash_attn") is None:
@@ -70,14 +72,14 @@ def _flash_lse() -> LseKernel | None:
     def lse_kernel(q, k, v):
         if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
             return sdpa_with_lse(q, k, v)  # flash_attn runs half precision on CUDA only
-        # flash_attn takes [B, N, H, D]; with return_attn_probs it returns (out, softmax_lse [B, H, N], probs)
-        out, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                      return_attn_probs=True)
-        return out.transpose(1, 2), lse.float()
+        # flash_attn takes [B, N, H, D]; with return_attn_probs it returns (out, softmax_lse [B, H, N], ...)
+        result = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_attn_probs=True)
+        return result[0].transpose(1, 2), result[1].float()
 
     return lse_kernel
 
 
+@functools.cache
 def _xformers_lse() -> LseKernel | None:
     """xformers' attention that returns its log-sum-exp (UNVERIFIED: needs a CUDA GPU and xformers)."""
     if importlib.util.find_spec("xformers") is None:
@@ -98,6 +100,7 @@ def _xformers_lse() -> LseKernel | None:
     return lse_kernel
 
 
+@functools.cache
 def _sage_lse() -> LseKernel | None:
     """SageAttention with ``return_lse`` (UNVERIFIED: needs a CUDA GPU and a sageattention release that has it)."""
     if importlib.util.find_spec("sageattention") is None:
@@ -128,7 +131,8 @@ def _own_lse(fn: Callable) -> LseKernel | None:
         if fn is getattr(comfy_attention, name, None):
             try:
                 return make()
-            except ImportError:
+            except (ImportError, OSError, RuntimeError, AttributeError) as err:  # a broken optional install
+                logger.debug("no log-sum-exp kernel for %s: %s", name, err)
                 return None
     return None
 

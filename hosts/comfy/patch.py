@@ -263,6 +263,9 @@ class CXRReplace:
                     record_capture(cap, [(qh, kh, bias, field)], h, w, sigma, state)
             return qh, kh
 
+        # Token biases stay on torch SDPA with their small N×T float mask, not the user's backend: with a mask,
+        # ComfyUI's own sage and flash backends fall back to PyTorch attention too, and sub-quad / split would
+        # take a bool mask as 0/1 (DESIGN.md); an N×T mask costs little next to self-attention's N².
         def attend(q, k, v, extra):
             heads = extra["n_heads"]
             return to_flat(token_masked_cross_attention(to_heads(q, heads), to_heads(k, heads), to_heads(v, heads),
