@@ -11,6 +11,7 @@ Elsewhere a tolerance derived from the dtype (:func:`rounding_tol`, :func:`netwo
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -264,7 +265,11 @@ def sigmas(comfy, tiny_model):
 
 
 class Seen:
-    """Wraps the core functions the ComfyUI replace calls (same arguments, same result) and checks each call."""
+    """Wraps the core functions the ComfyUI replace calls (same arguments, same result) and checks each call.
+
+    ``check_gate(run, a, out)`` gets the gate's arguments by name (``a["q"]``, ``a["part"]``, ``a["leak"]``, ...) and
+    ``run(**a)``, the original function; ``check_cross(run, q, k, v, bias, out)``.
+    """
 
     def __init__(self, monkeypatch, check_gate=None, check_cross=None):
         from cxr_counterfactual.hosts.comfy import patch
@@ -273,12 +278,16 @@ class Seen:
         self.calls = {"attn1": 0, "attn2": 0}
         gate, cross = patch.gated_self_attention, patch.token_masked_cross_attention
 
-        def gated(q, k, v, part, *args, **kwargs):
-            out = gate(q, k, v, part, *args, **kwargs)
-            self.dtypes.add(q.dtype)
+        signature = inspect.signature(gate)
+
+        def gated(*args, **kwargs):
+            out = gate(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            self.dtypes.add(bound.arguments["q"].dtype)
             self.calls["attn1"] += 1
             if check_gate is not None:
-                check_gate(gate, (q, k, v, part, *args), kwargs, out)
+                check_gate(gate, dict(bound.arguments), out)
             return out
 
         def masked(q, k, v, bias):
@@ -308,9 +317,9 @@ def test_hard_gate_isolates_each_region_inside_the_half_unet(comfy, half_model, 
     dtype = half_model.model.diffusion_model.dtype
     regions = []
 
-    def check(gate_fn, args, kwargs, out):
-        q, k, v, part, leak, background = args[:6]
-        assert leak == 0.0
+    def check(gate_fn, a, out):
+        q, k, v, part, background = a["q"], a["k"], a["v"], a["part"], a["background"]
+        assert a["leak"] == 0.0
         for label, _, _ in part.slices:
             if label == 0 and background == "free":
                 continue
@@ -318,7 +327,7 @@ def test_hard_gate_isolates_each_region_inside_the_half_unet(comfy, half_model, 
             changed = [t.clone() for t in (q, k, v)]
             for t in changed:
                 t[:, :, ~inside] = torch.randn_like(t[:, :, ~inside]) * 10
-            again = gate_fn(*changed, *args[3:], **kwargs)
+            again = gate_fn(**{**a, "q": changed[0], "k": changed[1], "v": changed[2]})
             assert torch.equal(again[:, :, inside], out[:, :, inside]), (part.names[label], part.height, part.width)
             regions.append(label)
     seen = Seen(monkeypatch, check_gate=check)
@@ -337,10 +346,10 @@ def test_soft_gate_and_token_masking_agree_with_float32_per_layer(comfy, half_mo
     dtype = half_model.model.diffusion_model.dtype
     worst = {"attn1": 0.0, "attn2": 0.0}
 
-    def check_gate(gate_fn, args, kwargs, out):
-        q, k, v, part, leak, background = args[:6]
+    def check_gate(gate_fn, a, out):
+        q, k, v, leak = a["q"], a["k"], a["v"], a["leak"]
         assert 0.0 < leak < 1.0
-        ref = gate_fn(q.float(), k.float(), v.float(), part, leak, background)
+        ref = gate_fn(q.float(), k.float(), v.float(), a["part"], leak, a["background"])  # torch's kernels, float32
         err = float((out.float() - ref).abs().max()) / rounding_tol(dtype, float(v.abs().max()), 3)
         worst["attn1"] = max(worst["attn1"], err)
 
