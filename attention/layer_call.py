@@ -171,7 +171,9 @@ def probe_map(stages: Sequence[Stage], key: Key, sigma: float, qh: torch.Tensor,
     if len(groups) == 1:  # every row shares one field: the one bias, as for a single image
         bias = cross_bias(active, h, w, groups[0][0], kh.shape[2], qh.device)
         return pathology_maps(qh, kh, bias, columns, h, w)
-    out = torch.empty(qh.shape[0], h, w, dtype=qh.dtype, device=qh.device)
+    # float32 as the one-field path's maps (token_probabilities): the energy and its gradient stay in float32 for a
+    # half-precision model
+    out = torch.empty(qh.shape[0], h, w, dtype=torch.float32, device=qh.device)
     for field, rows in groups:
         r = torch.tensor(rows, dtype=torch.long, device=qh.device)
         bias = cross_bias(active, h, w, field, kh.shape[2], qh.device)

@@ -77,6 +77,11 @@ class OrganMasks:
     data: torch.Tensor
 
     def __post_init__(self) -> None:
+        if self.data.dtype != torch.float32:
+            # Masks are resampled, dilated and compared in float32 whatever the model computes in: a half-precision
+            # mask would resample differently (and older torch has no Half kernels for area/bilinear resizing on
+            # the CPU); stages cast the biases they derive to the attention's dtype at the end.
+            object.__setattr__(self, "data", self.data.float())
         if self.data.ndim != 3 or self.data.shape[0] != len(self.names):
             raise ValueError(
                 f"OrganMasks needs [N, H, W] data for {len(self.names)} names, got {tuple(self.data.shape)}"

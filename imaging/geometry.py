@@ -91,15 +91,23 @@ def plan_fit(native_height: int, native_width: int, max_side: int, multiple: int
 
 
 def _resize(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
-    """Resize ``[B, C, H, W]``; area for shrinking images, bilinear for growing, nearest-exact for labels."""
+    """Resize ``[B, C, H, W]``; area for shrinking images, bilinear for growing, nearest-exact for labels.
+
+    A half-precision input is resized in float32 and cast back: the same result as its float32 copy resized and cast
+    (older torch has no Half kernels for these resizes on the CPU: "not implemented for 'Half'").
+    """
     if x.shape[-2:] == (height, width):
         return x
+    y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     if mode == "image":
         shrinking = height <= x.shape[-2] and width <= x.shape[-1]
         if shrinking:
-            return F.interpolate(x, size=(height, width), mode="area")
-        return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False).clamp(0, 1)
-    return F.interpolate(x, size=(height, width), mode=mode)
+            y = F.interpolate(y, size=(height, width), mode="area")
+        else:
+            y = F.interpolate(y, size=(height, width), mode="bilinear", align_corners=False).clamp(0, 1)
+    else:
+        y = F.interpolate(y, size=(height, width), mode=mode)
+    return y.to(x.dtype)
 
 
 def apply_fit(x: torch.Tensor, fit: FitRecord, mode: str = "image", pad_value: float = 0.0) -> torch.Tensor:
