@@ -48,6 +48,7 @@ import itertools
 import logging
 import math
 import re
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -298,28 +299,51 @@ def refine_window(config: RefineConfig, percent_to_sigma: Callable[[float], floa
     return RefineWindow(steps, hi, lo, stops)
 
 
+def _pass(energy: Energy, x: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``energy(x)`` and, with ``grad``, ``∂E/∂x`` (may be None: unused), on a plain copy of ``x``."""
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        xg = x.detach().clone().requires_grad_(grad)
+        e = energy(xg)
+        if not grad:
+            return e.detach(), None
+        (g,) = torch.autograd.grad(e.sum(), xg, allow_unused=True)
+        return e.detach(), g
+
+
 def _evaluate(energy: Energy, x: torch.Tensor, grad: bool, node: str,
               model_input: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``energy(x)`` (``[B]``, detached) and, with ``grad``, ``∂E/∂x``.
 
-    Hosts sample under ``torch.inference_mode()``: the pass runs with it off, on a plain copy of ``x``.
+    Hosts sample under ``torch.inference_mode()``: the pass runs with it off, on a plain copy of ``x``. Out of
+    memory in the pass is the user's to fix (settings that need less), so it becomes a :class:`CXRInputError`
+    raised once the pass's tensors are freed: the frames of the failed pass (its activations, its graph) are
+    cleared and, on CUDA, the allocator's cache emptied, so the next run starts as a clean one would.
     """
+    out_of_memory = None
     try:
-        with torch.inference_mode(False), torch.set_grad_enabled(grad):
-            xg = x.detach().clone().requires_grad_(grad)
-            e = energy(xg)
-            if not grad:
-                return e.detach(), None
-            (g,) = torch.autograd.grad(e.sum(), xg, allow_unused=True)
+        e, g = _pass(energy, x, grad)
+    except torch.OutOfMemoryError as err:  # before RuntimeError, its base class
+        traceback.clear_frames(err.__traceback__)  # the failed pass's frames hold its activations and graph
+        out_of_memory = str(err).splitlines()[0] if str(err) else type(err).__name__
     except RuntimeError as err:  # (CXRInputError is a ValueError: it passes through)
         raise CXRInputError(f"the model cannot be differentiated for refinement ({err}).", node=node,
                             input_name=model_input, fix="Use a float16/32 checkpoint without patches that keep "
                             "inference tensors, or set iterations to 0.") from None
-    if g is None or not torch.isfinite(g).all():  # e.g. maps that do not depend on the latent
+    if out_of_memory is not None:  # raised outside the handler: the error keeps no reference to the failed pass
+        if x.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise CXRInputError(
+            f"the refinement's {'gradient' if grad else 'energy'} pass ran out of memory on {x.device} "
+            f"({out_of_memory}).", node=node, input_name="grid_factor",
+            fix="Lower the memory one pass needs: a smaller grid_factor (the pass stops at a shallower encoder "
+            "layer: fewer weight copies and saved activations), a smaller image or batch; fewer iterations or a "
+            "narrower window (start_percent/end_percent) only shorten the run, and iterations 0 turns the "
+            "gradient pass off.")
+    if grad and (g is None or not torch.isfinite(g).all()):  # e.g. maps that do not depend on the latent
         raise CXRInputError("the energy has no usable gradient with respect to the latent.", node=node,
                             input_name=model_input, fix="Use a float16/32 SD-family UNet checkpoint, or set "
                             "iterations to 0.")
-    return e.detach(), g.detach()
+    return e, None if g is None else g.detach()
 
 
 def refine_step(energy: Energy, x: torch.Tensor, sigma: float, config: RefineConfig, *, step: int,

@@ -8,6 +8,8 @@
   :func:`load_checkpoint` loads one through ``CheckpointLoaderSimple``.
 - ``tiny_controlnet``: a random-weight ControlNet for the tiny checkpoint (``testing/tiny_controlnet.py``), built
   once per run beside it in a folder registered as ComfyUI's ``controlnet``; the fixture is its file name.
+- ``lora_name``: a random LoRA for the tiny checkpoint's UNet (``testing/tiny_lora.py``) in a folder registered as
+  ComfyUI's ``loras``; the fixture is its file name.
 - ``comfy_server``: one real headless ComfyUI for the whole session, with this pack and the tiny
   checkpoint linked into its private base directory; stopped at the end of the session.
 """
@@ -54,6 +56,20 @@ def tiny_controlnet(comfy, tiny_checkpoint: Path) -> str:
     path = ensure_tiny_controlnet(tiny_checkpoint.parent)
     folder_paths.add_model_folder_path("controlnet", str(path.parent))
     return path.name
+
+
+@pytest.fixture(scope="session")
+def lora_name(comfy, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """File name of the tiny LoRA (``testing/tiny_lora.py``, seed 0), in a folder registered as ComfyUI's 'loras'
+    (as extra_model_paths.yaml would): what ``LoraLoader`` / ``LoraLoaderModelOnly`` take."""
+    import folder_paths
+
+    from cxr_counterfactual.testing.tiny_lora import build_tiny_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    build_tiny_lora(folder / "tiny-sd15-lora.safetensors")
+    folder_paths.add_model_folder_path("loras", str(folder))
+    return "tiny-sd15-lora.safetensors"
 
 
 @pytest.fixture(scope="session")

@@ -26,17 +26,6 @@ REFINE = dict(iterations=3, step_size=0.5, grid_factor="2", smoothing=0.0)  # th
 
 
 @pytest.fixture(scope="module")
-def lora_name(comfy, tmp_path_factory) -> str:
-    """The LoRA file, in a folder registered as ComfyUI's 'loras' (as extra_model_paths.yaml would)."""
-    import folder_paths
-
-    folder = tmp_path_factory.mktemp("loras")
-    build_tiny_lora(folder / "tiny-sd15-lora.safetensors")
-    folder_paths.add_model_folder_path("loras", str(folder))
-    return "tiny-sd15-lora.safetensors"
-
-
-@pytest.fixture(scope="module")
 def c128(comfy, tiny_model, chexmask_example) -> SimpleNamespace:
     """The radiograph fitted to 128 px (latent 16×14), its masks, conditioning, tokens and schedule."""
     return fitted_chest(comfy, tiny_model, chexmask_example, max_side=128, steps=STEPS)

@@ -71,14 +71,31 @@ def energy_layers(dm, latent: tuple[int, int], grid_factor: int) -> tuple[list[K
     return keys, grid_at(latent, grid_factor.bit_length() - 1)
 
 
-def path_parameters(dm, keys: list[Key]) -> dict[str, torch.Tensor]:
-    """Clones (ordinary tensors, no grad) of the weights the encoder runs up to the last of ``keys``."""
+#: Storage dtypes ComfyUI can load UNet weights in (``UNETLoader`` weight_dtype, ``--fp8_*-unet``) that the gradient
+#: pass does not compute with: their clones are upcast (:func:`path_parameters`).
+FP8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
+
+
+def path_parameters(dm, keys: list[Key], compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Clones (ordinary tensors, no grad) of the weights the encoder runs up to the last of ``keys``; float8 ones
+    upcast to ``compute_dtype`` (the model's ``manual_cast_dtype``; None: float32).
+
+    Why upcast fp8: ComfyUI's ops cast each fp8 weight to the compute dtype per call anyway (exactly: every float8
+    value is representable in float16/bfloat16/float32), so the gradient pass sees the same weights; but with
+    ``fp8_e4m3fn_fast`` (``comfy.ops.fp8_ops``) a Linear whose weight is float8 runs ``torch._scaled_mm``, which
+    autograd cannot differentiate, while ``fp8_linear`` returns None for any other weight dtype and the layer takes
+    the cast path. Under a partial (low-VRAM) load the clones of modules left offloaded are the unpatched weights:
+    their ``weight_function`` (LoRA patches, ``comfy.model_patcher.LowVramPatch``) still applies to the clone in
+    ComfyUI's per-layer cast, after the cast to the compute dtype, as in the sampling pass.
+    """
     last = max(k[1] for k in keys if k[0] == "input") if keys[0][0] == "input" else len(dm.input_blocks) - 1
     prefixes = ("time_embed.", "label_emb.", *(f"input_blocks.{i}." for i in range(last + 1)))
     if keys[0][0] == "middle":
         prefixes += ("middle_block.",)
+    upcast = compute_dtype or torch.float32
     with torch.inference_mode(False):
-        return {f"dm.{n}": p.detach().clone() for n, p in dm.named_parameters() if n.startswith(prefixes)}
+        return {f"dm.{n}": p.detach().to(upcast) if p.dtype in FP8_DTYPES else p.detach().clone()
+                for n, p in dm.named_parameters() if n.startswith(prefixes)}
 
 
 def control_models(conds: list[dict] | None) -> list[torch.nn.Module]:

@@ -18,7 +18,9 @@ size goes to the run's record.
 from __future__ import annotations
 
 import dataclasses
+import traceback
 
+import comfy.model_management
 import comfy.utils
 import torch
 
@@ -110,9 +112,16 @@ class RefinementSampler:
         for first, end, refined in plan(len(sigmas) - 1, window.steps):
             if refined:
                 if params is None:
-                    params = path_parameters(dm, energy_layers(dm, tuple(x.shape[-2:]), self.refinement.grid_factor)[0])
+                    keys = energy_layers(dm, tuple(x.shape[-2:]), self.refinement.grid_factor)[0]
+                    params = path_parameters(dm, keys, model.inner_model.inner_model.manual_cast_dtype)
                     record.weights_copied_mb = sum(p.numel() * p.element_size() for p in params.values()) / 2**20
-                x = self._refine(model, x, sigmas[first], extra_args, params, record, first, window, bar.update)
+                try:
+                    x = self._refine(model, x, sigmas[first], extra_args, params, record, first, window, bar.update)
+                except CXRInputError as err:  # e.g. out of memory: the error must not keep the clones alive
+                    traceback.clear_frames(err.__traceback__)  # the frames below hold the clones and the energy
+                    params = None
+                    comfy.model_management.soft_empty_cache()
+                    raise
             elif first > window.steps[-1]:
                 params = None  # the window is over: drop the weight clones
             x = run_segment(self.method, model, x, sigmas[first:end + 1], extra_args, callback, disable, first,
