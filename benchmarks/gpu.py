@@ -3,8 +3,8 @@
     python benchmarks/gpu.py [--device cuda|cpu] [--quick] [--json gpu-check.json] [--budget-s 230]
                              [--sections soft_gating,hard_isolation,...]
 
-Sections (each guarded: a failing one records its error and the script goes on; past ``--budget-s`` the rest are
-skipped with a note):
+Sections (run cheap first, in the order of ``SECTIONS``; each guarded: a failing one records its error and the
+script goes on; past ``--budget-s`` the rest are skipped with a note):
 
 - ``soft_gating``: soft gating (leak 0.3) at 4096 tokens (the CheXmask example's organ partition, batch 2, 8 heads,
   head dim 40, the model's dtype: float16 on CUDA) against the dense-mask reference in float32 (max error) and
@@ -53,7 +53,8 @@ sys.path.insert(0, str(_LINK.parent))
 from cxr_counterfactual.errors import CXRInputError  # noqa: E402
 from cxr_counterfactual.runner.comfyui_path import require_comfyui  # noqa: E402
 
-SECTIONS = ("soft_gating", "hard_isolation", "sampling_sd15", "sampling_sdxl", "novram", "fp8", "core_tests")
+#: In the order they run: the cheap ones first, the SDXL-family model's 1 GB build last (the budget skips what is left).
+SECTIONS = ("soft_gating", "hard_isolation", "core_tests", "sampling_sd15", "novram", "fp8", "sampling_sdxl")
 TARGETS = {
     "gated_boosted_time": 1.05,  # × stock sampling, 512 px SD1.5 float16
     "soft_gating_time": 1.3,  # × stock attention, 4096 tokens
@@ -218,7 +219,8 @@ def _peak_mb(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
-def bench_sampling(ctx: Context, model, prepared, px: int, steps: int, repeats: int, label: str) -> dict:
+def bench_sampling(ctx: Context, model, prepared, px: int, steps: int, repeats: int, label: str,
+                   boost_target: bool = False) -> dict:
     """stock / gated / gated + boosted (euler) and refined (CXR Refinement Sampler on the stock model), each through
     SamplerCustom with the same sigmas, seed and noise: time ratio vs stock and peak memory."""
     sb = sampling_helpers()
@@ -261,9 +263,10 @@ def bench_sampling(ctx: Context, model, prepared, px: int, steps: int, repeats: 
     refined = refiner.sampler_function.store.latest()
     out["refined_weights_copied_mb"] = round(refined.weights_copied_mb or 0.0, 1)
     out["refined_energies"] = [list(step.energies) for step in refined.refine or []]
-    out["targets"] = {"gated_boosted_ratio_vs_stock": TARGETS["gated_boosted_time"],
-                      "refined_ratio_vs_stock": TARGETS["refined_time"],
+    out["targets"] = {"refined_ratio_vs_stock": TARGETS["refined_time"],
                       "refined_peak_pct_over_stock": TARGETS["refined_peak_pct"]}
+    if boost_target:  # the issue sets it for SD1.5 at 512 px in float16
+        out["targets"]["gated_boosted_ratio_vs_stock"] = TARGETS["gated_boosted_time"]
     return out
 
 
@@ -277,7 +280,8 @@ def sampling_sd15(ctx: Context) -> dict:
         model, label = prepared[0], "tiny SD1.5 (checkpoint)"
     else:
         model, label = ctx.unet_model(SD15_FULL_UNET_CONFIG), "SD1.5 full size, random weights"
-    return bench_sampling(ctx, model, prepared, px, 2 if ctx.quick else 10, 1 if ctx.quick else 3, label)
+    return bench_sampling(ctx, model, prepared, px, 2 if ctx.quick else 10, 1 if ctx.quick else 3, label,
+                          boost_target=True)
 
 
 def sampling_sdxl(ctx: Context) -> dict:

@@ -84,3 +84,26 @@ def test_a_failing_section_is_recorded_and_the_budget_skips_the_rest():
     args.budget_s = 0.0
     late = run_sections(Context(args), ["fine"], fns)
     assert late["fine"]["status"] == "skipped" and "budget" in late["fine"]["reason"]
+
+
+def test_bundle_dry_run_copies_comfyui_writes_the_command_and_checks_the_size(comfyui_path, tmp_path):
+    """benchmarks/gpu_bundle.sh without downloads (the wheels need the registry): the ComfyUI copy keeps what SD
+    sampling imports, run.sh is written, and the 64 MiB check refuses a bundle over its limit."""
+    env = {**os.environ, "COMFYUI_PATH": str(comfyui_path)}
+    script = ROOT / "benchmarks" / "gpu_bundle.sh"
+    carry = tmp_path / "carry"
+    proc = subprocess.run(["bash", str(script), "--dry-run", "--out", str(carry)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "total" in proc.stdout and "of 64" in proc.stdout and 'bash carry/run.sh' in proc.stdout
+    comfy = carry / "ComfyUI"
+    for kept in ("main.py", "nodes.py", "comfy/sd1_tokenizer/vocab.json", "comfy_api/input/__init__.py",
+                 "comfy/ldm/modules/attention.py", "comfy_extras/nodes_custom_sampler.py"):
+        assert (comfy / kept).is_file(), kept
+    assert not (comfy / "comfy_api_nodes").exists() and not (comfy / ".git").exists()
+    assert not list((comfy / "comfy" / "text_encoders").glob("*_tokenizer"))
+    run_sh = (carry / "run.sh").read_text(encoding="utf-8")
+    assert "--no-index" in run_sh and "benchmarks/gpu.py --device cuda" in run_sh
+    over = subprocess.run(["bash", str(script), "--dry-run", "--out", str(carry), "--limit-mib", "1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert over.returncode == 1 and "over the limit" in over.stderr
