@@ -87,16 +87,9 @@ def import_comfy(device: str, novram: bool = False):
     import asyncio
 
     import comfy.utils
-    import folder_paths
     import nodes
 
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    base = Path(tempfile.mkdtemp(prefix="cxr-gpu-base-"))
-    for sub in ("input", "output", "temp"):
-        (base / sub).mkdir()
-    folder_paths.set_input_directory(str(base / "input"))
-    folder_paths.set_output_directory(str(base / "output"))
-    folder_paths.set_temp_directory(str(base / "temp"))
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # (no node here reads or writes ComfyUI's input/output folders)
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     cwd = os.getcwd()
     os.chdir(_LINK.parent)
