@@ -302,7 +302,7 @@ def novram(ctx: Context) -> dict:
         raise RuntimeError(f"the --novram process exited {proc.returncode}: {proc.stderr[-1500:]}")
     out = json.loads(lines[-1])
     if ctx.device == "cuda":
-        out["checks"] = {"loaded_lowvram": bool(out["model_lowvram"]) and out["cast_modules"] > 0,
+        out["checks"] = {"loaded_lowvram": bool(out.get("model_lowvram")) and out.get("cast_modules", 0) > 0,
                          "refined": out["refine"] == "ok"}
     else:
         out["note"] = "ComfyUI ignores --novram on the CPU: the low-VRAM load is asserted on CUDA only"
@@ -314,6 +314,7 @@ def novram_probe(args) -> None:
     ctx = Context(args)
     ctx.nodes = import_comfy(args.device, novram=True)
     import comfy.model_management as mm
+    import comfy.patcher_extension
 
     from cxr_counterfactual.demo.tiny_checkpoint import SD15_FULL_UNET_CONFIG
 
@@ -324,14 +325,22 @@ def novram_probe(args) -> None:
     _, masks, latent, pos, neg, tokens = prepared
     _peak_reset(args.device)
     t = time.perf_counter()
+    seen: dict = {}
+
+    def while_sampling(executor, *a, **kw):  # how the model is loaded, read at its first call during sampling
+        if not seen:
+            inner = executor.class_obj
+            seen["model_lowvram"] = bool(getattr(inner, "model_lowvram", False))
+            seen["cast_modules"] = sum(1 for m in inner.modules() if getattr(m, "comfy_cast_weights", False))
+        return executor(*a, **kw)
+
     with torch.inference_mode():
         patched = sb.boosted(ctx.nodes, sb.gated(ctx.nodes, model, masks, tokens), masks, tokens)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "cxr-gpu-check", while_sampling)
         sb.node(ctx.nodes, "KSampler")().sample(patched, 7, 4, 7.0, "euler", "normal", pos, neg, latent)
     seconds = time.perf_counter() - t
-    inner = model.model
-    out = {"vram_state": mm.vram_state.name, "model_lowvram": bool(getattr(inner, "model_lowvram", False)),
-           "cast_modules": sum(1 for m in inner.modules() if getattr(m, "comfy_cast_weights", False)),
-           "gated_boosted_s": round(seconds, 3), "peak_mb": _peak_mb(args.device)}
+    out = {"vram_state": mm.vram_state.name, **seen, "gated_boosted_s": round(seconds, 3),
+           "peak_mb": _peak_mb(args.device)}
     out["refine"] = one_refinement(ctx, model, prepared)
     print(json.dumps(out))
 
