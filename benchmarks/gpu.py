@@ -358,6 +358,8 @@ def one_refinement(ctx: Context, model, prepared) -> str:
             sb.node(ctx.nodes, "SamplerCustom")().sample(model, True, 7, 7.0, pos, neg, refiner, sigmas, latent)
     except CXRInputError as err:
         return f"refused: {err}"
+    except Exception as err:  # not a refusal the user can act on: recorded, and a failed check where it is read
+        return f"error: {type(err).__name__}: {err}"
     steps = refiner.sampler_function.store.latest().refine or []
     return "ok" if steps and steps[0].iterations == 1 else f"no refined step ran ({len(steps)} steps recorded)"
 
@@ -395,10 +397,16 @@ def fp8(ctx: Context) -> dict:
             entry["gated_boosted"] = "ok" if bool(torch.isfinite(lat).all()) else "non-finite latent"
         except CXRInputError as err:
             entry["gated_boosted"] = f"refused: {err}"
+        except Exception as err:  # recorded; the other option still runs
+            entry["gated_boosted"] = f"error: {type(err).__name__}: {err}"
         entry["refine"] = one_refinement(ctx, model, prepared)
         out[option] = entry
         del model
         mm.soft_empty_cache()
+    # success, or a refusal with its message (CXRInputError names the node, the input and the fix): both are results
+    out["checks"] = {f"{o}.{part}": out[o][part] == "ok" or out[o][part].startswith("refused: ")
+                     for o in ("fp8_e4m3fn", "fp8_e4m3fn_fast") if "refine" in out[o] for part in
+                     ("gated_boosted", "refine")}
     return out
 
 
