@@ -6,6 +6,9 @@
   under the same module name, so the pack's classes exist once per process.
 - Real data: the repo's ``tests/data`` (``CXR_TEST_DATA`` overrides it; see tests/data/README.md).
 - Missing ComfyUI or data: skip with a reason, except under ``CI=true``, where the test fails.
+- Devices: pure core tests take ``device`` from :data:`DEVICES` (``@pytest.mark.parametrize("device", DEVICES)``;
+  the ids ``cpu`` / ``cuda`` select them, ``-k cuda``): the CPU always, CUDA where torch sees one
+  (``benchmarks/gpu.py`` runs them there). ComfyUI tests stay on the CPU (the ``comfy`` fixture).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 _LINK_PARENT = Path(tempfile.mkdtemp(prefix="cxr-pack-"))
@@ -30,6 +34,9 @@ from cxr_counterfactual.testing.data import test_data_dir  # noqa: E402
 pytest_plugins = ["host_fixtures"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+#: Devices the pure core tests run on (parametrised by name, so test ids say which one ran).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def need(condition: bool, reason: str) -> None:

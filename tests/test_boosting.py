@@ -7,20 +7,23 @@ import torch
 from cxr_helpers import gate, sample
 from node_run import run
 
+from conftest import DEVICES
 from cxr_counterfactual.attention.boosting import boosted_share, pathology_boost_bias, token_probabilities
 
 
-def test_boosted_share_follows_the_documented_formula():
+@pytest.mark.parametrize("device", DEVICES)
+def test_boosted_share_follows_the_documented_formula(device):
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 2, 12, 8, generator=g), torch.randn(1, 2, 16, 8, generator=g)
-    inside = torch.tensor([True] * 6 + [False] * 6)
-    cols = torch.tensor([3, 4, 11, 12])  # a two-token word, the context repeated twice (cond_len 8)
+    q, k = torch.randn(1, 2, 12, 8, generator=g).to(device), torch.randn(1, 2, 16, 8, generator=g).to(device)
+    inside = torch.tensor([True] * 6 + [False] * 6)  # the stage builds its bias from CPU masks, then moves it
+    cols = torch.tensor([3, 4, 11, 12], device=device)  # a two-token word, the context repeated twice (cond_len 8)
     before = token_probabilities(q, k, None, cols).sum(-1)
     for f, d in ((1.0, 1.0), (2.0, 1.0), (5.0, 0.5), (0.5, 0.0)):
-        bias = pathology_boost_bias(inside, {"effusion": (3, 4)}, {"effusion": f}, 8, 16, damping=d)
+        bias = pathology_boost_bias(inside, {"effusion": (3, 4)}, {"effusion": f}, 8, 16, damping=d).to(device)
         after = token_probabilities(q, k, bias, cols).sum(-1)
-        torch.testing.assert_close(after[..., inside], boosted_share(before[..., inside], f))
-        torch.testing.assert_close(after[..., ~inside], boosted_share(before[..., ~inside], d))
+        on = inside.to(device)
+        torch.testing.assert_close(after[..., on], boosted_share(before[..., on], f))
+        torch.testing.assert_close(after[..., ~on], boosted_share(before[..., ~on], d))
     with pytest.raises(ValueError, match="multiple"):
         pathology_boost_bias(inside, {"e": (1,)}, {"e": 2.0}, 8, 12)
 

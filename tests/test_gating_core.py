@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import DEVICES
 from cxr_counterfactual.attention.gating import (
     anatomy_token_bias,
     gated_self_attention,
@@ -27,11 +28,12 @@ def grid_masks(h: int, w: int) -> OrganMasks:
     return OrganMasks.from_dict({"right_lung": rl, "left_lung": ll, "heart": heart})
 
 
-def qkv(b, heads, n, d, seed=0, m=None):
+def qkv(b, heads, n, d, seed=0, m=None, device="cpu"):
+    """Seeded q, k, v (drawn on the CPU, so every device gets the same values), moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     m = n if m is None else m
-    return (torch.randn(b, heads, n, d, generator=g), torch.randn(b, heads, m, d, generator=g),
-            torch.randn(b, heads, m, d, generator=g))
+    return (torch.randn(b, heads, n, d, generator=g).to(device), torch.randn(b, heads, m, d, generator=g).to(device),
+            torch.randn(b, heads, m, d, generator=g).to(device))
 
 
 ORGANS = ("heart", "right_lung", "left_lung")
@@ -66,19 +68,20 @@ def test_vanishing_region_is_reported_not_an_error():
     assert part.missing() == ["dot"] and part.counts[1] == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("background", ["confined", "free"])
 @pytest.mark.parametrize("grid", [(5, 7), (8, 6)])
-def test_hard_gating_exact_isolation(background, grid):
+def test_hard_gating_exact_isolation(background, grid, device):
     h, w = grid
-    part = partition(grid_masks(h * 8, w * 8), ORGANS, h, w)
-    q, k, v = qkv(2, 3, h * w, 8)
+    part = partition(grid_masks(h * 8, w * 8), ORGANS, h, w).to(torch.device(device))
+    q, k, v = qkv(2, 3, h * w, 8, device=device)
     out = gated_self_attention(q, k, v, part, 0.0, background)
     for label in range(1, len(part.names)):
         inside = part.labels == label
         if not inside.any():
             continue
         q2, k2, v2 = q.clone(), k.clone(), v.clone()
-        noise = torch.randn(2, 3, int((~inside).sum()), 8) * 10
+        noise = torch.randn(2, 3, int((~inside).sum()), 8, device=device) * 10
         q2[:, :, ~inside] += noise
         k2[:, :, ~inside] += noise
         v2[:, :, ~inside] -= noise
@@ -86,21 +89,24 @@ def test_hard_gating_exact_isolation(background, grid):
         assert float((out2[:, :, inside] - out[:, :, inside]).abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("background", ["confined", "free"])
 @pytest.mark.parametrize("leak", [0.0, 0.01, 0.3, 0.9])
 @pytest.mark.parametrize("grid", [(5, 7), (10, 8)])
-def test_gating_equals_dense_mask_reference(background, leak, grid):
+def test_gating_equals_dense_mask_reference(background, leak, grid, device):
     h, w = grid
-    part = partition(grid_masks(h * 8, w * 8), ORGANS, h, w)
-    q, k, v = qkv(2, 4, h * w, 16, seed=3)
+    part = partition(grid_masks(h * 8, w * 8), ORGANS, h, w).to(torch.device(device))
+    q, k, v = qkv(2, 4, h * w, 16, seed=3, device=device)
     ours = gated_self_attention(q, k, v, part, leak, background)
     ref = gated_self_attention_dense(q, k, v, part, leak, background)
     assert float((ours - ref).abs().max()) < 1e-5
 
 
-def test_leak_one_is_stock_and_sdpa_lse_is_exact():
-    part = partition(grid_masks(40, 56), ORGANS, 5, 7)
-    q, k, v = qkv(1, 2, 35, 8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_leak_one_is_stock_and_sdpa_lse_is_exact(device):
+    # on CUDA sdpa_with_lse takes the memory-efficient kernel's log-sum-exp (padded queries, sliced back)
+    part = partition(grid_masks(40, 56), ORGANS, 5, 7).to(torch.device(device))
+    q, k, v = qkv(1, 2, 35, 8, device=device)
     torch.testing.assert_close(gated_self_attention(q, k, v, part, 1.0), sdpa(q, k, v))
     out, lse = sdpa_with_lse(q, k, v)
     ref_out, ref_lse = _lse_reference(q, k, v)
@@ -113,22 +119,23 @@ def test_layout_round_trip():
     torch.testing.assert_close(to_flat(to_heads(x, 4)), x)
 
 
-def test_anatomy_token_bias_hides_tokens_outside_the_organ_and_renormalises():
+@pytest.mark.parametrize("device", DEVICES)
+def test_anatomy_token_bias_hides_tokens_outside_the_organ_and_renormalises(device):
     h, w = 5, 7
     masks = grid_masks(40, 56)
     inside = torch.stack([coverage(masks, ("left_lung",), h, w)])
     cond_len, ctx_len = 8, 16  # the context is the prompt repeated twice (LCM with the negative)
     positions = [(3, 4)]  # a two-token word
-    q, k, v = qkv(1, 2, h * w, 8, m=ctx_len)
+    q, k, v = qkv(1, 2, h * w, 8, m=ctx_len, device=device)
     for leak in (0.0, 0.25):
         bias = anatomy_token_bias(inside, positions, cond_len, ctx_len, leak)
         hidden_cols = [3, 4, 11, 12]  # index i also sits at i + cond_len
         assert torch.isfinite(bias[inside[0]]).all() and float(bias[inside[0]].abs().max()) == 0
-        out = token_masked_cross_attention(q, k, v, bias)
+        out = token_masked_cross_attention(q, k, v, bias.to(device))  # as the stages cache it: on q's device
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
-        weights = torch.ones(h * w, ctx_len)
+        weights = torch.ones(h * w, ctx_len, device=device)
         rows = (~inside[0]).nonzero().flatten()
-        weights[rows[:, None], torch.tensor(hidden_cols)[None, :]] = leak
+        weights[rows[:, None].to(device), torch.tensor(hidden_cols, device=device)[None, :]] = leak
         p = torch.exp(scores) * weights
         p = p / p.sum(-1, keepdim=True)
         torch.testing.assert_close(out, p @ v, atol=1e-5, rtol=1e-5)

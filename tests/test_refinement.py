@@ -17,6 +17,7 @@ from cxr_helpers import fitted_chest
 from energy_probe import comfy_energy
 from node_run import run
 
+from conftest import DEVICES
 from cxr_counterfactual.attention.refinement import (
     concentration_energy,
     parse_thresholds,
@@ -52,26 +53,28 @@ def test_energy_is_zero_when_all_mass_is_inside_and_one_when_outside():
     assert float(concentration_energy(out, inside, smoothing=0)) == 1.0
 
 
-def test_energy_range_and_extent_term():
+@pytest.mark.parametrize("device", DEVICES)
+def test_energy_range_and_extent_term(device):
     g = torch.Generator().manual_seed(0)
-    maps = torch.rand(16, 6, 5, generator=g) ** 3
+    maps = (torch.rand(16, 6, 5, generator=g) ** 3).to(device)
     for lam in (0.0, 0.5, 1.0):
-        e = concentration_energy(maps, _target(), extent_weight=lam)
+        e = concentration_energy(maps, _target(), extent_weight=lam)  # a CPU target meets maps on the device
         assert e.shape == (16,) and bool((e >= 0).all() and (e <= 1).all())
     # a map covering exactly the target has no extent mismatch; a single spike has a large one
-    exact = _target().float()[None]
-    spike = torch.zeros(1, 6, 5)
+    exact = _target().float()[None].to(device)
+    spike = torch.zeros(1, 6, 5, device=device)
     spike[0, 2, 2] = 1.0
     e_exact = concentration_energy(exact, _target(), smoothing=0, extent_weight=1.0)
     e_spike = concentration_energy(spike, _target(), smoothing=0, extent_weight=1.0)
     assert float(e_exact) < 0.05 < float(e_spike)
 
 
-def test_energy_gradient_points_mass_into_the_target():
-    maps = torch.rand(2, 6, 5, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_energy_gradient_points_mass_into_the_target(device):
+    maps = torch.rand(2, 6, 5, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_(True)
     e = concentration_energy(maps, _target(), smoothing=0)
     (grad,) = torch.autograd.grad(e.sum(), maps)
-    inside = _target()
+    inside = _target().to(device)
     assert bool((grad[:, inside] < 0).all()) and bool((grad[:, ~inside] > 0).all())
     stepped = (maps - 0.01 * grad.sign()).detach()
     assert bool((concentration_energy(stepped, inside, smoothing=0) < e.detach()).all())
@@ -100,15 +103,17 @@ def masked_rms(move: torch.Tensor, mask: torch.Tensor) -> float:
     return float((move.pow(2).sum() / m.sum()).sqrt())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows", [20, 5, 2])  # edit fractions 100 %, 25 %, 10 % of a 20×20 latent
-def test_refinement_step_moves_the_editable_cells_by_step_sigma(rows):
-    g = torch.randn(1, 4, 20, 20, generator=torch.Generator().manual_seed(rows))
-    x = torch.randn(1, 4, 20, 20, generator=torch.Generator().manual_seed(100 + rows))
-    mask = torch.zeros(1, 1, 20, 20)
+def test_refinement_step_moves_the_editable_cells_by_step_sigma(rows, device):
+    g = torch.randn(1, 4, 20, 20, generator=torch.Generator().manual_seed(rows)).to(device)
+    x = torch.randn(1, 4, 20, 20, generator=torch.Generator().manual_seed(100 + rows)).to(device)
+    mask = torch.zeros(1, 1, 20, 20)  # on the CPU, as a LATENT's noise mask may be: the step moves it to x's device
     mask[..., :rows, :] = 1
     moved = refinement_step(x, g, 2.0, 0.5, mask)  # step·σ = 1
-    edit = mask.expand_as(x).bool()
-    assert masked_rms((moved - x)[edit], torch.ones(())) == pytest.approx(1.0, rel=RMS_TOLERANCE)
+    assert moved.device == x.device
+    edit = mask.to(device).expand_as(x).bool()
+    assert masked_rms((moved - x)[edit], torch.ones((), device=device)) == pytest.approx(1.0, rel=RMS_TOLERANCE)
     assert torch.equal(moved[~edit], x[~edit])  # kept cells: the move is masked to exactly 0
     if rows == 20:  # a full mask is no mask
         assert torch.equal(moved, refinement_step(x, g, 2.0, 0.5))

@@ -9,10 +9,12 @@ soft gating equals the dense-mask reference.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import DEVICES
 from cxr_counterfactual.attention.gating import gated_self_attention, gated_self_attention_dense
 from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.attention.regions import partition
@@ -51,14 +53,15 @@ def test_every_token_has_one_label_and_the_sorted_order_is_a_partition(case):
         assert int(part.labels[token]) == expected, (token, cover[:, token].tolist())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
 @given(masks_and_grid(), st.sampled_from(["confined", "free"]), st.sampled_from([0.0, 0.2, 0.7]),
        st.integers(0, 2**16))
-def test_gating_on_random_partitions(case, background, leak, seed):
+def test_gating_on_random_partitions(device, case, background, leak, seed):
     masks, h, w, _ = case
-    part = partition(masks, ORGANS, h, w)
+    part = partition(masks, ORGANS, h, w).to(torch.device(device))
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, 2, h * w, 8, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, h * w, 8, generator=g).to(device) for _ in range(3))
     ours = gated_self_attention(q, k, v, part, leak, background)
     torch.testing.assert_close(ours, gated_self_attention_dense(q, k, v, part, leak, background), atol=1e-5, rtol=1e-5)
     if leak == 0.0:  # hard: changing another region's keys and values leaves a region's queries untouched
