@@ -43,7 +43,7 @@ def boost_negative_rows():
     from cxr_counterfactual.attention.gating import token_masked_cross_attention
     from cxr_counterfactual.attention.kernels import to_flat, to_heads
     from cxr_counterfactual.attention.layer_call import active_stages, cross_bias
-    from cxr_counterfactual.hosts.comfy import patch
+    from cxr_counterfactual.hosts.comfy import replace as patch
     from cxr_counterfactual.hosts.comfy.cond_areas import chunk_fields
 
     original = patch.CXRReplace._on_rows

@@ -21,6 +21,7 @@ from cxr_counterfactual.attention.field import Field
 from cxr_counterfactual.attention.gating import gated_self_attention_dense
 from cxr_counterfactual.attention.kernels import to_flat, to_heads
 from cxr_counterfactual.attention.organs import OrganMasks
+from cxr_counterfactual.attention.run_state import RunState
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,9 @@ def test_hard_gating_calls_the_backend_once_per_region(comfy, host, tiny_model, 
     stock = sample(comfy, tiny_model.model, chest, steps=2)
     assert torch.isfinite(stock).all()
     assert recorder and all(not c.heads_layout and c.n_q == c.grid[0] * c.grid[1] for c in recorder)
-    keys = host.transformer_keys(tiny_model.model)
+    from cxr_counterfactual.hosts.comfy import unet_layout
+
+    keys = unet_layout.transformer_keys(tiny_model.model)
     assert {c.key for c in self_calls(recorder)} == set(keys)  # stock: each layer once over its whole N
     recorder.clear()
 
@@ -142,7 +145,9 @@ def test_an_attention_override_sees_every_region(comfy, host, tiny_model, chest,
     patched.model_options["transformer_options"]["optimized_attention_override"] = override
     (stage,) = host.our_stages(patched.model_options)
     sample(comfy, patched, chest, steps=2)
-    check_per_region(recorder, stage, host.transformer_keys(tiny_model.model), batch=2)
+    from cxr_counterfactual.hosts.comfy import unet_layout
+
+    check_per_region(recorder, stage, unet_layout.transformer_keys(tiny_model.model), batch=2)
     # every backend call went through the override, which wrap_attn hands the backend's own function
     assert len(seen) == len(recorder) and {f.__name__ for f in seen} == {"recorder"}
     assert host.run_state(patched).store.latest().attention["hard gating"] == (
@@ -155,7 +160,7 @@ def layer_inputs(host, grid=(8, 7), channels=320, heads=8):
     q, k, v = (torch.randn(2, n, channels, generator=g) for _ in range(3))
     extra = {"n_heads": heads, "dim_head": channels // heads, "activations_shape": [2, channels, *grid],
              "original_shape": [1, 4, 8, 7], "cond_or_uncond": [1, 0], "sigmas": torch.tensor([10.0, 10.0]),
-             "attn_precision": None, "block": ("input", 1), "block_index": 0, host.HOLDER_KEY: host.RunState()}
+             "attn_precision": None, "block": ("input", 1), "block_index": 0, host.HOLDER_KEY: RunState()}
     return q, k, v, extra
 
 
@@ -206,7 +211,9 @@ def test_soft_gating_without_a_log_sum_exp_is_exact_and_warns_once_per_run(comfy
         warnings = [r.getMessage() for r in caplog.records if "log-sum-exp" in r.getMessage()]
         assert len(warnings) == 1 and "recorder" in warnings[0], warnings
         record = host.run_state(patched).store.latest()
-        assert [c.kind for c in record.conflicts] == [host.attention_backend.SOFT_REPORT]
+        from cxr_counterfactual.hosts.comfy import attention_backend
+
+        assert [c.kind for c in record.conflicts] == [attention_backend.SOFT_REPORT]
         assert record.attention == {"soft gating": "recorder (no log-sum-exp: fallback)"}
     # the free background's queries attend over every key without a mask: through the backend
     assert any(c.heads_layout and c.n_k > c.n_q for c in recorder) == (background == "free")

@@ -272,7 +272,7 @@ class Seen:
     """
 
     def __init__(self, monkeypatch, check_gate=None, check_cross=None):
-        from cxr_counterfactual.hosts.comfy import patch
+        from cxr_counterfactual.hosts.comfy import replace as patch
 
         self.dtypes: set[torch.dtype] = set()
         self.calls = {"attn1": 0, "attn2": 0}

@@ -32,8 +32,8 @@ from ...attention.layer_call import active_stages, per_sample, probe_map
 from ...attention.refinement import Energy, Refinement, grid_at
 from ...attention.stages import Key
 from ...errors import CXRInputError
-from .cond_areas import chunk_fields
-from .patch import HOLDER_KEY, CXRReplace
+from .cond_areas import HOLDER_KEY, chunk_fields
+from .replace import CXRReplace
 from .unet_layout import grid_factor_keys
 
 TITLE = "CXR Refinement Sampler"
