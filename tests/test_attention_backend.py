@@ -231,3 +231,34 @@ def test_soft_gating_on_pytorch_attention_uses_its_log_sum_exp_without_warning(c
     assert not [r for r in caplog.records if "log-sum-exp" in r.getMessage()]
     record = host.run_state(patched).store.latest()
     assert not record.conflicts and record.attention == {"soft gating": "attention_pytorch"}
+
+
+def test_a_failing_optional_lse_kernel_falls_back_to_the_exact_one(comfy, caplog):
+    """The flash / xformers / sage log-sum-exp branches cannot run here; if one fails on an API it did not expect, soft
+    gating must go on with torch's exact kernel (same result as calling it directly: the same function on the same
+    inputs), warn once, and still let out-of-memory through (the refinement names the setting for it)."""
+    from cxr_counterfactual.attention.kernels import sdpa_with_lse
+    from cxr_counterfactual.hosts.comfy.attention_backend import guarded
+
+    calls = []
+
+    def broken(q, k, v):
+        calls.append(1)
+        raise TypeError("unexpected keyword argument 'return_lse'")
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(3))
+    kernel = guarded(broken, "attention_test")
+    with caplog.at_level(logging.WARNING, logger="cxr_counterfactual"):
+        for _ in range(3):
+            out, lse = kernel(q, k, v)
+            ref_out, ref_lse = sdpa_with_lse(q, k, v)
+            assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert len(calls) == 1  # tried once, then the fallback only
+    assert sum("attention_test" in r.getMessage() for r in caplog.records) == 1
+
+    def oom(q, k, v):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        guarded(oom, "attention_test")(q, k, v)

@@ -122,6 +122,32 @@ def _sage_lse() -> LseKernel | None:
     return lse_kernel
 
 
+def guarded(lse_kernel: LseKernel, name: str) -> LseKernel:
+    """``lse_kernel``, falling back to the exact :func:`...attention.kernels.sdpa_with_lse` when it fails other than by
+    running out of memory: the flash / xformers / sage branches have never run here (no GPU), and an optional
+    package's API that differs from the one assumed must cost speed, not the user's run. Logged once per kernel."""
+    failed: list[str] = []
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not failed:
+            try:
+                return lse_kernel(q, k, v)
+            except torch.OutOfMemoryError:
+                raise
+            except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError) as err:
+                failed.append(f"{type(err).__name__}: {err}")
+                logger.warning("CXR Counterfactual: the log-sum-exp kernel of %s failed (%s); soft gating uses "
+                               "torch's exact fallback from now on", name, failed[0])
+        return sdpa_with_lse(q, k, v)
+
+    return kernel
+
+
+@functools.cache
+def _guarded_once(lse_kernel: LseKernel, name: str) -> LseKernel:
+    return guarded(lse_kernel, name)
+
+
 def _own_lse(fn: Callable) -> LseKernel | None:
     """The log-sum-exp kernel of backend ``fn`` (None: it has none)."""
     if fn is comfy_attention.attention_pytorch:
@@ -130,7 +156,8 @@ def _own_lse(fn: Callable) -> LseKernel | None:
                        ("attention_sage", _sage_lse)):
         if fn is getattr(comfy_attention, name, None):
             try:
-                return make()
+                made = make()
+                return None if made is None else _guarded_once(made, name)
             except (ImportError, OSError, RuntimeError, AttributeError) as err:  # a broken optional install
                 logger.debug("no log-sum-exp kernel for %s: %s", name, err)
                 return None
