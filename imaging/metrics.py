@@ -35,6 +35,7 @@ from einops import reduce
 from ..attention.organs import OrganMasks, aspect_matches
 from ..attention.regions import fit_to_layer
 from ..errors import CXRInputError
+from .classifier import ClassifierView
 
 PSNR_CAP_DB = 100.0  # MSE 1e-10: identical up to float rounding
 SSIM_WINDOW = 11
@@ -56,6 +57,20 @@ DEFINITIONS: dict[str, str] = {
     "kornia.metrics.mean_iou",
     "attention_iou_<label>": "IoU (kornia.metrics.mean_iou) of the pathology words' captured cross-attention "
     "(mean over layers and steps, >= threshold x its maximum) and the edit region covering >= half a token cell",
+    "classifier": "TorchXRayVision DenseNet-121 (18 pathologies) on source and edit: grey x in [0, 1] -> "
+    "(2x - 1) * 1024, long side centre-cropped to a square, bilinear anti-aliased resize to 224 x 224; probability "
+    "= sigmoid(logit), operating-point normalised (0.5 = the pathology's operating point) when the weights carry "
+    "op_threshs (the JSON's classifier.calibrated)",
+    "classifier_target_source": "classifier probability of the target pathology (classifier.target) on the source",
+    "classifier_target_edit": "classifier probability of the target pathology on the edit",
+    "classifier_target_delta": "classifier_target_edit - classifier_target_source",
+    "classifier_off_target_max_abs_delta": "largest |edit - source| classifier probability change over the 17 "
+    "pathologies other than the target",
+    "classifier_<pathology>_source": "classifier probability of the pathology on the source (name lower case, other "
+    "characters _)",
+    "classifier_<pathology>_edit": "classifier probability of the pathology on the edit",
+    "classifier.features": "per pair, the DenseNet's 1024-d pooled features (ReLU, global average pool) of source "
+    "and edit: the input of FID-style set distances",
 }
 
 
@@ -71,9 +86,11 @@ class PairMetrics:
     edit_fraction: float
     organ_mad: dict[str, float] = field(default_factory=dict)
     organ_dice: dict[str, float] = field(default_factory=dict)
+    classifier: dict[str, float] = field(default_factory=dict)
 
     def as_row(self) -> dict[str, float | None]:
-        """One flat row (CSV / JSON): the scalar metrics, then ``organ_mad_<organ>``, ``organ_dice_<organ>``."""
+        """One flat row (CSV / JSON): the scalar metrics, then ``organ_mad_<organ>``, ``organ_dice_<organ>``,
+        the ``classifier_*`` probabilities."""
         row: dict[str, float | None] = {
             "keep_ssim": self.keep_ssim, "keep_psnr_db": self.keep_psnr_db, "keep_mad": self.keep_mad,
             "edit_mad": self.edit_mad, "change_in_edit_share": self.change_in_edit_share,
@@ -81,6 +98,7 @@ class PairMetrics:
         }
         row.update({f"organ_mad_{k}": v for k, v in self.organ_mad.items()})
         row.update({f"organ_dice_{k}": v for k, v in self.organ_dice.items()})
+        row.update(self.classifier)
         return row
 
 
@@ -92,11 +110,13 @@ class MetricsReport:
         pairs: metrics of each pair, in batch order.
         attention_iou: capture label → IoU of the pathology attention and the edit region (same for every pair).
         attention_threshold: fraction of the attention map's maximum used to binarise it.
+        classifier: the classifier, target and per-pair features when a classifier scored the pairs.
     """
 
     pairs: tuple[PairMetrics, ...]
     attention_iou: dict[str, float] = field(default_factory=dict)
     attention_threshold: float | None = None
+    classifier: ClassifierView | None = None
 
     def rows(self) -> list[dict[str, float | None]]:
         """Flat rows: ``image`` index, the pair's metrics and ``attention_iou_<label>``."""

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import re
 
 import kornia
 import numpy as np
@@ -19,6 +20,7 @@ BRIGHTER = torch.tensor((0.95, 0.25, 0.15))  # edit denser (brighter) than the s
 DARKER = torch.tensor((0.15, 0.45, 1.00))  # edit more lucent (darker)
 OUTLINE = torch.tensor((1.00, 0.80, 0.10))  # the edit region's border (the preview's "edit" colour)
 GENERATOR = "cxr_counterfactual"
+PER_PATHOLOGY = re.compile(r"classifier_(?!target_)\w+_(source|edit)")
 
 
 def difference_heat_map(source: torch.Tensor, edited: torch.Tensor, edit: torch.Tensor,
@@ -75,13 +77,19 @@ def _fmt(value: float | None) -> str:
 def format_table(report: MetricsReport) -> str:
     """The metrics as aligned text (one column per image pair), for the node's UI."""
     rows = report.rows()
-    keys = [k for k in rows[0] if k != "image"]
+    # The 36 per-pathology probabilities would bury the rest: the table keeps the target's (JSON/CSV hold all).
+    keys = [k for k in rows[0] if k != "image" and not PER_PATHOLOGY.fullmatch(k)]
     label_width = max(len(k) for k in keys) + 2
     lines = ["metric".ljust(label_width) + "".join(f"image {i}".rjust(12) for i in range(len(rows)))]
     for key in keys:
         lines.append(key.ljust(label_width) + "".join(_fmt(r.get(key)).rjust(12) for r in rows))
     if report.attention_threshold is not None:
         lines.append(f"(attention binarised at {report.attention_threshold:g} x its maximum)")
+    if report.classifier is not None:
+        c = report.classifier
+        lines.append(f"classifier target = {c.target} ({c.weights}, "
+                     f"{'operating-point calibrated' if c.calibrated else 'uncalibrated sigmoid'} probabilities; "
+                     "off-target = largest |change| over the other 17; all 18 in the JSON/CSV)")
     lines.append("keep = pixels outside the edit region; PSNR in dB, capped at 100; MAD = mean |edit - source|")
     return "\n".join(lines)
 
@@ -95,6 +103,8 @@ def to_json(report: MetricsReport) -> str:
         "attention_threshold": report.attention_threshold,
         "definitions": DEFINITIONS,
     }
+    if report.classifier is not None:
+        body["classifier"] = report.classifier.as_dict()
     return json.dumps(body, indent=2, allow_nan=False)
 
 

@@ -19,11 +19,9 @@ is built.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 import warnings
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 
 from ..attention.organs import OrganMasks, normalise_name
 from ..errors import CXRInputError
+from .weight_files import load_matching, read_tensors, require_torchxrayvision
 
 LOG = logging.getLogger(__name__)
 
@@ -51,20 +50,6 @@ OFFICIAL_URL = f"https://github.com/mlmed/torchxrayvision/releases/download/v1/{
 INPUT_SIZE = 512
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INSTALL_HINT = 'pip install "cxr-counterfactual[seg]" (or pip install torchxrayvision) and restart ComfyUI'
-
-
-def torchxrayvision_available() -> bool:
-    """Whether torchxrayvision can be imported (checked without importing it: that takes seconds)."""
-    return importlib.util.find_spec("torchxrayvision") is not None
-
-
-def require_torchxrayvision() -> None:
-    """Raises:
-    CXRInputError: torchxrayvision is not installed (the message says how to install it).
-    """
-    if not torchxrayvision_available():
-        raise CXRInputError("the PSPNet segmentation needs the optional package torchxrayvision.", fix=INSTALL_HINT)
 
 
 def build_pspnet(
@@ -76,7 +61,7 @@ def build_pspnet(
         n_classes: output channels (14 for ChestX-Det).
         block_config: bottleneck blocks per residual stage.
     """
-    require_torchxrayvision()
+    require_torchxrayvision("the PSPNet segmentation")
     # The ptsemseg module only defines layers; torchxrayvision's PSPNet wrapper is what downloads.
     from torchxrayvision.baseline_models.chestx_det.ptsemseg.pspnet import pspnet
 
@@ -92,23 +77,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Raises:
         CXRInputError: the file cannot be read as weights.
     """
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: object = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any reader failure is the same user problem
-        raise CXRInputError(
-            f"'{path.name}' is not a readable weight file ({type(err).__name__}: {err}).",
-            fix=f"Put torchxrayvision's {OFFICIAL_WEIGHTS} (or the same weights as .safetensors) there.",
-        ) from None
-    if isinstance(state, Mapping) and "model_state" in state:
-        state = state["model_state"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CXRInputError(f"'{path.name}' holds no state dict of tensors.", fix=f"Use {OFFICIAL_WEIGHTS}.")
-    return OrderedDict((k.removeprefix("module."), v) for k, v in state.items())
+    return read_tensors(path, fix=f"Put torchxrayvision's {OFFICIAL_WEIGHTS} (or the same weights as .safetensors) "
+                        "there.")
 
 
 def _block_config(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
@@ -128,7 +98,7 @@ def load_pspnet(path: Path) -> torch.nn.Module:
     Raises:
         CXRInputError: torchxrayvision missing, unreadable file, or weights of another network.
     """
-    require_torchxrayvision()
+    require_torchxrayvision("the PSPNet segmentation")
     state = read_state_dict(path)
     head = state.get("classification.weight")
     if head is None or head.shape[0] != len(PSPNET_TARGETS) or 0 in _block_config(state):
@@ -138,14 +108,7 @@ def load_pspnet(path: Path) -> torch.nn.Module:
             fix=f"Use torchxrayvision's {OFFICIAL_WEIGHTS} ({OFFICIAL_URL}).",
         )
     model = build_pspnet(len(PSPNET_TARGETS), _block_config(state))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CXRInputError(
-            f"'{path.name}' does not match the ChestX-Det PSPNet: {str(err).splitlines()[0]}",
-            fix=f"Use torchxrayvision's {OFFICIAL_WEIGHTS}.",
-        ) from None
-    return model.eval()
+    return load_matching(model, state, path, "the ChestX-Det PSPNet", fix=f"Use torchxrayvision's {OFFICIAL_WEIGHTS}.")
 
 
 def _to_grey(image: torch.Tensor) -> torch.Tensor:

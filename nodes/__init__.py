@@ -10,6 +10,7 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         atlas,
         boosting,
         chexmask,
+        classifier,
         dicom,
         evaluate,
         export,
@@ -43,6 +44,7 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         *keep.NODES,
         *inversion.NODES,
         *evaluate.NODES,
+        *classifier.NODES,
         *export.NODES,
     ]
 

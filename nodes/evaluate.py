@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import comfy.model_management as mm
 import torch
 from comfy_api.latest import io, ui
 
@@ -12,13 +13,23 @@ from ..attention.run_state import find_run
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
 from ..hosts.comfy.patch import result_store
+from ..imaging import classifier as clf
 from ..imaging.export import exclusive_paths, write_new
-from ..imaging.metrics import MetricsReport, attention_iou, dice_per_organ, evaluate_pair, grey, region_on
+from ..imaging.metrics import (
+    MetricsReport,
+    PairMetrics,
+    attention_iou,
+    dice_per_organ,
+    evaluate_pair,
+    grey,
+    region_on,
+)
 from ..imaging.metrics_report import difference_heat_map, format_table, to_csv, to_json
 from .common import check_inputs, output_location, user_errors
 from .schema import (
     CATEGORY_INSPECT,
     CATEGORY_OUTPUT,
+    ClassifierType,
     MetricsType,
     OrganMasksType,
     TokensType,
@@ -45,8 +56,10 @@ def _pair_batches(title: str, source: torch.Tensor, edited: torch.Tensor) -> int
 class CXREvaluateEdit(io.ComfyNode):
     """Measures an edit against its source: preservation outside the edit region (SSIM, PSNR and mean |difference|
     over keep pixels, from kornia), how much of the change lies inside the edit region, per-organ change, organ Dice
-    against masks of the edit, and the IoU of the pathology words' attention with the edit region when a capture
-    exists. Shows a table and a difference heat map."""
+    against masks of the edit, the IoU of the pathology words' attention with the edit region when a capture
+    exists, and, with a classifier (CXR Load Classifier), its view: the target pathology's probability on source and
+    edit, the largest change on the other 17, and 1024-d features for set-level distances. Shows a table and a
+    difference heat map."""
 
     TITLE = "CXR Evaluate Edit"
 
@@ -77,6 +90,14 @@ class CXREvaluateEdit(io.ComfyNode):
                                "fraction of the map's maximum."),
                 fraction_input("heat_scale", 0.0,
                                "|difference| drawn at full colour; 0 = each pair's largest difference."),
+                ClassifierType.Input("classifier", optional=True,
+                                     tooltip="From CXR Load Classifier: scores source and edit (the target "
+                                     "pathology's probability before/after, the change on the other 17, 1024-d "
+                                     "features in the JSON)."),
+                io.String.Input("target_pathology", default="", optional=True,
+                                tooltip="The classifier's target, e.g. effusion, pneumothorax, cardiomegaly (one "
+                                f"of: {', '.join(clf.PATHOLOGIES)}); empty = the connected tokens' pathology "
+                                "words."),
             ],
             outputs=[
                 io.Image.Output(display_name="heat_map", tooltip="edited − source over the dimmed source (red "
@@ -90,9 +111,11 @@ class CXREvaluateEdit(io.ComfyNode):
     def execute(cls, source: torch.Tensor, edited: torch.Tensor, edit_region: torch.Tensor,
                 attention_threshold: float = 0.5, heat_scale: float = 0.0, organ_masks: AnyOrganMasks | None = None,
                 edit_organ_masks: AnyOrganMasks | None = None, model=None, latent: dict | None = None,
-                tokens: TokenMap | None = None) -> io.NodeOutput:
+                tokens: TokenMap | None = None, classifier: clf.Classifier | None = None,
+                target_pathology: str = "") -> io.NodeOutput:
         check_inputs(cls, attention_threshold=attention_threshold, heat_scale=heat_scale)
         n = _pair_batches(cls.TITLE, source, edited)
+        target = cls._target(classifier, target_pathology, tokens)
         if edit_organ_masks is not None and organ_masks is None:
             raise CXRInputError("Dice needs the source's masks too.", node=cls.TITLE, input_name="organ_masks",
                                 fix="Connect the source's organ masks, or disconnect 'edit_organ_masks'.")
@@ -127,11 +150,61 @@ class CXREvaluateEdit(io.ComfyNode):
             pairs.append(replace(pair, organ_dice=dices[min(i, len(dices) - 1)]) if dices is not None else pair)
             maps.append(difference_heat_map(s, e, r, heat_scale))
         ious = cls._attention(model, latent, tokens, edit_region, attention_threshold)
-        report = MetricsReport(tuple(pairs), ious, attention_threshold if ious else None)
+        view = None
+        if classifier is not None and target is not None:
+            pairs, view = cls._classify(classifier, target, source, edited, pairs)
+        report = MetricsReport(tuple(pairs), ious, attention_threshold if ious else None, view)
         heat = torch.stack(maps)
         table = format_table(report)
         ui_out = {**ui.PreviewImage(heat, cls=cls).as_dict(), "text": (table,)}
         return io.NodeOutput(heat, report, to_json(report), ui=ui_out)
+
+    @classmethod
+    def validate_inputs(cls, target_pathology: str = "") -> bool | str:
+        if target_pathology and target_pathology.strip():
+            try:
+                clf.resolve_target(target_pathology)
+            except CXRInputError as err:
+                return str(err.located(cls.TITLE))
+        return True
+
+    @classmethod
+    def _target(cls, classifier: clf.Classifier | None, typed: str, tokens: TokenMap | None) -> str | None:
+        """The classifier's target pathology: the typed one, else the tokens' pathology words (None without a
+        classifier); checked before anything is computed."""
+        if classifier is None:
+            return None
+        if not isinstance(classifier, clf.Classifier):
+            raise CXRInputError("this is not a classifier.", node=cls.TITLE, input_name="classifier",
+                                fix="Connect the output of CXR Load Classifier.")
+        if typed and typed.strip():
+            with user_errors(cls.TITLE, "target_pathology"):
+                return clf.resolve_target(typed)
+        if tokens is None or not tokens.pathology:
+            raise CXRInputError("the classifier needs a target pathology.", node=cls.TITLE,
+                                input_name="target_pathology",
+                                fix=f"Type one ({', '.join(clf.PATHOLOGIES)}), or connect CXR Text Encode's tokens "
+                                "with pathology words (e.g. effusion).")
+        with user_errors(cls.TITLE, "tokens"):
+            return clf.resolve_target(tokens.pathology, input_name="tokens")
+
+    @classmethod
+    def _classify(cls, classifier: clf.Classifier, target: str, source: torch.Tensor, edited: torch.Tensor,
+                  pairs: list[PairMetrics]) -> tuple[list[PairMetrics], clf.ClassifierView]:
+        """Each pair's classifier metrics, and the JSON block with each pair's features."""
+        with user_errors(cls.TITLE, "classifier"):  # one batch: an unchanged image scores as its source
+            both = clf.classify(classifier, torch.cat([source[..., :3], edited[..., :3]]), mm.get_torch_device())
+        b = len(source)
+        scored, features = [], []
+        for i, pair in enumerate(pairs):
+            s, e = min(i, b - 1), b + min(i, len(edited) - 1)
+            probs, feats = both.probabilities, both.features
+            scores = clf.pair_scores(probs[s].tolist(), probs[e].tolist(), target, classifier.pathologies)
+            scored.append(replace(pair, classifier=scores))
+            features.append({"source": feats[s].tolist(), "edit": feats[e].tolist()})
+        view = clf.ClassifierView(classifier.weights, classifier.sha256, target, classifier.calibrated,
+                                  classifier.pathologies, tuple(features))
+        return scored, view
 
     @classmethod
     def _attention(cls, model, latent: dict | None, tokens: TokenMap | None, edit_region: torch.Tensor,

@@ -30,6 +30,7 @@ GeometryType = io.Custom("CXR_GEOMETRY")
 TokensType = io.Custom("CXR_TOKENS")
 FitType = io.Custom("CXR_FIT")
 MetricsType = io.Custom("CXR_METRICS")
+ClassifierType = io.Custom("CXR_CLASSIFIER")
 
 NONE_CHOICE = "(none)"  # an optional file input left empty
 

@@ -4,41 +4,27 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from pathlib import Path
 
 import comfy.model_management as mm
-import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..attention.mask_batch import batch_masks, each_image
 from ..attention.organs import OrganMasks
-from ..errors import CXRInputError
 from ..imaging import segmentation as seg
+from ..imaging.weight_files import require_torchxrayvision
 from .common import check_inputs, user_errors
+from .model_files import ModelFolder
 from .schema import CATEGORY_MASKS, organ_masks_output
 
 LOG = logging.getLogger(__name__)
 MODEL_FOLDER = "cxr_segmentation"
-WEIGHT_EXTENSIONS = {".pth", ".pt", ".safetensors"}
-
-
-def register_model_folder() -> None:
-    """Add ``models/cxr_segmentation`` to ComfyUI's model folders (extra paths from
-    ``extra_model_paths.yaml`` under the same name are kept). The folder is not created here: the pack
-    never writes into the ComfyUI install; the missing-file message says where to put the weights."""
-    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-    folder_paths.add_model_folder_path(MODEL_FOLDER, default, is_default=True)
-    # add_model_folder_path creates a new entry with no extensions (= every file): list weights only.
-    folder_paths.folder_names_and_paths[MODEL_FOLDER][1].update(WEIGHT_EXTENSIONS)
-
-
-register_model_folder()
+FOLDER = ModelFolder(MODEL_FOLDER, seg.OFFICIAL_WEIGHTS, seg.OFFICIAL_URL)
+FOLDER.register()
 
 
 def weight_files() -> list[str]:
-    return folder_paths.get_filename_list(MODEL_FOLDER)
+    return FOLDER.files()
 
 
 def common_structures(sets: list[OrganMasks]) -> list[OrganMasks]:
@@ -52,23 +38,13 @@ def common_structures(sets: list[OrganMasks]) -> list[OrganMasks]:
             for s in sets]
 
 
-def missing_weights_message(name: str) -> str:
-    folders = " or ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
-    what = f"weight file '{name}' is not" if name else "no weight file is"
-    return (
-        f"{what} in {folders}. Fix: download torchxrayvision's {seg.OFFICIAL_WEIGHTS} ({seg.OFFICIAL_URL}; "
-        f"torchxrayvision keeps a copy in ~/.torchxrayvision/models_data/ once it has downloaded it) into "
-        f"{folders}, then refresh ComfyUI. This pack downloads nothing."
-    )
-
-
 class CXRSegmentOrgans(io.ComfyNode):
     TITLE = "Segment Organs (PSPNet)"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         files = weight_files()
-        default = seg.OFFICIAL_WEIGHTS if seg.OFFICIAL_WEIGHTS in files else (files[0] if files else None)
+        default = FOLDER.default(files)
         names = ", ".join(seg.ORGAN_NAMES)
         return io.Schema(
             node_id="CXRSegmentOrgans",
@@ -102,29 +78,18 @@ class CXRSegmentOrgans(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, weights: str) -> bool | str:
-        if not seg.torchxrayvision_available():
-            return f"[{cls.TITLE}] the optional package torchxrayvision is not installed. Fix: {seg.INSTALL_HINT}."
-        if not weights or folder_paths.get_full_path(MODEL_FOLDER, weights) is None:
-            return f"[{cls.TITLE}] input 'weights': {missing_weights_message(weights)}"
-        return True
+        return FOLDER.problem(cls.TITLE, weights)
 
     @classmethod
     def fingerprint_inputs(cls, weights: str, **_: object) -> str:
-        path = folder_paths.get_full_path(MODEL_FOLDER, weights) if weights else None
-        if path is None:
-            return f"{weights}:missing"
-        st = os.stat(path)
-        return f"{weights}:{st.st_mtime_ns}:{st.st_size}"
+        return FOLDER.fingerprint(weights)
 
     @classmethod
     def execute(cls, image: torch.Tensor, weights: str, threshold: float) -> io.NodeOutput:
         check_inputs(cls, threshold=threshold)
         with user_errors(cls.TITLE, "weights"):
-            seg.require_torchxrayvision()
-            path = folder_paths.get_full_path(MODEL_FOLDER, weights) if weights else None
-            if path is None:
-                raise CXRInputError(missing_weights_message(weights))
-            model = seg.load_pspnet(Path(path))
+            require_torchxrayvision("the PSPNet segmentation")
+            model = seg.load_pspnet(FOLDER.path(weights))
         device = mm.get_torch_device()
         LOG.info("PSPNet segmentation with %s on %s", weights, device)
         with user_errors(cls.TITLE, "threshold"):

@@ -67,6 +67,12 @@ def parser() -> argparse.ArgumentParser:
                          help="checkpoint linked into the servers started here; with one, every ckpt_name uses it")
     servers.add_argument("--servers", type=int, default=1, help="how many servers to start here (default 1)")
     servers.add_argument("--gpu", action="store_true", help="servers started here use the GPU (default: CPU)")
+    scoring = p.add_argument_group("classifier view (CXR Evaluate Edit)")
+    scoring.add_argument("--classifier", type=Path, metavar="FILE",
+                         help="TorchXRayVision DenseNet weights scoring source and edit: linked into the servers "
+                              "started here; with --server, a file name the server lists in models/cxr_classifiers")
+    scoring.add_argument("--target-pathology", metavar="NAME",
+                         help="the classifier's target (e.g. effusion); default: each row's pathology words")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -89,7 +95,8 @@ def open_servers(args: argparse.Namespace) -> Iterator[list[ComfyClient]]:
     try:
         for _ in range(max(args.servers, 1)):  # from this thread: a server dies with the thread that started it
             bases.append(Path(tempfile.mkdtemp(prefix="cxr-run-comfy-")))
-            server = ComfyServer(comfyui, checkpoints=args.checkpoint, base_dir=bases[-1], cpu=not args.gpu)
+            server = ComfyServer(comfyui, checkpoints=args.checkpoint, base_dir=bases[-1], cpu=not args.gpu,
+                                 models={"cxr_classifiers": [args.classifier]} if args.classifier else None)
             started.append(server.start())
         yield list(started)
     finally:
@@ -107,8 +114,23 @@ def base_graph(args: argparse.Namespace, object_info: dict[str, Any] | None) -> 
             if "ckpt_name" in node["inputs"]:
                 node["inputs"]["ckpt_name"] = args.checkpoint[0].name
     graph = g.apply_overrides(graph, args.overrides, object_info)
+    if args.classifier:
+        g.add_classifier(graph, args.classifier.name, args.target_pathology, args.workflow, object_info)
     g.add_metrics_saver(graph)
     return graph
+
+
+def check_classifier(args: argparse.Namespace) -> None:
+    """``--classifier`` / ``--target-pathology`` make sense together, before any server starts."""
+    if args.target_pathology and not args.classifier:
+        raise g.GraphError("--target-pathology is the target of --classifier; pass both")
+    if args.classifier and args.ray:
+        raise g.GraphError("--classifier is not supported with --ray yet; use --server or the servers started here")
+    if args.classifier and not args.server and not args.classifier.is_file():
+        raise g.GraphError(f"--classifier {args.classifier} does not exist (it is linked into the servers started "
+                           "here; with --server, name a file the server lists)")
+    if args.classifier:  # a workflow that cannot take it fails before any server starts
+        g.add_classifier(g.load_workflow(args.workflow), args.classifier.name, args.target_pathology, args.workflow)
 
 
 def check_servers(clients: Sequence[ComfyClient], graph: g.Graph) -> dict[str, Any]:
@@ -229,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ray and args.server:
         raise SystemExit("error: --ray starts a ComfyUI in every actor; it takes no --server")
     try:
+        check_classifier(args)
         if args.ray:
             graph = base_graph(args, None)  # actors check their own servers when they start
             return run_manifest(args, graph, None, [])

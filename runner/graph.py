@@ -241,6 +241,55 @@ def add_metrics_saver(graph: Graph, prefix: str = "cxr_runner/metrics") -> str |
     return node_id
 
 
+def combo_options(object_info: Mapping[str, Any] | None, class_type: str, name: str) -> list[Any] | None:
+    """The choices a server offers for a combo input (``[options, {...}]`` or V3's ``["COMBO", {"options": ...}]``);
+    None when the server does not describe it."""
+    spec = _input_spec(object_info, class_type, name)
+    if not spec:
+        return None
+    if isinstance(spec[0], list):
+        return spec[0]
+    options = spec[1].get("options") if len(spec) > 1 and isinstance(spec[1], Mapping) else None
+    return list(options) if isinstance(options, list) else None
+
+
+def add_classifier(graph: Graph, weights: str, target: str | None, workflow: str | Path,
+                   object_info: Mapping[str, Any] | None = None) -> str:
+    """Score the edit with a classifier: a CXR Load Classifier node on ``weights`` linked into every CXR Evaluate
+    Edit's ``classifier`` input, with ``target`` as its ``target_pathology``.
+
+    Without ``target`` the evaluator takes the pathology words of the tokens linked to it; one without a tokens link
+    gets the workflow's one CXR Text Encode's (so each row's ``pathology`` is its target). Returns the new node's id.
+
+    Raises:
+        GraphError: no CXR Evaluate Edit, a weight file the server does not offer, or no way to know the target.
+    """
+    evaluators = nodes_of(graph, ["CXREvaluateEdit"])
+    if not evaluators:
+        raise GraphError(f"--classifier scores what CXR Evaluate Edit (CXREvaluateEdit) compares, and the workflow "
+                         f"{workflow} has none: add one (source, edited, edit_region) or use a workflow with one "
+                         "(cxr_chexmask_edit, cxr_counterfactual_edit, cxr_ablation)")
+    offered = combo_options(object_info, "CXRLoadClassifier", "weights")
+    if offered is not None and weights not in offered:
+        raise GraphError(f"--classifier {weights}: the server offers {', '.join(map(str, offered)) or 'no file'} in "
+                         "its models/cxr_classifiers folder; put the file there (and refresh), or pick one of those")
+    encoders = nodes_of(graph, ["CXRTextEncode"])
+    node_id = str(max((int(k) for k in graph if k.isdigit()), default=0) + 1)
+    graph[node_id] = {"class_type": "CXRLoadClassifier", "_meta": {"title": "Classifier (runner)"},
+                      "inputs": {"weights": weights}}
+    for evaluator in evaluators:
+        inputs = graph[evaluator]["inputs"]
+        inputs["classifier"] = [node_id, 0]
+        if target:
+            inputs["target_pathology"] = target
+        elif not isinstance(inputs.get("tokens"), list):
+            if len(encoders) != 1:
+                raise GraphError(f"{title(graph, evaluator)!r} has no tokens to take the target pathology from and "
+                                 f"the workflow has {len(encoders)} CXR Text Encode nodes: pass --target-pathology")
+            inputs["tokens"] = [encoders[0], 1]  # CXR Text Encode's outputs: conditioning, tokens
+    return node_id
+
+
 def check_types(graph: Mapping[str, Any], object_info: Mapping[str, Any], where: str) -> None:
     """Every node type must be registered on the server (is the pack installed there?)."""
     missing = sorted({n["class_type"] for n in graph.values()} - set(object_info))

@@ -98,6 +98,8 @@ class ComfyServer(ComfyClient):
     Args:
         comfyui_path: ComfyUI's folder (holding ``main.py``); default :func:`~.paths.require_comfyui`.
         checkpoints: Files linked into ``<base>/models/checkpoints/`` under their own names.
+        models: More model files: folder name → files linked into ``<base>/models/<folder>/`` (e.g.
+            ``{"cxr_classifiers": [densenet]}``).
         base_dir: The server's ``--base-directory``; default a new temporary folder. It is never deleted
             here, so outputs and the log stay readable after :meth:`stop`.
         python: Interpreter that runs ComfyUI; default ``sys.executable``.
@@ -114,6 +116,7 @@ class ComfyServer(ComfyClient):
         comfyui_path: Path | None = None,
         *,
         checkpoints: Sequence[Path] = (),
+        models: Mapping[str, Sequence[Path]] | None = None,
         base_dir: Path | None = None,
         python: str | None = None,
         port: int | None = None,
@@ -125,6 +128,7 @@ class ComfyServer(ComfyClient):
     ):
         self.comfyui_path = Path(comfyui_path) if comfyui_path is not None else require_comfyui()
         self.checkpoints = [Path(p) for p in checkpoints]
+        self.models = {"checkpoints": self.checkpoints, **{k: [Path(p) for p in v] for k, v in (models or {}).items()}}
         self.base_dir = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="cxr-comfy-"))
         self.python = python or sys.executable
         self.port = port or free_port()
@@ -171,15 +175,16 @@ class ComfyServer(ComfyClient):
     # ---- start / stop ------------------------------------------------------------------------------
 
     def _prepare_base(self) -> None:
-        """Create the base folders and link the pack and the checkpoints into them."""
+        """Create the base folders and link the pack, the checkpoints and other model files into them."""
         for sub in ("custom_nodes", "models/checkpoints", "input", "output", "temp", "user"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         if self.link_pack:
             _link(PACK_ROOT, self.base_dir / "custom_nodes" / PACK_NAME)
-        for ckpt in self.checkpoints:
-            if not ckpt.is_file():
-                raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-            _link(ckpt, self.base_dir / "models" / "checkpoints" / ckpt.name)
+        for folder, files in self.models.items():
+            for path in files:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{folder} file {path} does not exist")
+                _link(path, self.base_dir / "models" / folder / path.name)
 
     def command(self) -> list[str]:
         """The command line that starts the server."""

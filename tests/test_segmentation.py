@@ -14,12 +14,14 @@ from node_run import run
 from conftest import need
 from cxr_counterfactual.errors import CXRInputError
 from cxr_counterfactual.imaging import segmentation as seg
+from cxr_counterfactual.imaging import weight_files
 
 SIGMOID_HIGH = 4.0  # logit of a structure forced present everywhere (p = 0.98)
 
 
 def xrv_available() -> None:
-    need(seg.torchxrayvision_available(), 'torchxrayvision is not installed: pip install "cxr-counterfactual[seg]"')
+    need(weight_files.torchxrayvision_available(),
+         'torchxrayvision is not installed: pip install "cxr-counterfactual[seg]"')
 
 
 def forced_head(model: torch.nn.Module, logits: list[float]) -> torch.nn.Module:
@@ -114,7 +116,7 @@ def test_loader_reads_official_layout_and_safetensors_and_rejects_others(officia
 
 
 def test_without_torchxrayvision_the_error_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(seg, "torchxrayvision_available", lambda: False)
+    monkeypatch.setattr(weight_files, "torchxrayvision_available", lambda: False)
     with pytest.raises(CXRInputError, match=r'pip install "cxr-counterfactual\[seg\]"'):
         seg.build_pspnet()
 
@@ -157,7 +159,7 @@ def test_missing_weights_say_which_file_goes_where(comfy, monkeypatch):
 
 
 def test_node_without_torchxrayvision_says_pip_install(comfy, monkeypatch):
-    monkeypatch.setattr(seg, "torchxrayvision_available", lambda: False)
+    monkeypatch.setattr(weight_files, "torchxrayvision_available", lambda: False)
     cls = comfy.node("CXRSegmentOrgans")
     assert 'pip install "cxr-counterfactual[seg]"' in cls.validate_inputs(weights=seg.OFFICIAL_WEIGHTS)
     with pytest.raises(CXRInputError, match="torchxrayvision"):
