@@ -186,6 +186,15 @@ def evaluate_batch(g: Graph, regions: int = 3) -> None:
     g.save_image([node, 0])
 
 
+def evaluate_classifier(g: Graph, weights: str | None, target: str) -> None:
+    """CXR Evaluate Edit with a typed target, scored by CXR Load Classifier on ``weights`` (None: no classifier)."""
+    image, masks, _ = g.fitted()
+    extra = {"classifier": [g.add("CXRLoadClassifier", weights=weights), 0]} if weights else {}
+    node = g.add("CXREvaluateEdit", source=image, edited=image, edit_region=g.edit_keep(masks)[0],
+                 attention_threshold=0.5, heat_scale=0.0, target_pathology=target, **extra)
+    g.save_image([node, 0])
+
+
 def atlas(g: Graph, min_quality: float) -> None:
     node = g.add("CXRAtlasOrgans", image=g.image("bi_cxr_112x128.png"), min_quality=min_quality)
     g.save_organs([node, 0])
