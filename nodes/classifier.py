@@ -9,20 +9,14 @@ from comfy_api.latest import io
 from ..imaging import classifier as clf
 from ..imaging.weight_files import require_torchxrayvision
 from .common import user_errors
-from .model_files import ModelFolder
+from .model_files import ModelFolder, WeightFileNode
 from .schema import CATEGORY_INSPECT, ClassifierType, described
 
 LOG = logging.getLogger(__name__)
-MODEL_FOLDER = "cxr_classifiers"
-FOLDER = ModelFolder(MODEL_FOLDER, clf.OFFICIAL_WEIGHTS, clf.OFFICIAL_URL)
-FOLDER.register()
+FOLDER = ModelFolder("cxr_classifiers", clf.OFFICIAL_WEIGHTS, clf.OFFICIAL_URL).register()
 
 
-def weight_files() -> list[str]:
-    return FOLDER.files()
-
-
-class CXRLoadClassifier(io.ComfyNode):
+class CXRLoadClassifier(WeightFileNode):
     """Loads TorchXRayVision's DenseNet-121 chest classifier (18 pathologies) from a file in models/cxr_classifiers,
     for CXR Evaluate Edit's classifier view of an edit (the target pathology's probability before and after, the
     change on the other 17, and 1024-d features for set-level distances). Nothing is downloaded. A released
@@ -31,17 +25,18 @@ class CXRLoadClassifier(io.ComfyNode):
     optional torchxrayvision: pip install "cxr-counterfactual[seg]"."""
 
     TITLE = "CXR Load Classifier"
+    FOLDER = FOLDER
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = weight_files()
+        files = FOLDER.files()
         return io.Schema(
             node_id="CXRLoadClassifier", display_name=cls.TITLE, category=CATEGORY_INSPECT,
             description=described(cls),
             inputs=[
                 io.Combo.Input(
                     "weights", options=files, default=FOLDER.default(files),
-                    tooltip=f"DenseNet-121 weight file from models/{MODEL_FOLDER} (.pt/.pth/.safetensors): "
+                    tooltip=f"DenseNet-121 weight file from models/{FOLDER.name} (.pt/.pth/.safetensors): "
                     f"TorchXRayVision's {clf.OFFICIAL_WEIGHTS} ('densenet121-res224-all'), another of its "
                     "DenseNet-121 files, or a state dict of torchxrayvision.models.DenseNet().",
                 ),
@@ -49,14 +44,6 @@ class CXRLoadClassifier(io.ComfyNode):
             outputs=[ClassifierType.Output(display_name="classifier",
                                            tooltip="For CXR Evaluate Edit's 'classifier' input.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, weights: str) -> bool | str:
-        return FOLDER.problem(cls.TITLE, weights)
-
-    @classmethod
-    def fingerprint_inputs(cls, weights: str, **_: object) -> str:
-        return FOLDER.fingerprint(weights)
 
     @classmethod
     def execute(cls, weights: str) -> io.NodeOutput:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import folder_paths
+from comfy_api.latest import io
 
 from ..errors import CXRInputError
 from ..imaging import weight_files
@@ -34,12 +36,13 @@ class ModelFolder:
     expected: str
     url: str
 
-    def register(self) -> None:
-        """Add ``models/<name>`` to ComfyUI's model folders, listing weight files only."""
+    def register(self) -> ModelFolder:
+        """Add ``models/<name>`` to ComfyUI's model folders, listing weight files only; returns itself."""
         folder_paths.add_model_folder_path(self.name, os.path.join(folder_paths.models_dir, self.name),
                                            is_default=True)
         # add_model_folder_path creates a new entry with no extensions (= every file): list weights only.
         folder_paths.folder_names_and_paths[self.name][1].update(WEIGHT_EXTENSIONS)
+        return self
 
     def files(self) -> list[str]:
         return folder_paths.get_filename_list(self.name)
@@ -83,3 +86,19 @@ class ModelFolder:
         if path is None:
             raise CXRInputError(self.missing_message(name))
         return Path(path)
+
+
+class WeightFileNode(io.ComfyNode):
+    """A node with a ``weights`` combo of :attr:`FOLDER`'s files: checked before the graph runs (torchxrayvision
+    installed, the file present), and run again when the chosen file changes."""
+
+    TITLE: ClassVar[str]
+    FOLDER: ClassVar[ModelFolder]
+
+    @classmethod
+    def validate_inputs(cls, weights: str) -> bool | str:
+        return cls.FOLDER.problem(cls.TITLE, weights)
+
+    @classmethod
+    def fingerprint_inputs(cls, weights: str, **_: object) -> str:
+        return cls.FOLDER.fingerprint(weights)

@@ -14,13 +14,12 @@ from ..attention.organs import OrganMasks
 from ..imaging import segmentation as seg
 from ..imaging.weight_files import require_torchxrayvision
 from .common import check_inputs, user_errors
-from .model_files import ModelFolder
+from .model_files import ModelFolder, WeightFileNode
 from .schema import CATEGORY_MASKS, organ_masks_output
 
 LOG = logging.getLogger(__name__)
 MODEL_FOLDER = "cxr_segmentation"
-FOLDER = ModelFolder(MODEL_FOLDER, seg.OFFICIAL_WEIGHTS, seg.OFFICIAL_URL)
-FOLDER.register()
+FOLDER = ModelFolder(MODEL_FOLDER, seg.OFFICIAL_WEIGHTS, seg.OFFICIAL_URL).register()
 
 
 def weight_files() -> list[str]:
@@ -38,8 +37,9 @@ def common_structures(sets: list[OrganMasks]) -> list[OrganMasks]:
             for s in sets]
 
 
-class CXRSegmentOrgans(io.ComfyNode):
+class CXRSegmentOrgans(WeightFileNode):
     TITLE = "Segment Organs (PSPNet)"
+    FOLDER = FOLDER
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -75,14 +75,6 @@ class CXRSegmentOrgans(io.ComfyNode):
             outputs=[organ_masks_output(f"The structures found, as one bundle at the image's size (one per image "
                                         f"of a batch): {names}.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, weights: str) -> bool | str:
-        return FOLDER.problem(cls.TITLE, weights)
-
-    @classmethod
-    def fingerprint_inputs(cls, weights: str, **_: object) -> str:
-        return FOLDER.fingerprint(weights)
 
     @classmethod
     def execute(cls, image: torch.Tensor, weights: str, threshold: float) -> io.NodeOutput:

@@ -260,14 +260,14 @@ def model_folder(comfy, files):
 def test_load_node_registers_its_folder_and_says_which_file_goes_where(comfy, monkeypatch):
     import folder_paths
 
-    from cxr_counterfactual.nodes import classifier as node_module
+    from cxr_counterfactual.nodes.model_files import ModelFolder
 
     paths, extensions = folder_paths.folder_names_and_paths["cxr_classifiers"]
     assert paths[0].endswith("models/cxr_classifiers") and {".pt", ".pth", ".safetensors"} <= extensions
     cls = comfy.node("CXRLoadClassifier")
     schema = cls.GET_SCHEMA()
     assert schema.display_name == LOAD and [o.io_type for o in schema.outputs] == ["CXR_CLASSIFIER"]
-    monkeypatch.setattr(node_module, "weight_files", lambda: [])
+    monkeypatch.setattr(ModelFolder, "files", lambda self: [])
     assert cls.GET_SCHEMA().inputs[0].options == []  # an empty folder: an empty combo, not an error
     for name in ("", "gone.pt"):
         msg = cls.validate_inputs(weights=name)

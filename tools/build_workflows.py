@@ -126,7 +126,7 @@ def full_edit() -> dict[str, Any]:
     g.add("CXRRefinementPreview", "Preview: refinement energies", sampler=out(refiner), latent=out(sampled))
     evaluate = g.add("CXREvaluateEdit", "Metrics + difference map (native size)", source=out(dicom),
                      edited=out(native), edit_region=out(native, 1), organ_masks=out(atlas), attention_threshold=0.5,
-                     heat_scale=0.0)
+                     heat_scale=0.0, target_pathology="")
     g.add("CXRSaveMetrics", "Save metrics (JSON + CSV)", metrics=out(evaluate, 1),
           filename_prefix="cxr_counterfactual/metrics")
     g.add("CXRExportCounterfactual", "Export at native size (PNG + DICOM)", image=out(native), fit=out(fit, 2),
@@ -172,7 +172,7 @@ def ablation() -> dict[str, Any]:
     g.add("CXRAttentionPreview", "Attention: stock / gated / boosted", image=out(fit), **pairs)
     g.add("CXREvaluateEdit", "Metrics: all stages (fitted grid, with attention IoU)", source=out(fit),
           edited=out(runs[3][2]), edit_region=out(regions), organ_masks=masks, model=out(runs[3][0]),
-          latent=out(runs[3][1]), tokens=tokens, attention_threshold=0.5, heat_scale=0.0)
+          latent=out(runs[3][1]), tokens=tokens, attention_threshold=0.5, heat_scale=0.0, target_pathology="")
     g.add("CXRRefinementPreview", "Refinement energies: all stages vs gated + boosted", sampler=out(refiner),
           latent=out(runs[3][1]), reference_sampler=out(plain), reference_latent=out(runs[2][1]))
     return g.nodes
@@ -203,7 +203,8 @@ def chexmask_edit() -> dict[str, Any]:
                    edited=out(decoded), fit=out(fit, 2), edit_region=out(regions))
     g.add("SaveImage", "Save: counterfactual", images=out(native), filename_prefix="cxr_chexmask/counterfactual")
     g.add("CXREvaluateEdit", "Metrics + difference map (native size)", source=out(image), edited=out(native),
-          edit_region=out(native, 1), organ_masks=out(masks_node), attention_threshold=0.5, heat_scale=0.0)
+          edit_region=out(native, 1), organ_masks=out(masks_node), attention_threshold=0.5, heat_scale=0.0,
+          target_pathology="")
     return g.nodes
 
 
