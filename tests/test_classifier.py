@@ -206,7 +206,7 @@ def test_a_batch_scores_as_its_images_one_by_one(densenet, chest):
     assert batch.features.shape == (2, clf.FEATURES)
     feature_tol = FEATURE_RTOL * float(batch.features.abs().max())
     # |delta p| <= |delta logit| / 4 <= ||w|| ||delta f|| / 4 (Cauchy-Schwarz), ||delta f|| <= sqrt(1024) max|delta f|.
-    prob_tol = float(densenet.classifier.weight.norm(dim=1).max()) * math.sqrt(clf.FEATURES) * feature_tol / 4
+    prob_tol = float(densenet.classifier.weight.detach().norm(dim=1).max()) * math.sqrt(clf.FEATURES) * feature_tol / 4
     for i, one in enumerate(singles):
         torch.testing.assert_close(batch.features[i], one.features[0], rtol=0, atol=feature_tol)
         torch.testing.assert_close(batch.probabilities[i], one.probabilities[0], rtol=0, atol=prob_tol)
