@@ -96,6 +96,10 @@ class ComfyClient:
         """``GET /object_info``: every registered node class and its inputs and outputs."""
         return self._request("GET", "/object_info")
 
+    def system_stats(self) -> dict[str, Any]:
+        """``GET /system_stats``: the server's ComfyUI version (``system.comfyui_version``), Python, devices."""
+        return self._request("GET", "/system_stats")
+
     def history(self, prompt_id: str) -> dict[str, Any]:
         """``GET /history/{prompt_id}``: the entry of that run, ``{}`` when it is unknown or unfinished."""
         return self._request("GET", f"/history/{prompt_id}").get(prompt_id, {})
