@@ -100,6 +100,7 @@ def test_a_sweep_runs_resumes_and_records_its_provenance(comfy_server, tiny_chec
     base = [CHEXMASK, "--server", comfy_server.url, "--out", str(out), "--no-progress", "--radiograph", str(nih),
             "--input", str(data_dir / "cxr" / "chexmask-rows" / "ChestX-Ray8.csv"), *small(tiny_checkpoint),
             "--set", f"Organ masks from a CheXmask row.image_id={chexmask_id(data_dir)}"]
+    history = len(comfy_server._request("GET", "/history"))
     first = cli(pack_import_path, *base, "--sweep", f"{BOOST}.factor=1,3")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "rows: 2; finished now: 2; finished before: 0" in first.stdout
@@ -115,6 +116,8 @@ def test_a_sweep_runs_resumes_and_records_its_provenance(comfy_server, tiny_chec
     assert again.returncode == 0, again.stdout + again.stderr
     assert "rows: 3; finished now: 1; finished before: 2" in again.stdout
     assert [r[f"{BOOST}.factor"] for r in results(out)] == ["1", "3", "5"]
+    # The runner deletes its runs' history entries once read (ComfyUI would keep 10,000: memory per row).
+    assert len(comfy_server._request("GET", "/history")) == history
 
     runs = json.loads((out / "batch.json").read_text())["runs"]
     assert [r["sweep"] for r in runs] == [{f"{BOOST}.factor": ["1", "3"]}, {f"{BOOST}.factor": ["1", "3", "5"]}]
