@@ -147,10 +147,17 @@ def main() -> int:
     ckpt = tiny_checkpoint(Path(os.environ.get("CXR_DEMO_CACHE", Path.home() / ".cache" / "cxr-counterfactual")),
                            comfyui)
     work = Path(tempfile.mkdtemp(prefix="cxr-soak-"))
-    with ComfyServer(comfyui, checkpoints=[ckpt], base_dir=work / "server") as server:
-        result = soak(server, ckpt.name, args.rows, work / "out", args.px, args.steps,
-                      on_row=lambda n, mb: logger.info("row %d rss %.1f MB", n, mb) if n % 10 == 0 else None)
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    so_far: list[float] = []
+
+    def on_row(n: int, mb: float) -> None:  # a stopped run still leaves every row measured so far
+        so_far.append(round(mb, 3))
+        args.json.write_text(json.dumps({"partial": True, "rows_done": n, "rss_mb": so_far}))
+        if n % 10 == 0:
+            logger.info("row %d rss %.1f MB", n, mb)
+
+    with ComfyServer(comfyui, checkpoints=[ckpt], base_dir=work / "server") as server:
+        result = soak(server, ckpt.name, args.rows, work / "out", args.px, args.steps, on_row=on_row)
     args.json.write_text(json.dumps({**asdict(result), "target_mb_per_row": TARGET_MB_PER_ROW,
                                      "load_avg": os.getloadavg()[0]}, indent=1))
     print(result.line())

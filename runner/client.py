@@ -182,7 +182,7 @@ class ComfyClient:
 
     def _forget(self, prompt_id: str) -> None:
         """Delete a finished run's history entry once read: ComfyUI keeps up to 10,000 of them in memory (graph,
-        outputs, status messages: tens of kB each), so a dataset batch would grow the server by that per row
+        outputs, status messages: kilobytes each), so a dataset batch would grow the server by that per row
         (benchmarks/soak.py). Best effort: the outputs are already read, and the files stay on disk."""
         try:
             self._request("POST", "/history", {"delete": [prompt_id]})
