@@ -11,10 +11,11 @@ pytestmark = pytest.mark.slow
 
 ROWS = 30
 #: MB per row over rows 10–30. Not the benchmark's 0.2: measured here (docs/performance.md), the server's RSS still
-#: settles over the first rows (slope over rows 10–30: 0.56 ± 0.11 in a 30-row run, 0.43 in the 200-row benchmark) and
-#: after-row RSS jitters by ~6 MB (ComfyUI collects garbage at most every 10 s), so any 21-row window after warm-up
-#: ranges −0.55…+0.60 MB/row (sd 0.24). 2.0 is warm-up plus ~6 sd, and still fails on a per-row leak of an image-sized
-#: buffer (the NIH radiograph as RGB float32 is 3 MB), the kind a short run can see; slow leaks are the benchmark's.
+#: settles over the first rows (slope over rows 10–30: 0.56 ± 0.11 in a 30-row run, 0.43 and 0.32 in two 200-row
+#: runs), and after-row RSS jitters by ~6 MB (ComfyUI collects garbage at most every 10 s), so any 21-row window
+#: after warm-up ranges −0.55…+0.60 MB/row (sd 0.24). 2.0 is warm-up plus ~6 sd, and still fails on a per-row leak
+#: of an image-sized buffer (the NIH radiograph as RGB float32 is 3 MB), the kind a short run can see; slow leaks
+#: are the benchmark's.
 LIMIT_MB_PER_ROW = 2.0
 
 
