@@ -4,6 +4,7 @@
     run cxr_chexmask_edit --manifest rows.csv --out dataset --server http://127.0.0.1:8188 --server ...
     run cxr_chexmask_edit --manifest rows.csv --out dataset --ray auto
     run cxr_chexmask_edit --manifest rows.csv --out dataset --batch-size 4 --gpu
+    run cxr_chexmask_edit --manifest rows.csv --out sweep --sweep "Stage 3: pathology boost.factor=1,2,3,5"
 
 Without ``--server`` it starts its own headless ComfyUI(s) with this pack (ComfyUI found like the tests
 find it: ``--comfyui``, ``COMFYUI_PATH``, the ComfyUI holding the pack, ``~/comfy/ComfyUI``).
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import graph as g
+from . import sweep as sw
 from .client import ComfyClient
 from .manifest import ManifestError, build_job, prepare, read_manifest, row_key
 from .protocol import ComfyServerError, ProgressEvent
@@ -40,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="'TITLE.INPUT=VALUE'",
                    help="set a widget value of the node with that title (repeatable)")
     p.add_argument("--manifest", type=Path, help="batch mode: a CSV with one edit per row (see docs/runner.md)")
+    p.add_argument("--sweep", action="append", default=[], metavar="'TITLE.INPUT=V1,V2,...'",
+                   help="run every radiograph row once per value (repeatable: the cartesian product); a batch, "
+                        "resumable; a value with a comma goes in double quotes (docs/runner.md)")
     p.add_argument("--out", type=Path, default=Path("cxr-runs"), help="output folder (never overwritten)")
     one = p.add_argument_group("single run")
     one.add_argument("--input", action="append", default=[], type=Path, metavar="FILE",
@@ -203,16 +208,38 @@ def _plain_namer(path: Path) -> Any:
     return Upload(path.name, path)
 
 
+def batch_rows(args: argparse.Namespace, base: g.Graph, info: dict[str, Any] | None,
+               clients: Sequence[ComfyClient]) -> tuple[list[dict[str, str]], Path]:
+    """The manifest's rows (a single run's as one row), expanded by ``--sweep``, and the folder paths start from."""
+    if args.manifest:
+        rows, root = read_manifest(args.manifest), args.manifest.resolve().parent
+    else:  # a single run as a one-row manifest: resumable, and its sweep rows run like any batch
+        rows, root = [{k: str(Path(v).resolve()) if k == "radiograph" else str(v) for k, v in (
+            ("radiograph", args.radiograph), ("prompt", args.prompt), ("pathology", args.pathology),
+            ("seed", args.seed)) if v is not None}], Path.cwd()
+    settings = sw.parse_all(args.sweep)
+    sw.validate(settings, base, info, list(rows[0]) if rows else [], args.overrides)
+    for path in [] if args.manifest else args.input:
+        if not path.is_file():
+            raise ManifestError(f"--input {path} does not exist")
+        for client in clients:
+            client.upload_bytes(path.name, path.read_bytes())
+    return (sw.expand(rows, settings) if settings else rows), root
+
+
 def run_manifest(args: argparse.Namespace, base: g.Graph, info: dict[str, Any] | None,
-                 clients: Sequence[ComfyClient]) -> int:
+                 clients: Sequence[ComfyClient], argv: Sequence[str]) -> int:
     from .batch import output_lock, run_batch
     from .batching import plan
+    from .provenance import record_run, run_entry
 
-    rows = read_manifest(args.manifest)
+    rows, root = batch_rows(args, base, info, clients)
     keys = [row_key(row, i, base) for i, row in enumerate(rows, start=1)]
     with output_lock(args.out):
+        record_run(args.out, run_entry(argv, args.workflow, args.manifest, root, args.overrides,
+                                       sw.spec(sw.parse_all(args.sweep)), len(rows), clients))
         book = ResultsBook(args.out, rows, keys)
-        jobs, problems = prepare(base, rows, args.manifest.resolve().parent, info, skip=book.is_done)
+        jobs, problems = prepare(base, rows, root, info, skip=book.is_done)
         for index, reason in problems.items():
             logger.error("%s", reason)
             book.add_failure(keys[index - 1], reason, attempt=False)
@@ -238,14 +265,15 @@ def run_manifest(args: argparse.Namespace, base: g.Graph, info: dict[str, Any] |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if args.ray and not args.manifest:
         raise SystemExit("error: --ray runs a --manifest batch")
     if args.batch_size < 1:
         raise SystemExit("error: --batch-size must be 1 or more")
-    if args.batch_size > 1 and not args.manifest:
-        raise SystemExit("error: --batch-size batches the rows of a --manifest")
+    if args.batch_size > 1 and not (args.manifest or args.sweep):
+        raise SystemExit("error: --batch-size batches the rows of a --manifest or --sweep")
     if args.batch_size > 1 and args.ray:
         raise SystemExit("error: --batch-size is not supported with --ray yet; use --server or local servers")
     if args.ray and args.server:
@@ -254,14 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_classifier(args)
         if args.ray:
             graph = base_graph(args, None)  # actors check their own servers when they start
-            return run_manifest(args, graph, None, [])
+            return run_manifest(args, graph, None, [], argv)
         g.load_workflow(args.workflow)  # a wrong name fails before any server starts
         with open_servers(args) as clients:
             info = check_servers(clients, g.load_workflow(args.workflow))
             graph = base_graph(args, info)
             g.check_types(graph, info, clients[0].url)
-            if args.manifest:
-                return run_manifest(args, graph, info, clients)
+            if args.manifest or args.sweep:
+                return run_manifest(args, graph, info, clients, argv)
             return run_single(args, clients[0], graph, info)
     except (g.GraphError, ManifestError) as err:
         sys.stderr.write(f"error: {err}\n")

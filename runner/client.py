@@ -96,6 +96,10 @@ class ComfyClient:
         """``GET /object_info``: every registered node class and its inputs and outputs."""
         return self._request("GET", "/object_info")
 
+    def system_stats(self) -> dict[str, Any]:
+        """``GET /system_stats``: the server's ComfyUI version (``system.comfyui_version``), Python, devices."""
+        return self._request("GET", "/system_stats")
+
     def history(self, prompt_id: str) -> dict[str, Any]:
         """``GET /history/{prompt_id}``: the entry of that run, ``{}`` when it is unknown or unfinished."""
         return self._request("GET", f"/history/{prompt_id}").get(prompt_id, {})
@@ -172,8 +176,18 @@ class ComfyClient:
         finally:
             ws.close()
         result.outputs = self._wait_history(prompt_id).get("outputs", {})
+        self._forget(prompt_id)
         result.elapsed_s = time.monotonic() - started
         return result
+
+    def _forget(self, prompt_id: str) -> None:
+        """Delete a finished run's history entry once read: ComfyUI keeps up to 10,000 of them in memory (graph,
+        outputs, status messages: kilobytes each), so a dataset batch would grow the server by that per row
+        (benchmarks/soak.py). Best effort: the outputs are already read, and the files stay on disk."""
+        try:
+            self._request("POST", "/history", {"delete": [prompt_id]})
+        except (urllib.error.URLError, OSError) as err:
+            logger.debug("could not delete the history entry of %s: %s", prompt_id, err)
 
     def _submit(self, prompt: Mapping[str, Any], prompt_id: str, client_id: str) -> None:
         body = {"prompt": prompt, "client_id": client_id, "prompt_id": prompt_id}

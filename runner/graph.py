@@ -124,6 +124,27 @@ def set_input(graph: Graph, node_id: str, name: str, value: Any,
     inputs[name] = _typed(value, current, spec, where)
 
 
+def check_allowed(graph: Mapping[str, Any], node_id: str, name: str, object_info: Mapping[str, Any]) -> None:
+    """The value set on ``node_id.name`` is one the server accepts: within the input's min/max, one of its
+    combo options. ``--set`` leaves this to the server (its files may be uploaded after the check); a sweep checks
+    every value before the first of its rows runs."""
+    node = graph[node_id]
+    spec = _input_spec(object_info, node["class_type"], name)
+    if not spec:
+        return
+    value, kind = node["inputs"].get(name), spec[0]
+    extra = spec[1] if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
+    where = f"{title(graph, node_id)!r}.{name}"
+    options = kind if isinstance(kind, list) else extra.get("options") if kind == "COMBO" else None
+    if options is not None and value not in options:
+        shown = ", ".join(map(str, options[:20])) + (", ..." if len(options) > 20 else "")
+        raise GraphError(f"{where}: {value!r} is not one of its options ({shown})")
+    if kind in ("INT", "FLOAT") and isinstance(value, (int, float)):
+        low, high = extra.get("min"), extra.get("max")
+        if (low is not None and value < low) or (high is not None and value > high) or value != value:
+            raise GraphError(f"{where}: {value!r} is out of its range {low}..{high}")
+
+
 def apply_overrides(graph: Graph, assignments: Iterable[str | tuple[str, str, Any]],
                     object_info: Mapping[str, Any] | None = None) -> Graph:
     """A copy of ``graph`` with every ``"Title.input=value"`` (or (title, input, value)) applied."""
