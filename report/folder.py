@@ -26,8 +26,10 @@ RECORD = "row.json"
 PROVENANCE = "batch.json"
 FIRST_STATUS_COLUMN = "key"  # the runner's status columns start here; manifest columns come before
 METRIC_PREFIX = "metric_"
-# The resampling unit of the bootstrap: the radiograph a row edits (a sweep's expanded rows name their original row).
-CLUSTER_COLUMNS = ("source_row", "radiograph")
+# The bootstrap's resampling unit, first non-empty of: the radiograph a row edits; the original row of a sweep's
+# expanded row (``source_row``, every expanded row of one original row edits one radiograph); the row itself. The
+# radiograph comes first: two manifest rows of one radiograph (two seeds, or two sweeps) are not independent either.
+CLUSTER_COLUMNS = ("radiograph", "source_row")
 
 
 class BatchFolderError(ValueError):
@@ -146,7 +148,7 @@ def read_batch(path: Path) -> Batch:
             folder = None
         metrics = {c[len(METRIC_PREFIX):]: v for c in metric_columns if (v := _number(line.get(c, ""))) is not None}
         manifest = {c: line.get(c, "") for c in manifest_columns}
-        cluster = (line.get(cluster_column) or "") if cluster_column != FIRST_STATUS_COLUMN else ""
+        cluster = next((f"{c}:{line[c]}" for c in CLUSTER_COLUMNS if line.get(c)), "")
         rows.append(Row(key=key or manifest.get("id", ""), status=status or "pending", error=error, manifest=manifest,
                         metrics=metrics, folder=folder, cluster=cluster or key, record=record))
     provenance = None

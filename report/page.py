@@ -25,7 +25,7 @@ STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d1d1f;max-width:1400px}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left}th{background:#f4f4f6}.note{color:#555;max-width:1000px}
+th:first-child,td:first-child,td.note{text-align:left}th{background:#f4f4f6}.note{color:#555;max-width:1000px}
 .missing{color:#a33}.grid{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #ddd;padding:6px}
 .card img{height:128px;margin-right:2px;image-rendering:auto}.card .cap{font-size:12px;max-width:400px}
 code{background:#f4f4f6;padding:0 3px}.plot{max-width:100%;border:1px solid #eee}
@@ -53,8 +53,8 @@ def table(head: Iterable[str], body: Iterable[Iterable[str]], attrs: str = "") -
 
 def header(batch: Batch, configs: dict[str, str]) -> str:
     counts = {s: sum(r.status == s for r in batch.rows) for s in ("done", "failed", "pending")}
-    unit = "source_row (the sweep's original row)" if batch.cluster_column == "source_row" else (
-        "radiograph" if batch.cluster_column == "radiograph" else "row (no radiograph column)")
+    unit = {"radiograph": "radiograph", "source_row": "source_row (the sweep's original row)"}.get(
+        batch.cluster_column, "row (no radiograph column)")
     return (f"<h1>Batch report: {esc(batch.path.name)}</h1><p>{len(batch.rows)} rows: {counts['done']} done, "
             f"{counts['failed']} failed, {counts['pending']} pending; {len(set(configs.values()))} stage "
             f"configuration(s); {len({r.cluster for r in batch.done})} radiograph(s) among the finished rows. "
@@ -68,12 +68,20 @@ def ablation_html(a: sections.Ablation) -> str:
     if not a.configurations:
         return "<h2 id='ablation'>Ablation</h2><p class='missing'>No finished rows.</p>"
     head = ["metric", *(f"{c} ({a.counts[c][0]} rows, {a.counts[c][1]} radiographs)" for c in a.configurations)]
-    body = ([f"<th>{esc(m)}</th>", *(cell(a.cells[(c, m)]) for c in a.configurations)] for m in a.metrics)
+    main = [m for m in a.metrics if not sections.per_pathology(m)]
+    pathologies = [m for m in a.metrics if sections.per_pathology(m)]
+
+    def body(metrics: list[str]):
+        return ([f"<th>{esc(m)}</th>", *(cell(a.cells[(c, m)]) for c in a.configurations)] for m in metrics)
+
+    more = "" if not pathologies else (
+        "<details><summary>Classifier probability per pathology (source and edit)</summary>"
+        + table(head, body(pathologies), " class='pathologies'") + "</details>")
     return ("<h2 id='ablation'>Ablation by stage configuration</h2><p class='note'>A row's configuration is the set of "
             "the pack's stages (gate, boost, refinement) upstream of the image its metrics evaluate and not switched "
             "off by their inputs (gate strength and token_strength 0, boost factors 1 with damping 1, refinement "
             "iterations 0); none on = stock. Cells: mean [95% interval].</p>"
-            + table(head, body, " class='ablation'"))
+            + table(head, body(main), " class='ablation'") + more)
 
 
 def dose_html(doses: list[sections.DoseResponse]) -> str:

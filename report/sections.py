@@ -52,6 +52,11 @@ def metric_order(names: Sequence[str]) -> list[str]:
     return [m for m in LEADING if m in names] + sorted(m for m in names if m not in LEADING and m not in NOT_METRICS)
 
 
+def per_pathology(metric: str) -> bool:
+    """A classifier probability of one named pathology (``classifier_<name>_source/_edit``): shown apart."""
+    return metric.startswith("classifier_") and metric not in LEADING
+
+
 def estimate(rows: Sequence[Row], metric: str) -> Estimate | None:
     have = [r for r in rows if metric in r.metrics]
     return cluster_bootstrap([r.metrics[metric] for r in have], [r.cluster for r in have])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 Graph = Mapping[str, Any]
 
@@ -32,7 +32,7 @@ MASK_SOURCES = {
 }
 
 
-def _is_link(value: Any) -> bool:
+def _is_link(value: Any) -> TypeGuard[list]:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
 
 

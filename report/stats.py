@@ -2,9 +2,10 @@
 
 **The bootstrap rule**: the estimate is the mean over rows. Its interval is the 2.5th–97.5th percentile of
 :data:`RESAMPLES` bootstrap means, each the mean over all rows of clusters drawn with replacement (as many draws as
-there are clusters), where a cluster is the rows of one radiograph (``source_row`` when the batch was a sweep, else
-the ``radiograph`` column). Rows of one radiograph (a sweep, several seeds) are not independent: resampling them
-as rows would give too narrow an interval. The generator is seeded (:data:`SEED`), so a report is reproducible.
+there are clusters), where a cluster is the rows of one radiograph (the ``radiograph`` column; a sweep's
+``source_row`` where a row has no radiograph value; see ``folder.CLUSTER_COLUMNS``). Rows of one radiograph (a
+sweep, several seeds) are not independent: resampling them as rows would give too narrow an interval. The
+generator is seeded (:data:`SEED`), so a report is reproducible.
 With one cluster there is no interval (None). Vectorised: one ``[RESAMPLES, clusters]`` draw per estimate.
 """
 
