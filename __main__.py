@@ -9,6 +9,7 @@ COMMANDS = {
     "demo": "run one masked counterfactual edit of a real radiograph in a headless ComfyUI",
     "convert-diffusers": "convert a diffusers SD1.x pipeline folder (e.g. RoentGen) into one ComfyUI checkpoint",
     "run": "run an API workflow, or a manifest of rows (resumable; several servers or Ray), headless",
+    "report": "turn a batch's output folder into one self-contained HTML report (tables, plots, thumbnails)",
     "tiny-checkpoint": "build the tiny random-weight SD1.5-shaped test checkpoint (needs ComfyUI)",
 }
 
@@ -31,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"{err.name} is not installed: pip install 'cxr-counterfactual[run]'\n")
             return 2
         return run_main(rest)
+    if command == "report":
+        from .report.cli import main as report_main
+
+        return report_main(rest)
     if command == "convert-diffusers":
         from .hosts.comfy.convert_diffusers import main as convert_main
 

@@ -83,6 +83,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "runner": COMFY + _ours("attention", "imaging", "hosts", "nodes", "demo"),
     # The demo drives a server through the runner and builds its checkpoint through the ComfyUI host.
     "demo": _ours("nodes"),
+    # The batch report reads an output folder (its on-disk layout is the contract, not the runner's code, so it
+    # needs none of the runner's network packages) with imaging's reader and metrics: no ComfyUI, host or node.
+    "report": COMFY + DIFFUSERS + _ours("attention", "hosts", "nodes", "runner", "demo"),
 }
 # Every shipped module (all but NOT_SHIPPED): no test fixture, no dev-only code, no diffusers (the diffusers
 # host works on the objects it is given).
@@ -162,6 +165,7 @@ def test_the_layer_check_catches_a_violation_of_each_rule(tmp_path):
         "runner/planted.py": "from ..attention import gating\n",
         "demo/planted.py": "from cxr_counterfactual.testing import data\n",
         "nodes/planted.py": "from ..tools import workflow_format\n",
+        "report/planted.py": "def f():\n    from ..runner import results\n",
         "planted.py": "import diffusers\n",
     }
     for rel, code in planted.items():
