@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -157,8 +158,9 @@ def classify(classifier: Classifier, images: torch.Tensor, device: torch.device 
     param = next(model.parameters())
     x = preprocess(images, size).to(param.device, param.dtype)
     with torch.no_grad():
-        features = model.features2(x)
-        logits = model.classifier(features)
+        # nn.Module's attributes are typed Tensor | Module: name the DenseNet's two callables as such.
+        features = cast(Callable[[torch.Tensor], torch.Tensor], model.features2)(x)
+        logits = cast(Callable[[torch.Tensor], torch.Tensor], model.classifier)(features)
     probs = torch.sigmoid(logits)
     if classifier.calibrated:
         from torchxrayvision.models import op_norm

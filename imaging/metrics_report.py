@@ -96,7 +96,7 @@ def format_table(report: MetricsReport) -> str:
 
 def to_json(report: MetricsReport) -> str:
     """The report as JSON: rows, attention settings, and the exact definition of every metric."""
-    body = {
+    body: dict[str, object] = {
         "generator": GENERATOR,
         "synthetic": "metrics of a synthetic counterfactual edit, not of a real radiograph",
         "images": report.rows(),
