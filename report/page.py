@@ -139,11 +139,17 @@ def realism_html(r: sections.RealismSection) -> str:
 def anatomy_html(a: sections.Anatomy) -> str:
     out = ["<h2 id='anatomy'>Anatomy consistency</h2>"]
     sources = "; ".join(f"{s} ({n} rows)" for s, n in a.mask_sources.items()) or "no finished rows"
-    out.append(f"<p>Edit masks from: {esc(sources)}.</p>")
+    source_sides = "; ".join(f"{s} ({n} rows)" for s, n in a.source_mask_sources.items()) or "no finished rows"
+    out.append(f"<p>Edit masks from: {esc(sources)}. Source masks from: {esc(source_sides)}.</p>")
+    if a.mixed_rows:
+        out.append(f"<p class='note'>In {a.mixed_rows} rows the source's and the edit's masks come from different "
+                   "methods: their Dice stays below 1 even where nothing changed (the methods disagree), so compare "
+                   "it between configurations, not with 1.</p>")
     out += [f"<p class='note'>{esc(text)}</p>" for text in a.limits]
     if not a.organs:
-        return "".join(out) + "<p class='missing'>No organ Dice in this batch (connect edit_organ_masks of CXR " \
-                              "Evaluate Edit to the atlas or segmentation node run on the edit).</p>"
+        return "".join(out) + ("<p class='missing'>No organ Dice in this batch: run the batch with --organ-dice "
+                               "atlas (or --organ-dice PSPNET_FILE), or connect edit_organ_masks of CXR Evaluate Edit "
+                               "to the atlas or segmentation node run on the edit.</p>")
     body = ([f"<th>{esc(o)}</th>", *(cell(a.cells[(o, c)]) for c in a.configurations)] for o in a.organs)
     out.append(table(["Dice (source vs edit masks)", *a.configurations], body, " class='anatomy'"))
     return "".join(out)

@@ -13,7 +13,7 @@ import torch
 from ..errors import CXRInputError
 from ..imaging.realism import Realism, frechet_distance
 from .folder import Batch, Row, metrics_json
-from .stages import STAGES, configuration, edit_mask_source
+from .stages import STAGES, configuration, edit_mask_source, mask_source
 from .stats import Estimate, cluster_bootstrap
 
 logger = logging.getLogger(__name__)
@@ -194,20 +194,27 @@ class Anatomy:
     organs: list[str]
     configurations: list[str]
     cells: dict[tuple[str, str], Estimate | None]
-    mask_sources: dict[str, int]  # source description -> rows
+    mask_sources: dict[str, int]  # edit-mask source description -> rows
     limits: list[str]
+    source_mask_sources: dict[str, int] = field(default_factory=dict)  # the source's masks, likewise
+    mixed_rows: int = 0  # rows with Dice whose source and edit masks come from different methods
 
 
 def anatomy(batch: Batch, configs: dict[str, str], names: list[str]) -> Anatomy:
     organs = sorted({m for r in batch.done for m in r.metrics if m.startswith(DICE)})
     sources: dict[str, int] = defaultdict(int)
+    source_sides: dict[str, int] = defaultdict(int)
+    mixed = 0
     for row in batch.done:
-        sources[edit_mask_source(row.graph)] += 1
+        edit_side, source_side = edit_mask_source(row.graph), mask_source(row.graph, "organ_masks")
+        sources[edit_side] += 1
+        source_sides[source_side] += 1
+        mixed += any(m.startswith(DICE) for m in row.metrics) and edit_side != source_side
     limits = [text for prefix, text in (("weight-free atlas", ATLAS_LIMITS), ("segmentation", SEGMENTATION_LIMITS))
               if any(s.startswith(prefix) for s in sources)]
     cells = {(organ, c): estimate([r for r in batch.done if c in (ALL_ROWS, configs[r.key])], organ)
              for organ in organs for c in names}
-    return Anatomy(organs, list(names), cells, dict(sources), limits)
+    return Anatomy(organs, list(names), cells, dict(sources), limits, dict(source_sides), mixed)
 
 
 def rankings(batch: Batch, top: int) -> list[tuple[str, bool, list[Row]]]:

@@ -27,8 +27,10 @@ EVALUATE = "CXREvaluateEdit"
 SAVE_METRICS = "CXRSaveMetrics"
 # Edit-mask sources: what produced the masks Dice compares against the source's masks.
 MASK_SOURCES = {
-    "CXRSegmentOrgans": "segmentation node (TorchXRayVision PSPNet run on the edited pixels)",
-    "CXRAtlasOrgans": "weight-free atlas (a CheXmask shape model registered to the edited image)",
+    "CXRSegmentOrgans": "segmentation node (TorchXRayVision PSPNet run on the image's pixels)",
+    "CXRAtlasOrgans": "weight-free atlas (a CheXmask shape model registered to the image)",
+    "CXRLoadCheXmask": "CheXmask annotation (the source radiograph's row)",
+    "CXRLoadOrganMasks": "mask files",
 }
 
 
@@ -110,19 +112,25 @@ def configuration(graph: Graph) -> str:
     return " + ".join(on) if on else "stock"
 
 
-def edit_mask_source(graph: Graph) -> str:
-    """What produced the edit's organ masks for Dice (from the evaluation's ``edit_organ_masks`` input)."""
+def mask_source(graph: Graph, role: str = "edit_organ_masks") -> str:
+    """What produced the organ masks CXR Evaluate Edit takes as ``role`` (``organ_masks``: the source's,
+    ``edit_organ_masks``: the edit's, for Dice): the mask node nearest upstream of that input."""
     evaluated = evaluate_node(graph)
     if evaluated is None:
         return "no CXR Evaluate Edit in the graph"
-    link = (graph[evaluated].get("inputs") or {}).get("edit_organ_masks")
+    link = (graph[evaluated].get("inputs") or {}).get(role)
     if not _is_link(link):
-        return "none (edit_organ_masks not connected: no organ Dice)"
+        return f"none ({role} not connected: no organ Dice)"
     for node_id in sorted(upstream(graph, [link[0]]), key=lambda i: i != link[0]):
         kind = graph[node_id].get("class_type", "")
         if kind in MASK_SOURCES:
             return MASK_SOURCES[kind]
     return f"{graph[link[0]].get('class_type', '?')} (not a mask source the report knows)"
+
+
+def edit_mask_source(graph: Graph) -> str:
+    """What produced the edit's organ masks for Dice (the evaluation's ``edit_organ_masks`` input)."""
+    return mask_source(graph, "edit_organ_masks")
 
 
 def saved_image(record: Mapping[str, Any], role: str) -> str | None:

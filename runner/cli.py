@@ -78,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
                               "started here; with --server, a file name the server lists in models/cxr_classifiers")
     scoring.add_argument("--target-pathology", metavar="NAME",
                          help="the classifier's target (e.g. effusion); default: each row's pathology words")
+    scoring.add_argument("--organ-dice", metavar="atlas|FILE",
+                         help="per-organ Dice of source vs edit: organ masks of the edited image from the weight-free "
+                              "atlas ('atlas') or from the segmentation node on PSPNet weights FILE (linked into the "
+                              "servers started here; with --server, a name in its models/cxr_segmentation)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -101,7 +105,7 @@ def open_servers(args: argparse.Namespace) -> Iterator[list[ComfyClient]]:
         for _ in range(max(args.servers, 1)):  # from this thread: a server dies with the thread that started it
             bases.append(Path(tempfile.mkdtemp(prefix="cxr-run-comfy-")))
             server = ComfyServer(comfyui, checkpoints=args.checkpoint, base_dir=bases[-1], cpu=not args.gpu,
-                                 models={"cxr_classifiers": [args.classifier]} if args.classifier else None)
+                                 models=model_files(args))
             started.append(server.start())
         yield list(started)
     finally:
@@ -109,6 +113,18 @@ def open_servers(args: argparse.Namespace) -> Iterator[list[ComfyClient]]:
             server.stop()
         for base in bases:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def segmentation_file(args: argparse.Namespace) -> Path | None:
+    """``--organ-dice FILE`` (PSPNet weights); None for ``atlas`` or without the option."""
+    return None if args.organ_dice in (None, g.ATLAS) else Path(args.organ_dice)
+
+
+def model_files(args: argparse.Namespace) -> dict[str, list[Path]]:
+    """Weight files the servers started here need in their models folders."""
+    files = {"cxr_classifiers": [args.classifier] if args.classifier else [],
+             "cxr_segmentation": [f] if (f := segmentation_file(args)) else []}
+    return {folder: paths for folder, paths in files.items() if paths}
 
 
 def base_graph(args: argparse.Namespace, object_info: dict[str, Any] | None) -> g.Graph:
@@ -121,12 +137,15 @@ def base_graph(args: argparse.Namespace, object_info: dict[str, Any] | None) -> 
     graph = g.apply_overrides(graph, args.overrides, object_info)
     if args.classifier:
         g.add_classifier(graph, args.classifier.name, args.target_pathology, args.workflow, object_info)
+    if args.organ_dice:
+        seg = segmentation_file(args)
+        g.add_organ_dice(graph, seg.name if seg else g.ATLAS, args.workflow, object_info)
     g.add_metrics_saver(graph)
     return graph
 
 
-def check_classifier(args: argparse.Namespace) -> None:
-    """``--classifier`` / ``--target-pathology`` make sense together, before any server starts."""
+def check_scoring(args: argparse.Namespace) -> None:
+    """``--classifier``, ``--target-pathology`` and ``--organ-dice`` make sense, before any server starts."""
     if args.target_pathology and not args.classifier:
         raise g.GraphError("--target-pathology is the target of --classifier; pass both")
     if args.classifier and args.ray:
@@ -136,6 +155,15 @@ def check_classifier(args: argparse.Namespace) -> None:
                            "here; with --server, name a file the server lists)")
     if args.classifier:  # a workflow that cannot take it fails before any server starts
         g.add_classifier(g.load_workflow(args.workflow), args.classifier.name, args.target_pathology, args.workflow)
+    seg = segmentation_file(args)
+    if seg and args.ray:
+        raise g.GraphError("--organ-dice FILE is not supported with --ray yet; use --organ-dice atlas, --server or the "
+                           "servers started here")
+    if seg and not args.server and not seg.is_file():
+        raise g.GraphError(f"--organ-dice {seg} is neither 'atlas' nor an existing PSPNet weight file (it is linked "
+                           "into the servers started here)")
+    if args.organ_dice:
+        g.add_organ_dice(g.load_workflow(args.workflow), seg.name if seg else g.ATLAS, args.workflow)
 
 
 def check_servers(clients: Sequence[ComfyClient], graph: g.Graph) -> dict[str, Any]:
@@ -279,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ray and args.server:
         raise SystemExit("error: --ray starts a ComfyUI in every actor; it takes no --server")
     try:
-        check_classifier(args)
+        check_scoring(args)
         if args.ray:
             graph = base_graph(args, None)  # actors check their own servers when they start
             return run_manifest(args, graph, None, [], argv)

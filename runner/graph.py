@@ -311,6 +311,55 @@ def add_classifier(graph: Graph, weights: str, target: str | None, workflow: str
     return node_id
 
 
+ATLAS = "atlas"
+
+
+def add_organ_dice(graph: Graph, method: str, workflow: str | Path,
+                   object_info: Mapping[str, Any] | None = None) -> list[str]:
+    """Per-organ Dice of source vs edit: organ masks of every CXR Evaluate Edit's ``edited`` image, linked into its
+    ``edit_organ_masks``, from the weight-free atlas (``method`` = ``atlas``) or from CXR Segment Organs on the
+    PSPNet weight file named ``method``. Returns the new nodes' ids.
+
+    The atlas node accepts any fit quality (``min_quality`` 0): an edit that moved the anatomy must give a low Dice,
+    not stop the row; the fit report is in the node's output.
+
+    Raises:
+        GraphError: no CXR Evaluate Edit, one without the source's ``organ_masks`` or already given edit masks, or a
+            weight file the server does not offer.
+    """
+    evaluators = nodes_of(graph, ["CXREvaluateEdit"])
+    if not evaluators:
+        raise GraphError(f"--organ-dice compares the organ masks CXR Evaluate Edit (CXREvaluateEdit) is given, and the "
+                         f"workflow {workflow} has none: use a workflow with one (cxr_chexmask_edit, "
+                         "cxr_counterfactual_edit, cxr_ablation)")
+    if method != ATLAS:
+        offered = combo_options(object_info, "CXRSegmentOrgans", "weights")
+        if offered is not None and method not in offered:
+            raise GraphError(f"--organ-dice {method}: the server offers {', '.join(map(str, offered)) or 'no file'} "
+                             "in its models/cxr_segmentation folder; put the file there (and refresh), or pick one")
+    added = []
+    for evaluator in evaluators:
+        inputs = graph[evaluator]["inputs"]
+        name = title(graph, evaluator)
+        if not isinstance(inputs.get("organ_masks"), list):
+            raise GraphError(f"--organ-dice: {name!r} has no organ_masks input linked (the source's masks, the other "
+                             "side of the Dice): link them in the workflow")
+        if isinstance(inputs.get("edit_organ_masks"), list):
+            raise GraphError(f"--organ-dice: {name!r} already takes the edit's organ masks from the workflow: "
+                             "drop --organ-dice")
+        node_id = str(max((int(k) for k in graph if k.isdigit()), default=0) + 1)
+        if method == ATLAS:
+            graph[node_id] = {"class_type": "CXRAtlasOrgans", "_meta": {"title": "Organs of the edit (runner, atlas)"},
+                              "inputs": {"image": list(inputs["edited"]), "min_quality": 0.0}}
+        else:
+            graph[node_id] = {"class_type": "CXRSegmentOrgans",
+                              "_meta": {"title": "Organs of the edit (runner, segmentation)"},
+                              "inputs": {"image": list(inputs["edited"]), "weights": method, "threshold": 0.5}}
+        inputs["edit_organ_masks"] = [node_id, 0]
+        added.append(node_id)
+    return added
+
+
 def check_types(graph: Mapping[str, Any], object_info: Mapping[str, Any], where: str) -> None:
     """Every node type must be registered on the server (is the pack installed there?)."""
     missing = sorted({n["class_type"] for n in graph.values()} - set(object_info))

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import ROOT
-from cxr_counterfactual.report.stages import configuration, edit_mask_source, is_neutral, stages_on
+from cxr_counterfactual.report.stages import configuration, edit_mask_source, is_neutral, mask_source, stages_on
 
 API = ROOT / "workflows" / "api"
 
@@ -90,3 +90,15 @@ def test_edit_mask_source_is_read_from_the_evaluation():
     assert edit_mask_source(g).startswith("weight-free atlas")
     g["90"] = {"class_type": "CXRSegmentOrgans", "inputs": {"image": ["21", 0]}}
     assert edit_mask_source(g).startswith("segmentation node")
+
+
+def test_the_source_and_edit_mask_sources_are_told_apart():
+    from cxr_counterfactual.runner import graph as g
+
+    chexmask = graph("cxr_chexmask_edit")
+    g.add_organ_dice(chexmask, g.ATLAS, "cxr_chexmask_edit")
+    assert mask_source(chexmask, "organ_masks").startswith("CheXmask annotation")
+    assert edit_mask_source(chexmask).startswith("weight-free atlas")  # two methods: the report notes it
+    full = graph("cxr_counterfactual_edit")
+    g.add_organ_dice(full, g.ATLAS, "cxr_counterfactual_edit")
+    assert mask_source(full, "organ_masks") == edit_mask_source(full)  # the atlas on both sides

@@ -179,3 +179,52 @@ def test_cli_reports_a_server_that_is_down(pack_import_path, tmp_path):
                           env={"PYTHONPATH": str(pack_import_path), "PATH": "/usr/bin:/bin"})
     assert proc.returncode != 0 and url in proc.stderr + proc.stdout and "did not answer" in proc.stderr + proc.stdout
     assert not list(tmp_path.iterdir())
+
+
+def test_organ_dice_links_the_edits_masks_into_every_evaluation():
+    # --organ-dice atlas: an atlas fitted to each evaluation's edited image, never refusing a poor fit (a low Dice
+    # is the finding), linked into edit_organ_masks; the source's masks stay the workflow's.
+    for name in ("cxr_chexmask_edit", "cxr_counterfactual_edit", "cxr_ablation"):
+        graph = g.load_workflow(name)
+        evaluators = g.nodes_of(graph, ["CXREvaluateEdit"])
+        before = {e: dict(graph[e]["inputs"]) for e in evaluators}
+        added = g.add_organ_dice(graph, g.ATLAS, name)
+        assert len(added) == len(evaluators) >= 1
+        for evaluator, node_id in zip(evaluators, added, strict=True):
+            inputs = graph[evaluator]["inputs"]
+            assert inputs["edit_organ_masks"] == [node_id, 0]
+            assert graph[node_id]["class_type"] == "CXRAtlasOrgans"
+            assert graph[node_id]["inputs"] == {"image": before[evaluator]["edited"], "min_quality": 0.0}
+            assert {k: v for k, v in inputs.items() if k != "edit_organ_masks"} == before[evaluator]
+    graph = g.load_workflow("cxr_chexmask_edit")
+    (node_id,) = g.add_organ_dice(graph, "pspnet.pth", "cxr_chexmask_edit")
+    assert graph[node_id]["class_type"] == "CXRSegmentOrgans" and graph[node_id]["inputs"]["weights"] == "pspnet.pth"
+
+
+def test_organ_dice_refusals_name_the_cause():
+    with pytest.raises(g.GraphError, match="cxr_dicom_masked_edit has none"):
+        g.add_organ_dice(g.load_workflow("cxr_dicom_masked_edit"), g.ATLAS, "cxr_dicom_masked_edit")
+    info = {"CXRSegmentOrgans": {"input": {"required": {"weights": ["COMBO", {"options": ["a.pth"]}]}}}}
+    with pytest.raises(g.GraphError, match="the server offers a.pth in its models/cxr_segmentation"):
+        g.add_organ_dice(g.load_workflow("cxr_chexmask_edit"), "b.pth", "cxr_chexmask_edit", info)
+    graph = g.load_workflow("cxr_chexmask_edit")
+    g.add_organ_dice(graph, g.ATLAS, "cxr_chexmask_edit")
+    with pytest.raises(g.GraphError, match="already takes the edit's organ masks"):
+        g.add_organ_dice(graph, g.ATLAS, "cxr_chexmask_edit")
+    graph = g.load_workflow("cxr_chexmask_edit")
+    del graph[g.nodes_of(graph, ["CXREvaluateEdit"])[0]]["inputs"]["organ_masks"]
+    with pytest.raises(g.GraphError, match="has no organ_masks input linked"):
+        g.add_organ_dice(graph, g.ATLAS, "cxr_chexmask_edit")
+
+
+def test_organ_dice_usage_errors_come_before_any_server(pack_import_path, tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cxr_counterfactual", "run", *args, "--out", str(tmp_path / "o")],
+                              capture_output=True, text=True, timeout=120,
+                              env={"PYTHONPATH": str(pack_import_path), "PATH": "/usr/bin:/bin"})
+
+    missing = run("cxr_chexmask_edit", "--radiograph", "x.png", "--organ-dice", str(tmp_path / "missing.pth"))
+    assert missing.returncode == 2 and "neither 'atlas' nor an existing PSPNet weight file" in missing.stderr
+    no_eval = run("cxr_dicom_masked_edit", "--radiograph", "x.png", "--organ-dice", "atlas")
+    assert no_eval.returncode == 2 and "cxr_dicom_masked_edit has none" in no_eval.stderr
+    assert not (tmp_path / "o").exists()
