@@ -21,6 +21,10 @@ Comments, Burned In Annotation ``NO``, new SOP Instance and Series Instance UIDs
 
 This is not a certified de-identification profile (PS3.15 Annex E): burned-in text in the pixels and
 anything the edit itself shows are not inspected.
+
+Audit trail (:mod:`.provenance`): the provenance document is written into a private block (:func:`add_provenance`):
+group ``0x0071``, private creator :data:`PRIVATE_CREATOR`, elements ``0x01`` schema (LO), ``0x02`` provenance
+SHA-256 (LO), ``0x03`` the document as canonical JSON (UT). A source's own private tags are never copied.
 """
 
 from __future__ import annotations
@@ -177,8 +181,10 @@ def _mark_synthetic(ds: Dataset) -> None:
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    if "FrameOfReferenceUID" in ds:
-        del ds.FrameOfReferenceUID  # the synthetic image shares no patient coordinate system with the source
+    # The synthetic image shares no patient coordinate system with the source: it gets a Frame of Reference of its
+    # own, which its DICOM Segmentation (the edit and keep regions, :mod:`.dicom_seg`) shares.
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = ""
     ds.ConversionType = "SYN"  # DICOM's defined term for a synthetic image
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.SeriesDescription = DESCRIPTION
@@ -213,6 +219,27 @@ def _set_pixels(ds: Dataset, stored: np.ndarray, bits: int, photometric: str) ->
     dtype = np.uint8 if bits <= 8 else np.dtype("<u2")
     ds.PixelData = np.ascontiguousarray(stored.astype(dtype)).tobytes()
     ds["PixelData"].VR = "OB" if bits <= 8 else "OW"
+
+
+PRIVATE_GROUP = 0x0071
+PRIVATE_CREATOR = "CXR_COUNTERFACTUAL PROVENANCE"
+
+
+def add_provenance(ds: Dataset, schema: str, digest: str, document: str) -> None:
+    """Write the audit trail into the documented private block (see the module doc)."""
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", schema)
+    block.add_new(0x02, "LO", digest)
+    block.add_new(0x03, "UT", document)
+
+
+def read_provenance(ds: Dataset) -> str | None:
+    """The document :func:`add_provenance` wrote, or None."""
+    try:
+        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+        return str(block[0x03].value)
+    except KeyError:
+        return None
 
 
 def dicom_bytes(ds: Dataset) -> bytes:
