@@ -295,8 +295,10 @@ class Journal:
 
 
 def gone(kind: str, name: str, node_id: str, widget: str) -> CXRInputError:
-    """The error for a file the graph names that cannot be read for its hash."""
+    """The error for a file the graph names that cannot be read for its hash (a patient's file is not named: its
+    name may name the patient)."""
+    named = f"the {kind} file" if kind == "input" else f"the {kind} file '{name}'"
     return CXRInputError(
-        f"the {kind} file '{name}' (node {node_id}, input '{widget}') is gone or unreadable: it cannot be hashed "
-        "for the audit trail, so nothing was written.",
+        f"{named} (node {node_id}, input '{widget}') is gone or unreadable: it cannot be hashed for the audit trail, "
+        "so nothing was written.",
         fix="Put the file back where the graph loaded it from (or pick the file now there) and queue again.")
