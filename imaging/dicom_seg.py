@@ -108,8 +108,15 @@ def segmentation_dataset(image: Dataset, segments: Sequence[Segment], *, version
             segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm))
     pixels = np.stack([s.mask for s in segments], axis=-1)[None]  # [frames=1, H, W, segments]
+    # highdicom 0.28 turns the image's Pixel Spacing into a Pixel Measures Sequence without Slice Thickness, which
+    # its own reader (and the IOD) then refuses; a projection radiograph has no slice thickness to give. The SEG
+    # lies on the image's own pixel grid (one frame per segment, each naming the image as its source), so it is
+    # built from the header without the spacing: a viewer overlays it pixel for pixel.
+    header = Dataset()
+    header.update({e.tag: e for e in image if e.keyword not in ("PixelData", "PixelSpacing", "ImagerPixelSpacing")})
+    header.file_meta = image.file_meta
     seg = hd.seg.Segmentation(
-        source_images=[image], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=[header], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=SERIES_NUMBER,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="cxr_counterfactual",
         manufacturer_model_name="cxr_counterfactual", software_versions=version, device_serial_number="none",

@@ -56,7 +56,8 @@ DEIDENTIFIED_KEEP = (
     "PixelSpacingCalibrationDescription", "EstimatedRadiographicMagnificationFactor", "PixelIntensityRelationship",
     "PixelIntensityRelationshipSign", "PresentationLUTShape", "RescaleType", "RescaleSlope", "RescaleIntercept",
 )
-# Type 2 elements of the Patient, General Study and General Series modules: present, empty when de-identified.
+# Type 2 elements of the Patient, General Study and General Series modules: present, empty when de-identified (and
+# when a kept header lacks them).
 EMPTY_WHEN_DEIDENTIFIED = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber", "PatientOrientation",
@@ -155,12 +156,12 @@ def derived_dataset(stored: np.ndarray, bits: int, photometric: str, *, source: 
             for keyword in DEIDENTIFIED_KEEP:
                 if keyword in source:
                     ds.add(copy.deepcopy(source[keyword]))
-        for keyword in EMPTY_WHEN_DEIDENTIFIED:
-            if keyword not in ds:
-                setattr(ds, keyword, "")
         ds.StudyInstanceUID = generate_uid()
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = "cxr_counterfactual allow-list: geometry, acquisition"
+    for keyword in EMPTY_WHEN_DEIDENTIFIED:  # Type 2: present, if need be empty (a kept header may lack some)
+        if keyword not in ds:
+            setattr(ds, keyword, "")
     if not ds.get("Modality"):
         ds.Modality = "OT"  # unknown acquisition (the source was an ordinary image file)
     if "BodyPartExamined" not in ds:

@@ -24,7 +24,8 @@ from cxr_counterfactual.imaging.provenance import (
 from cxr_counterfactual.runner.comfyui_path import PACK_ROOT
 from cxr_counterfactual.runner.manifest import RowJob
 from cxr_counterfactual.runner.results import ResultsBook
-from cxr_counterfactual.runner.worker import RowOutcome, collect as collect_outputs
+from cxr_counterfactual.runner.worker import RowOutcome
+from cxr_counterfactual.runner.worker import collect as collect_outputs
 
 VERSIONS = {"cxr_counterfactual": "0.1.0", "comfyui": "0.3.64"}
 
