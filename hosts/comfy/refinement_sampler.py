@@ -100,7 +100,7 @@ class RefinementSampler:
                                      callback=self._recording(model, sigmas, extra_args, callback, window, record))
         out = base.process_latent_out(sampling.inverse_noise_scaling(sigmas[-1], x).to(torch.float32))
         record.latent = latent_fingerprint(out)  # the preview finds this run by the latent it produced
-        audit.note("run", record.audit())  # the sampler node's measurements, for the export's audit trail
+        audit.note("refinement", record.audit())  # the sampler node's refinement, for the export's audit trail
         return x
 
     def _refined(self, model, x, sigmas, extra_args, callback, disable, window: RefineWindow,
