@@ -103,7 +103,7 @@ class CXRExportCounterfactual(io.ComfyNode):
                 OrganMasksType.Input("organ_masks", optional=True,
                                      tooltip="Optional: the organ masks (fitted grid), added to the Segmentation as "
                                      "further segments when 'segment_organs' is on."),
-                io.Boolean.Input("segment_organs", default=False,
+                io.Boolean.Input("segment_organs", default=False, optional=True,
                                  tooltip="Add the connected organ masks to the DICOM Segmentation (each above 0.5 at "
                                  "native size)."),
             ],
