@@ -116,6 +116,15 @@ def test_sidecar_png_text_dicom_and_seg_carry_one_trail(comfy, checkpoint):
     assert json.loads(read_provenance(seg))["provenance_sha256"] == doc["provenance_sha256"]
     assert doc["export"]["segmentation"]["sop_instance_uid"] == seg.SOPInstanceUID
 
+    # The README's picture is drawn this way: the SEG read back, over the image, by the pack's own overlay.
+    from cxr_counterfactual.tools.render_seg_overlay import seg_overlay
+
+    picture = np.asarray(seg_overlay(files[".dcm"], files["seg.dcm"], height=200).convert("RGB"), dtype=float)
+    width = picture.shape[1] // 2
+    tint = picture[:200, width:] - picture[:200, :width]  # the overlay panel minus the plain one
+    inside = np.asarray(Image.fromarray(want).resize((width, 200), Image.NEAREST))
+    assert tint[inside].mean(0)[2] < -10 and np.abs(tint[~inside]).mean() < 3  # amber inside the edit region only
+
 
 def test_organ_masks_join_the_segmentation_on_request(comfy, checkpoint):
     fitted, fit = load_and_fit(comfy, "rg1_audit_organs.dcm", rg1_path(), max_side=64)
