@@ -257,16 +257,23 @@ class Journal:
 
     def note(self, prompt_id: str, node_id: str, key: str, value: Any) -> None:
         with self._lock:
-            self._notes.setdefault(prompt_id, {}).setdefault(node_id, {})[key] = value
-            self._notes.move_to_end(prompt_id)
-            while len(self._notes) > self.keep:
-                old, _ = self._notes.popitem(last=False)
-                self._prompts.pop(old, None)
+            self._touch(prompt_id)
+            self._notes[prompt_id].setdefault(node_id, {})[key] = value
 
     def remember(self, prompt_id: str, prompt: Mapping[str, Any]) -> None:
         """The graph of ``prompt_id``: lets a later prompt recognise this one's nodes when it reuses their output."""
         with self._lock:
+            self._touch(prompt_id)
             self._prompts[prompt_id] = prompt
+
+    def _touch(self, prompt_id: str) -> None:
+        """Make ``prompt_id`` the newest prompt; forget the notes and graph of any beyond the last ``keep`` (a server
+        running a long batch holds a bounded journal)."""
+        self._notes.setdefault(prompt_id, {})
+        self._notes.move_to_end(prompt_id)
+        while len(self._notes) > self.keep:
+            old, _ = self._notes.popitem(last=False)
+            self._prompts.pop(old, None)
 
     def measurements(self, prompt_id: str, prompt: Mapping[str, Any],
                      node_ids: Iterable[str]) -> dict[str, dict[str, Any]]:

@@ -7,6 +7,7 @@ import copy
 import csv
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -174,6 +175,9 @@ def test_the_journal_finds_a_cached_nodes_measurements_in_an_earlier_prompt():
     for i in range(3, 7):
         journal.note(f"p{i}", "1", "k", i)
     assert journal.measurements("p9", graph, ["2"]) == {}  # only the last prompts are kept
+    for i in range(100):  # exports of prompts that noted nothing: the graphs kept are bounded too
+        journal.remember(f"q{i}", graph)
+    assert len(journal._prompts) <= 3 and len(journal._notes) <= 3
 
 
 class _Files:
@@ -207,3 +211,21 @@ def test_the_runner_keeps_the_provenance_hash_of_each_row(tmp_path):
     assert got == {"a": digest, "b": digest, "c": ""}
     record = json.loads((tmp_path / "rows" / "a" / "row.json").read_text())
     assert record["provenance"] == [digest]
+
+
+def test_a_file_is_hashed_once_per_path_size_and_modification_time(tmp_path):
+    from cxr_counterfactual.imaging.weight_files import file_sha256
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"a" * 64)
+    first = file_sha256(path)
+    assert first == hashlib.sha256(b"a" * 64).hexdigest()
+    stat = path.stat()
+    path.write_bytes(b"b" * 64)  # same size; the same modification time restored: the cached hash answers
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_sha256(path) == first
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: read again
+    assert file_sha256(path) == hashlib.sha256(b"b" * 64).hexdigest()
+    path.unlink()
+    with pytest.raises(FileNotFoundError):  # the export turns this into its "gone" message, writing nothing
+        file_sha256(path)
