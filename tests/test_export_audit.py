@@ -140,6 +140,9 @@ def test_organ_masks_join_the_segmentation_on_request(comfy, checkpoint):
     seg = pydicom.dcmread(files["seg.dcm"])
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["edit region", "keep region", "heart"]
     assert seg.SegmentSequence[2].SegmentedPropertyTypeCodeSequence[0].CodeValue == "80891009"  # SNOMED CT heart
+    image = pydicom.dcmread(files[".dcm"], stop_before_pixels=True)
+    got = hd.seg.segread(files["seg.dcm"]).get_pixels_by_source_instance([image.SOPInstanceUID], segment_numbers=[3])
+    assert np.array_equal(got[0, ..., 0] > 0, native_region(heart[None], fit)[0].numpy() > 0.5)
     assert ".png" not in files and ".json" in files
 
 
