@@ -61,6 +61,14 @@ class InversionReport:
     residuals: tuple[float, ...]
     trajectory: tuple[torch.Tensor, ...] = ()
 
+    def audit(self) -> dict[str, object]:
+        """What the export's audit trail keeps: the reconstruction error (the worst finite residual, None without
+        refinement) and the residual per step."""
+        finite = [r for r in self.residuals if math.isfinite(r)]
+        return {"steps": self.steps, "model_calls": self.model_calls,
+                "reconstruction_error": max(finite) if finite else None,
+                "residuals": [r if math.isfinite(r) else None for r in self.residuals]}
+
 
 def check_schedule(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
     """The schedule as floats, checked: at least one step, strictly descending, positive, ending at 0.

@@ -108,3 +108,13 @@ class RunRecord:
     refine: list[RefineStep] | None = None
     weights_copied_mb: float = 0.0
     attention: dict[str, str] = field(default_factory=dict)
+
+    def audit(self) -> dict[str, object]:
+        """What the export's audit trail keeps of this run: the refinement's energy trace (per sampling step: sigma,
+        iterations, the energy before each iteration and after the last), the attention kernels, conflicts."""
+        out: dict[str, object] = {"attention_kernels": dict(self.attention),
+                                  "conflicts": [f"{c.kind} {c.key}: {c.message}" for c in self.conflicts]}
+        if self.refine is not None:
+            out["refinement_energy"] = [{"step": s.step, "sigma": s.sigma, "iterations": s.iterations,
+                                         "energies": list(s.energies)} for s in self.refine]
+        return out

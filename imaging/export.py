@@ -21,6 +21,10 @@ Comments, Burned In Annotation ``NO``, new SOP Instance and Series Instance UIDs
 
 This is not a certified de-identification profile (PS3.15 Annex E): burned-in text in the pixels and
 anything the edit itself shows are not inspected.
+
+Audit trail (:mod:`.provenance`): the provenance document is written into a private block (:func:`add_provenance`):
+group ``0x0071``, private creator :data:`PRIVATE_CREATOR`, elements ``0x01`` schema (LO), ``0x02`` provenance
+SHA-256 (LO), ``0x03`` the document as canonical JSON (UT). A source's own private tags are never copied.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ DEIDENTIFIED_KEEP = (
     "PixelSpacingCalibrationDescription", "EstimatedRadiographicMagnificationFactor", "PixelIntensityRelationship",
     "PixelIntensityRelationshipSign", "PresentationLUTShape", "RescaleType", "RescaleSlope", "RescaleIntercept",
 )
-# Type 2 elements of the Patient, General Study and General Series modules: present, empty when de-identified.
+# Type 2 elements of the Patient, General Study and General Series modules: present, empty when de-identified (and
+# when a kept header lacks them).
 EMPTY_WHEN_DEIDENTIFIED = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber", "PatientOrientation",
@@ -151,12 +156,12 @@ def derived_dataset(stored: np.ndarray, bits: int, photometric: str, *, source: 
             for keyword in DEIDENTIFIED_KEEP:
                 if keyword in source:
                     ds.add(copy.deepcopy(source[keyword]))
-        for keyword in EMPTY_WHEN_DEIDENTIFIED:
-            if keyword not in ds:
-                setattr(ds, keyword, "")
         ds.StudyInstanceUID = generate_uid()
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = "cxr_counterfactual allow-list: geometry, acquisition"
+    for keyword in EMPTY_WHEN_DEIDENTIFIED:  # Type 2: present, if need be empty (a kept header may lack some)
+        if keyword not in ds:
+            setattr(ds, keyword, "")
     if not ds.get("Modality"):
         ds.Modality = "OT"  # unknown acquisition (the source was an ordinary image file)
     if "BodyPartExamined" not in ds:
@@ -177,8 +182,10 @@ def _mark_synthetic(ds: Dataset) -> None:
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    if "FrameOfReferenceUID" in ds:
-        del ds.FrameOfReferenceUID  # the synthetic image shares no patient coordinate system with the source
+    # The synthetic image shares no patient coordinate system with the source: it gets a Frame of Reference of its
+    # own, which its DICOM Segmentation (the edit and keep regions, :mod:`.dicom_seg`) shares.
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = ""
     ds.ConversionType = "SYN"  # DICOM's defined term for a synthetic image
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.SeriesDescription = DESCRIPTION
@@ -213,6 +220,27 @@ def _set_pixels(ds: Dataset, stored: np.ndarray, bits: int, photometric: str) ->
     dtype = np.uint8 if bits <= 8 else np.dtype("<u2")
     ds.PixelData = np.ascontiguousarray(stored.astype(dtype)).tobytes()
     ds["PixelData"].VR = "OB" if bits <= 8 else "OW"
+
+
+PRIVATE_GROUP = 0x0071
+PRIVATE_CREATOR = "CXR_COUNTERFACTUAL PROVENANCE"
+
+
+def add_provenance(ds: Dataset, schema: str, digest: str, document: str) -> None:
+    """Write the audit trail into the documented private block (see the module doc)."""
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", schema)
+    block.add_new(0x02, "LO", digest)
+    block.add_new(0x03, "UT", document)
+
+
+def read_provenance(ds: Dataset) -> str | None:
+    """The document :func:`add_provenance` wrote, or None."""
+    try:
+        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+        return str(block[0x03].value)
+    except KeyError:
+        return None
 
 
 def dicom_bytes(ds: Dataset) -> bytes:

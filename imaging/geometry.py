@@ -140,6 +140,20 @@ def undo_fit(y: torch.Tensor, fit: FitRecord, mode: str = "image") -> torch.Tens
     return _resize(crop, fit.native_height, fit.native_width, mode)
 
 
+def native_region(region: torch.Tensor, fit: FitRecord) -> torch.Tensor:
+    """``[B, h, w]`` edit weights on the fitted grid (or already at native size) → ``[B, H, W]`` in [0, 1] at native
+    size. A pixel with a weight above 0 is edited: the composite blends the edit in there, and the export's DICOM
+    Segmentation marks it so.
+
+    Raises:
+        CXRInputError: the region is on neither grid of this fit.
+    """
+    x = region.float()[:, None]
+    if tuple(x.shape[-2:]) != (fit.height, fit.width) and tuple(x.shape[-2:]) == (fit.native_height, fit.native_width):
+        return x[:, 0].clamp(0, 1)
+    return undo_fit(x, fit).clamp(0, 1)[:, 0]
+
+
 def composite_native(source: torch.Tensor, edited: torch.Tensor, edit_region: torch.Tensor,
                      fit: FitRecord) -> tuple[torch.Tensor, torch.Tensor]:
     """Blend the decoded edit into the native radiograph inside the (feathered) edit region only.
@@ -175,7 +189,7 @@ def composite_native(source: torch.Tensor, edited: torch.Tensor, edit_region: to
     if odd is not None:
         raise CXRInputError(f"batch sizes {', '.join(f'{k} {v}' for k, v in sizes.items())} do not pair up.",
                             input_name=odd, fix="Use batch 1 or the same batch size on every input.")
-    region = undo_fit(with_region.to(edited.device), fit).clamp(0, 1)[:, 0]
+    region = native_region(with_region[:, 0].to(edited.device), fit)
     native = rearrange(undo_fit(rearrange(edited.float(), "b h w c -> b c h w"), fit), "b c h w -> b h w c")
     src = source.float().to(native.device)
     if src.shape[-1] == native.shape[-1] and bool((src == src[..., :1]).all()):

@@ -26,7 +26,10 @@ from ..errors import CXRInputError
 INSTALL_HINT = 'pip install "cxr-counterfactual[seg]" (or pip install torchxrayvision) and restart ComfyUI'
 STATE_WRAPPERS = ("model_state", "state_dict")  # ChestX-Det's and common training scripts' checkpoint dicts
 
-_SHA256: dict[tuple[str, int, int], str] = {}
+# File hashes by (path, size, modification time), newest last; the export's audit trail hashes every row's input
+# radiograph too, so a server running a long batch keeps only the last few thousand.
+_SHA256: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+_SHA256_KEEP = 4096
 
 
 def torchxrayvision_available() -> bool:
@@ -153,4 +156,7 @@ def file_sha256(path: Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         _SHA256[key] = digest.hexdigest()
+        while len(_SHA256) > _SHA256_KEEP:
+            _SHA256.popitem(last=False)
+    _SHA256.move_to_end(key)
     return _SHA256[key]

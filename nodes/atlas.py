@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention.mask_batch import batch_masks, each_image
+from ..hosts.comfy import audit
 from ..imaging.atlas import DEFAULT_MIN_QUALITY, atlas_organ_masks
 from ..imaging.overlay import overlay_organs
 from .common import check_inputs, user_errors
@@ -60,6 +61,7 @@ class CXRAtlasOrgans(io.ComfyNode):
         masks = batch_masks([m for m, _ in fits])
         overlay = torch.stack([overlay_organs(frame, m) for frame, (m, _) in zip(frames, fits, strict=True)])
         reports = [fit.report(min_quality) for _, fit in fits]
+        audit.note("atlas_fit_quality", [round(fit.quality, 4) for _, fit in fits])
         report = reports[0] if len(reports) == 1 else "\n".join(f"image {i + 1}: {r}" for i, r in enumerate(reports))
         return io.NodeOutput(masks, overlay, report, ui=ui.PreviewImage(overlay, cls=cls))
 

@@ -16,6 +16,7 @@ import torch
 from comfy_api.latest import io
 
 from ..errors import CXRInputError
+from ..hosts.comfy import audit
 from ..imaging.chexmask import (
     BORDER_CROP_MODES,
     DEFAULT_MIN_DICE,
@@ -194,6 +195,7 @@ class CXRLoadCheXmask(io.ComfyNode):
             check_quality(row, min_dice)
             native = None if image is None else plan_native(row, _grey(image), index.dataset, border_crop)
             loaded = row_masks(row, native)
+        audit.note("chexmask_dice", {c: row.score(c) for c in (DICE_MEAN, DICE_MAX)})
         return io.NodeOutput(loaded.masks, describe(index, row, loaded, min_dice, native))
 
 

@@ -25,6 +25,7 @@ import torch
 from comfy_api.latest import io
 
 from ..errors import CXRInputError
+from ..hosts.comfy import audit
 from ..hosts.comfy.inversion import (
     RECORD_KEY,
     SCHEDULERS,
@@ -113,6 +114,7 @@ class CXRInvertLatent(io.ComfyNode):
         inverted = {k: v for k, v in latent.items() if k != "noise_mask"}  # the keep path needs the source
         inverted.update(samples=result.samples, **{RECORD_KEY: result.record})
         report = result.report
+        audit.note("inversion", report.audit())
         finite = [r for r in report.residuals if math.isfinite(r)]
         logger.info("%s: %d steps from sigma %.4g (%d model calls), worst fixed-point residual %s", cls.TITLE,
                     report.steps, float(sigmas[0]), report.model_calls, f"{max(finite):.2e}" if finite else "n/a")

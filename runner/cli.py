@@ -31,7 +31,7 @@ from .client import ComfyClient
 from .manifest import ManifestError, build_job, prepare, read_manifest, row_key
 from .protocol import ComfyServerError, ProgressEvent
 from .results import ResultsBook, commit, record_of, unique_name
-from .worker import Worker
+from .worker import EXPORT_NODE, Worker
 
 logger = logging.getLogger("cxr_counterfactual.runner")
 
@@ -263,6 +263,10 @@ def run_manifest(args: argparse.Namespace, base: g.Graph, info: dict[str, Any] |
 
     rows, root = batch_rows(args, base, info, clients)
     keys = [row_key(row, i, base) for i, row in enumerate(rows, start=1)]
+    if not g.nodes_of(base, [EXPORT_NODE]):
+        logger.warning("the workflow has no CXR Export Counterfactual node: its rows carry no audit trail (no "
+                       "provenance sidecar; results.csv's provenance_sha256 stays empty). Add the export node to "
+                       "keep one.")
     with output_lock(args.out):
         record_run(args.out, run_entry(argv, args.workflow, args.manifest, root, args.overrides,
                                        sw.spec(sw.parse_all(args.sweep)), len(rows), clients))

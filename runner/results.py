@@ -4,7 +4,7 @@ Layout of ``--out``::
 
     rows/<id>-<fingerprint>/   a finished row: its output files and row.json (inputs, graph, metrics)
     .partial/                  rows being written; a killed run leaves debris here, cleared at the next start
-    results.csv                one line per manifest row: its values, status, folder, files, metrics
+    results.csv                one line per manifest row: its values, status, folder, files, provenance hash, metrics
 
 A row's files are written into ``.partial/`` and the folder is renamed into ``rows/`` only when all of it
 is on disk (a rename within one file system is atomic), so ``rows/`` never holds half a row and a good row
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 RECORD = "row.json"
 CSV_EVERY_S = 5.0
 STATUS_COLUMNS = ("key", "status", "attempts", "server", "output_dir", "files", "elapsed_s", "batch_size",
-                  "batch_index", "batch_seed", "error")
+                  "batch_index", "batch_seed", "provenance_sha256", "error")
 
 
 def commit(parent: Path, name: str, files: Mapping[str, bytes], record: Mapping[str, Any]) -> Path:
@@ -76,12 +76,14 @@ def record_of(job: RowJob, outcome: RowOutcome, attempts: int) -> dict[str, Any]
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": sorted(outcome.files),
             "metrics": outcome.metrics, "outputs": outcome.outputs, "graph": job.graph,
             # The row alone is ``graph``; run in a batch, image ``batch.index`` of ``batch.graph`` (noise index).
-            "batch": outcome.batch}
+            "batch": outcome.batch,
+            # The export sidecars' provenance hashes: equal for rows made the same way (docs/audit.md).
+            "provenance": list(outcome.provenance)}
 
 
 def _slim(record: Mapping[str, Any]) -> dict[str, Any]:
     """What results.csv shows of a row.json (a batch of many rows keeps only this in memory)."""
-    slim = {k: record.get(k) for k in ("attempts", "server", "files", "elapsed_s", "metrics")}
+    slim = {k: record.get(k) for k in ("attempts", "server", "files", "elapsed_s", "metrics", "provenance")}
     batch = record.get("batch") or {}
     slim["batch"] = {k: batch.get(k) for k in ("size", "index", "seeds")}
     return slim
@@ -170,7 +172,8 @@ class ResultsBook:
                     "output_dir": f"rows/{key}", "files": ";".join(rec.get("files") or []),
                     "elapsed_s": rec.get("elapsed_s"), "batch_size": batch.get("size", ""),
                     "batch_index": batch.get("index", ""),
-                    "batch_seed": ";".join(str(s) for s in batch.get("seeds") or []), "error": ""}
+                    "batch_seed": ";".join(str(s) for s in batch.get("seeds") or []),
+                    "provenance_sha256": ";".join(dict.fromkeys(rec.get("provenance") or [])), "error": ""}
         status = "failed" if key in self.failed else "pending"
         return {"key": key, "status": status, "attempts": self.attempts.get(key, 0),
                 "error": self.failed.get(key, "").replace("\n", " | ")}

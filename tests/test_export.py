@@ -35,7 +35,9 @@ def export(comfy, image, fit, **options):
     out = run_node(comfy.node("CXRExportCounterfactual"),
                    hidden={io.Hidden.prompt: PROMPT, io.Hidden.extra_pnginfo: {"workflow": WORKFLOW}},
                    image=image, fit=fit, **{**DEFAULTS, **options})
-    return out, [Path(out_dir()) / f for f in out.result[1].split("\n")]
+    written = [Path(out_dir()) / f for f in out.result[1].split("\n")]
+    assert all(p.is_file() for p in written) and any(p.suffix == ".json" for p in written)  # every export: a sidecar
+    return out, [p for p in written if p.suffix in (".png", ".dcm") and not p.name.endswith("_seg.dcm")]
 
 
 def out_dir() -> str:
@@ -77,7 +79,7 @@ def test_node_is_registered_with_tooltips_and_the_hidden_prompt(comfy):
     assert schema.display_name == TITLE and schema.is_output_node and schema.category.startswith("CXR Counterfactual/")
     for item in [*schema.inputs, *schema.outputs]:
         assert item.tooltip, f"{getattr(item, 'id', None) or item.display_name} has no tooltip"
-    assert set(cls.INPUT_TYPES()["hidden"]) == {"prompt", "extra_pnginfo"}  # what SaveImage receives
+    assert set(cls.INPUT_TYPES()["hidden"]) == {"prompt", "extra_pnginfo", "unique_id"}  # SaveImage's, and its id
 
 
 def test_png_and_dicom_round_trip_at_native_size(comfy, rg1):

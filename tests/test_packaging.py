@@ -58,7 +58,7 @@ def test_registry_metadata():
 
 # ComfyUI's own top-level modules (an absolute ``nodes`` is ComfyUI's; the pack's is ``cxr_counterfactual.nodes``).
 COMFY = ("comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes", "server", "execution",
-         "latent_preview", "node_helpers")
+         "latent_preview", "node_helpers", "comfyui_version")
 DIFFUSERS = ("diffusers", "transformers")
 NOT_SHIPPED = ("tests", "testing", "tools", "benchmarks", "scripts")
 

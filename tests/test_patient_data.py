@@ -4,8 +4,10 @@ A copy of the real RG1_UNCR.dcm radiograph is given a header full of identifiers
 string no pixel, UID or default could contain by chance), then the shipped full edit workflow runs on it
 through the real headless ComfyUI and through the headless runner CLI. Every file name and every byte under
 the server's output and temp folders and the runner's output folder, the server log and the runner's
-stdout/stderr are scanned: no marker may appear. With ``keep_patient_data`` on, the exported DICOM (and only
-it) holds the patient's name and ID. The input file's *name* is no identifier (``case_0001.dcm``): the PNG's
+stdout/stderr are scanned: no marker may appear; that includes the export's audit trail (the provenance sidecar
+JSON, the PNG's provenance text, the DICOM's private provenance block and the DICOM Segmentation). With
+``keep_patient_data`` on, the exported DICOM and its Segmentation (and only they) hold the patient's name and ID.
+The input file's *name* is no identifier (``case_0001.dcm``): the PNG's
 workflow metadata names it, which is allowed.
 """
 
@@ -126,6 +128,8 @@ def test_no_identifier_leaves_the_loader(comfy_server, tiny_checkpoint, pack_imp
     (png,) = result.files(export)
     exported = pydicom.dcmread(png.with_suffix(".dcm"))
     assert exported.PatientIdentityRemoved == "YES" and not str(exported.get("PatientName", ""))
+    trail = [png.with_suffix(".json"), png.with_name(png.name.replace("_.png", "_seg.dcm"))]
+    assert all(p.is_file() for p in trail), "the audit trail the scan must cover was not written"
 
     # 2. The same workflow through the headless runner CLI (uploads over HTTP, fetches every output).
     workflow = tmp_path / "edit.json"
@@ -137,6 +141,9 @@ def test_no_identifier_leaves_the_loader(comfy_server, tiny_checkpoint, pack_imp
                          capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stderr
     assert any(p.suffix == ".dcm" for p in out.rglob("*")), "the runner fetched no DICOM to scan"
+    fetched = {p.name for p in out.rglob("*")}
+    assert any(n.endswith("-seg.dcm") for n in fetched) and any(n.startswith("export") and n.endswith(".json")
+                                                                  for n in fetched), fetched
 
     leaks = server_leaks(comfy_server)
     leaks.update({f"runner/{rel}": hits for rel, hits in scan_tree(out).items()})

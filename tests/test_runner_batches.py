@@ -232,3 +232,28 @@ def test_batch_size_is_checked_before_anything_runs(pack_import_path, tmp_path):
     rows = write_manifest(tmp_path / "rows.csv", [{"radiograph": "x.png"}])
     ray = cli(pack_import_path, "cxr_chexmask_edit", "--manifest", str(rows), "--batch-size", "2", "--ray", "local")
     assert ray.returncode != 0 and "not supported with --ray" in ray.stderr
+
+
+def test_exported_rows_carry_their_trail_and_one_hash_per_recipe(comfy_server, tiny_checkpoint, pack_import_path,
+                                                                  radiographs, tmp_path):
+    """An export reads the batch's CXR_FIT, which the runner cannot split: such rows run one by one (warned), and each
+    row's folder holds its own provenance sidecar; results.csv gives rows made the same way one hash."""
+    graph = json.loads(batchable_workflow(tmp_path / "wf.json", tiny_checkpoint.name).read_text())
+    graph["16"] = {"class_type": "CXRFitToModel", "_meta": {"title": "Fit"}, "inputs": {"image": ["2", 0],
+                                                                                          "max_side": PX}}
+    graph["17"] = {"class_type": "CXRExportCounterfactual", "_meta": {"title": "Export"}, "inputs": {
+        "image": ["8", 0], "fit": ["16", 2], "filename_prefix": "batches/export", "format": "png",
+        "bit_depth": "auto", "keep_patient_data": False, "include_workflow": False}}  # saved before segment_organs
+    (tmp_path / "export.json").write_text(json.dumps(graph))
+    rows = rows_of(radiographs[:2]) + [{"id": "seed9", "radiograph": str(radiographs[0]), "seed": "9"}]
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path / "r.csv", rows)
+    run = cli(pack_import_path, str(tmp_path / "export.json"), "--manifest", str(manifest), "--server",
+              comfy_server.url, "--out", str(out), "--no-progress", "--batch-size", "2")
+    assert run.returncode == 0, run.stdout + run.stderr
+    done = results(out)
+    trails = [json.loads((out / r["output_dir"] / "export.json").read_text()) for r in done]
+    assert all(t["graph"]["complete"] and "export.png" in json.loads(
+        (out / r["output_dir"] / "row.json").read_text())["files"] for t, r in zip(trails, done, strict=True))
+    assert [r["provenance_sha256"] for r in done] == [t["provenance_sha256"] for t in trails]
+    assert done[0]["provenance_sha256"] == done[1]["provenance_sha256"] != done[2]["provenance_sha256"]

@@ -5,6 +5,7 @@ checkpoint with real radiographs (outputs checked as files and floats, never as 
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib
 import json
 import re
@@ -144,6 +145,19 @@ def test_full_edit_workflow_runs_end_to_end(comfy_server, tiny_checkpoint):
     assert (ds.Rows, ds.Columns) == (source.Rows, source.Columns) and ds.SOPInstanceUID != source.SOPInstanceUID
     assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "SYNTHETIC" in str(ds.SeriesDescription).upper()
     assert not str(ds.get("PatientName", "")) and not str(ds.get("PatientID", ""))
+    # The audit trail, collected from the graph that ran: what each stage measured, the checkpoint's hash, the SEG.
+    trail = json.loads(pngs[0].with_suffix(".json").read_text())
+    by_class = {v["class_type"]: k for k, v in graph.items()}
+    measured = trail["measurements"]
+    assert 0 < measured[by_class["CXRAtlasOrgans"]]["atlas_fit_quality"][0] <= 1
+    assert measured[by_class["CXRInvertLatent"]]["inversion"]["reconstruction_error"] is not None
+    energy = measured[by_class["SamplerCustomAdvanced"]]["refinement"]["refinement_energy"]
+    assert energy and all(step["energies"] and all(np.isfinite(step["energies"])) for step in energy)
+    (model,) = trail["recipe"]["models"]
+    assert model["sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    seg = pydicom.dcmread(pngs[0].with_name(pngs[0].name.replace("_.png", "_seg.dcm")))
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+        ds.SOPInstanceUID and seg.FrameOfReferenceUID == ds.FrameOfReferenceUID
 
     (metrics_node,) = by_type(graph, "CXRSaveMetrics")
     listed = json.dumps(result.outputs[metrics_node])  # the node lists the files it wrote

@@ -131,7 +131,7 @@ def full_edit() -> dict[str, Any]:
           filename_prefix="cxr_counterfactual/metrics")
     g.add("CXRExportCounterfactual", "Export at native size (PNG + DICOM)", image=out(native), fit=out(fit, 2),
           filename_prefix="cxr_counterfactual/counterfactual", format="png+dicom", bit_depth="auto",
-          keep_patient_data=False, include_workflow=True)
+          keep_patient_data=False, include_workflow=True, edit_region=out(native, 1), segment_organs=False)
     return g.nodes
 
 

@@ -28,6 +28,7 @@ from ...attention.refinement import Refinement, RefineWindow, refine_step, refin
 from ...attention.run_record import RunRecord
 from ...attention.run_state import ResultStore, latent_fingerprint
 from ...errors import CXRInputError
+from . import audit
 from .cond_areas import area_node
 from .control_checks import check_controls
 from .patch import HOLDER_KEY
@@ -99,6 +100,7 @@ class RefinementSampler:
                                      callback=self._recording(model, sigmas, extra_args, callback, window, record))
         out = base.process_latent_out(sampling.inverse_noise_scaling(sigmas[-1], x).to(torch.float32))
         record.latent = latent_fingerprint(out)  # the preview finds this run by the latent it produced
+        audit.note("refinement", record.audit())  # the sampler node's refinement, for the export's audit trail
         return x
 
     def _refined(self, model, x, sigmas, extra_args, callback, disable, window: RefineWindow,

@@ -12,6 +12,7 @@ import torch
 
 from ...attention.run_state import RunState, latent_fingerprint
 from ...attention.stages import Stage
+from . import audit
 from .cond_areas import HOLDER_KEY, check_areas
 from .cond_areas import holder as _state
 from .control_checks import check_controls
@@ -47,6 +48,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             _check_ownership(state, to)
             if isinstance(out, torch.Tensor):
                 state.record.latent = latent_fingerprint(out)  # nodes after the sampler find their run by it
+            audit.note("run", state.record.audit())  # the sampler node's measurements, for the audit trail
         return out
     finally:
         guider.model_options = original
