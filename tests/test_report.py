@@ -95,6 +95,8 @@ def batch(comfy_server, tiny_checkpoint, pack_import_path, data_dir, chexmask_ex
               *small(tiny_checkpoint))
     print(f"batch of {len(rows)} rows: {time.perf_counter() - start:.1f} s")
     assert run.returncode == 1, run.stdout + run.stderr  # the bad row fails; the others finish
+    # cxr_chexmask_edit has no export node: the runner says its rows carry no audit trail (docs/audit.md).
+    assert "has no CXR Export Counterfactual node: its rows carry no audit trail" in run.stderr
     if not (out / "batch.json").exists():  # a runner without provenance: write what a recording run writes
         (out / "batch.json").write_text(json.dumps({"runs": [{
             "argv": ["run", "wf.json", "--manifest", str(manifest)], "workflow": str(root / "wf.json"),
