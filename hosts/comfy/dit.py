@@ -116,12 +116,18 @@ class JointOverride:
         image_only = n == call.image_len  # MMDiT-X's image-only self-attention: the UNet's gate as it is
         if (gate is None or gate.neutral) and (text_bias is None or image_only):
             return self._stock(func, args, kwargs)  # nothing to change: the stock call itself
-        qh, kh, vh = (x if heads_layout else to_heads(x, heads) for x in (q, k, v))
+        qh, kh, vh = (x if heads_layout else _heads(x, heads) for x in (q, k, v))
         if image_only and gate is not None:
             out = gated_self_attention(qh, kh, vh, gate.part, gate.leak, gate.background)
         else:
             out = joint_attention(qh, kh, vh, call.layout, gate, text_bias)
         return out if kwargs.get("skip_output_reshape", False) else to_flat(out)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """The flat layout to the heads layout; MMDiT hands v over as ``[B, N, H, D]`` (``split_qkv`` reshapes only
+    q and k back to ``[B, N, H·D]``), which ComfyUI's backends accept, so this does too."""
+    return to_heads(x.reshape(x.shape[0], x.shape[1], -1), heads)
 
 
 def install(model_options: dict, blocks: int, plan: Plan) -> dict:

@@ -1,0 +1,103 @@
+"""The DiT glue sketch inside ComfyUI's real MMDiT and Flux forwards (tiny random models, CPU, in-process).
+
+Checks what the glue rests on (``docs/dit-progress.md``): a block replace's copy of ``transformer_options`` reaches
+every attention call of the block, the override sees the joint call as text + patch-grid tokens (odd latents padded
+to ``ceil(n / 2)`` tokens a side) and MMDiT-X's image-only call as the grid's tokens, and with nothing to regulate
+the model's output is bit-identical to stock.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from cxr_counterfactual.attention.joint import JointGate
+from cxr_counterfactual.attention.organs import OrganMasks
+from cxr_counterfactual.attention.patch_grid import patch_fit, patch_grid
+from cxr_counterfactual.attention.regions import partition
+from cxr_counterfactual.hosts.comfy.dit import dit_family, install
+
+LATENT, TEXT = (9, 7), 6
+GRID = patch_grid(LATENT, 2)
+
+
+@pytest.fixture(scope="module")
+def comfy_dit(comfyui_path):
+    """ComfyUI's DiT modules, imported on the CPU (no nodes, no server)."""
+    if str(comfyui_path) not in sys.path:
+        sys.path.insert(0, str(comfyui_path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before anything imports comfy.model_management
+    import comfy.ldm.flux.model as flux
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.ops
+
+    return mmdit, flux, comfy.ops.disable_weight_init
+
+
+def initialised(model: torch.nn.Module) -> torch.nn.Module:
+    """ComfyUI's ops skip weight init: seeded small weights instead of NaN."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def tiny(comfy_dit, family: str):
+    mmdit, flux, ops = comfy_dit
+    if family == "mmdit":
+        model = mmdit.OpenAISignatureMMDITWrapper(
+            patch_size=2, in_channels=4, depth=2, context_embedder_config={
+                "target": "torch.nn.Linear", "params": {"in_features": 16, "out_features": 128}},
+            x_block_self_attn_layers=[1], operations=ops)
+        return initialised(model), 2
+    model = flux.Flux(in_channels=4, out_channels=4, vec_in_dim=8, context_in_dim=16, hidden_size=64, mlp_ratio=2.0,
+                      num_heads=2, depth=2, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
+                      qkv_bias=True, guidance_embed=False, operations=ops)
+    return initialised(model), 2
+
+
+def run(model, family: str, options: dict) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(1, 4, *LATENT, generator=g), torch.randn(1, TEXT, 16, generator=g)
+    t = torch.tensor([0.5])
+    with torch.no_grad():
+        if family == "mmdit":
+            return model(x, t, context=context, transformer_options=options)
+        return model(x, t, context, y=torch.randn(1, 8, generator=g), transformer_options=options)
+
+
+def lung_gate() -> JointGate:
+    rl, ll = torch.zeros(72, 56), torch.zeros(72, 56)
+    rl[10:60, 4:26] = 1
+    ll[10:60, 30:52] = 1
+    masks = OrganMasks.from_dict({"right_lung": rl, "left_lung": ll})
+    return JointGate(partition(masks, ("right_lung", "left_lung"), *GRID, fit=patch_fit(LATENT, 2)), 0.0)
+
+
+@pytest.mark.parametrize("family", ["mmdit", "flux"])
+def test_glue_in_the_real_forward(comfy_dit, family):
+    model, blocks = tiny(comfy_dit, family)
+    assert dit_family(model) == family
+    stock = run(model, family, {})
+    seen = []
+
+    def neutral(call, device):
+        seen.append(call)
+        return None, None
+
+    out = run(model, family, install({"transformer_options": {}}, blocks, neutral)["transformer_options"])
+    assert torch.equal(out, stock)  # nothing to regulate: every call took the stock path
+    image = GRID[0] * GRID[1]
+    assert {(c.block, c.text_len, c.image_len) for c in seen} == {(("double_block", i), TEXT, image)
+                                                                 for i in range(blocks)}
+    # one joint call per block, plus MMDiT-X's image-only call in block 1
+    assert len(seen) == blocks + (1 if family == "mmdit" else 0)
+    gate = lung_gate()
+    regulated = run(model, family, install({"transformer_options": {}}, blocks,
+                                           lambda call, device: (gate, None))["transformer_options"])
+    assert torch.isfinite(regulated).all() and not torch.equal(regulated, stock)
