@@ -17,7 +17,7 @@ from cxr_counterfactual.attention.joint import JointGate
 from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.attention.patch_grid import patch_fit, patch_grid
 from cxr_counterfactual.attention.regions import partition
-from cxr_counterfactual.hosts.comfy.dit import dit_family, install
+from cxr_counterfactual.hosts.comfy.dit import TEXT_KEY, dit_family, install
 
 LATENT, TEXT = (9, 7), 6
 GRID = patch_grid(LATENT, 2)
@@ -54,11 +54,17 @@ def tiny(comfy_dit, family: str):
             patch_size=2, in_channels=4, depth=2, context_embedder_config={
                 "target": "torch.nn.Linear", "params": {"in_features": 16, "out_features": 128}},
             x_block_self_attn_layers=[1], operations=ops)
-        return initialised(model), 2
+        return initialised(model), 2, 0
     model = flux.Flux(in_channels=4, out_channels=4, vec_in_dim=8, context_in_dim=16, hidden_size=64, mlp_ratio=2.0,
                       num_heads=2, depth=2, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
                       qkv_bias=True, guidance_embed=False, operations=ops)
-    return initialised(model), 2
+    return initialised(model), 2, 1
+
+
+def options_of(blocks: int, singles: int, plan) -> dict:
+    """Our patches on empty options, and the context length tag_text_length (APPLY_MODEL) would add."""
+    options = install({"transformer_options": {}}, blocks, plan, singles)["transformer_options"]
+    return {**options, TEXT_KEY: TEXT} if singles else options
 
 
 def run(model, family: str, options: dict) -> torch.Tensor:
@@ -81,7 +87,7 @@ def lung_gate() -> JointGate:
 
 @pytest.mark.parametrize("family", ["mmdit", "flux"])
 def test_glue_in_the_real_forward(comfy_dit, family):
-    model, blocks = tiny(comfy_dit, family)
+    model, blocks, singles = tiny(comfy_dit, family)
     assert dit_family(model) == family
     stock = run(model, family, {})
     seen = []
@@ -90,14 +96,14 @@ def test_glue_in_the_real_forward(comfy_dit, family):
         seen.append(call)
         return None, None
 
-    out = run(model, family, install({"transformer_options": {}}, blocks, neutral)["transformer_options"])
+    out = run(model, family, options_of(blocks, singles, neutral))
     assert torch.equal(out, stock)  # nothing to regulate: every call took the stock path
     image = GRID[0] * GRID[1]
-    assert {(c.block, c.text_len, c.image_len) for c in seen} == {(("double_block", i), TEXT, image)
-                                                                 for i in range(blocks)}
+    want = {(("double_block", i), TEXT, image) for i in range(blocks)}
+    want |= {(("single_block", i), TEXT, image) for i in range(singles)}
+    assert {(c.block, c.text_len, c.image_len) for c in seen} == want
     # one joint call per block, plus MMDiT-X's image-only call in block 1
-    assert len(seen) == blocks + (1 if family == "mmdit" else 0)
+    assert len(seen) == blocks + singles + (1 if family == "mmdit" else 0)
     gate = lung_gate()
-    regulated = run(model, family, install({"transformer_options": {}}, blocks,
-                                           lambda call, device: (gate, None))["transformer_options"])
+    regulated = run(model, family, options_of(blocks, singles, lambda call, device: (gate, None)))
     assert torch.isfinite(regulated).all() and not torch.equal(regulated, stock)

@@ -16,7 +16,16 @@ from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.attention.patch_grid import patch_fit, patch_grid
 from cxr_counterfactual.attention.regions import partition
 from cxr_counterfactual.errors import CXRInputError
-from cxr_counterfactual.hosts.comfy.dit import CALL_KEY, BlockReplace, DitCall, JointOverride, dit_family, install
+from cxr_counterfactual.hosts.comfy.dit import (
+    CALL_KEY,
+    TEXT_KEY,
+    BlockReplace,
+    DitCall,
+    JointOverride,
+    dit_family,
+    install,
+    tag_text_length,
+)
 
 HEADS, DIM, TEXT = 2, 8, 5
 LATENT, PATCH = (9, 7), 2
@@ -149,3 +158,22 @@ def test_install_wraps_what_was_there_and_copies():
     assert dit[("double_block", 1)].inner is theirs and dit[("double_block", 0)].inner is None
     assert new["transformer_options"]["optimized_attention_override"].previous is their_override
     assert model_options["transformer_options"]["patches_replace"]["dit"] == {("double_block", 1): theirs}
+
+
+def test_single_blocks_split_at_the_tagged_text_length():
+    seen = []
+
+    def original_block(args):
+        seen.append(args["transformer_options"].get(CALL_KEY))
+        return {"img": args["img"]}
+
+    def executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        args = {"img": torch.zeros(1, TEXT + IMAGE, 4), "vec": None, "transformer_options": transformer_options}
+        return BlockReplace(("single_block", 0))(args, {"original_block": original_block})
+
+    options: dict = {}
+    tag_text_length(executor, None, None, None, torch.zeros(1, TEXT, 16), None, options)
+    assert TEXT_KEY not in options  # the wrapper tagged a copy
+    BlockReplace(("single_block", 0))({"img": torch.zeros(1, TEXT + IMAGE, 4), "transformer_options": {}},
+                                      {"original_block": original_block})  # untagged: runs stock
+    assert seen == [DitCall(("single_block", 0), TEXT, IMAGE), None]

@@ -7,15 +7,16 @@ where text ends. Its DiT forwards accept block replaces ``("double_block", i)`` 
 
 - :class:`BlockReplace` (one per block) hands the block a **copy** of ``transformer_options`` that also holds a
   :class:`DitCall` (block key, text and image lengths, order) under :data:`CALL_KEY`, and runs the block through
-  the replace that held the key before it (another pack's), else through ComfyUI's ``original_block``;
+  the replace that held the key before it (another pack's), else through ComfyUI's ``original_block``; Flux's
+  single blocks learn where text ends from :func:`tag_text_length` (an APPLY_MODEL wrapper);
 - :class:`JointOverride` (the model's ``optimized_attention_override``) sees every attention call: a call whose
   sequence is text + image tokens of a :class:`DitCall` is the joint call, one of image tokens alone is MMDiT-X's
   image-only attention; ``plan`` says what to do there (None: stock). Everything else goes, untouched, to the
   override that was set before ours, else to ComfyUI's backend.
 
 Facts and line numbers: ``docs/dit-progress.md``. Still missing: the stages' plan (gate partition at the patch
-grid, the anatomy/boost biases at the family's text positions, sigma windows, batch rows), the text length of
-Flux's single blocks (their args carry ``txt ‖ img`` without the split), Flux's ``attention_mask``, node wiring.
+grid, the anatomy/boost biases at the family's text positions, sigma windows, batch rows), Flux's
+``attention_mask``, Kontext's reference tokens (appended after the grid's), node wiring.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from ...errors import CXRInputError
 
 #: The key of our per-call info in the copy of ``transformer_options`` a block hands its attention calls.
 CALL_KEY = "cxr_dit_call"
+
+#: The key of the context's length, tagged by :func:`tag_text_length` (APPLY_MODEL): Flux's single blocks get
+#: ``txt ‖ img`` as one sequence and nothing saying where text ends.
+TEXT_KEY = "cxr_dit_text_len"
 
 #: DiT families the pack knows, by the class name of ComfyUI's diffusion model (or a base class of it).
 FAMILIES = {"MMDiT": "mmdit", "Flux": "flux"}
@@ -67,17 +72,34 @@ class DitCall:
         return JointLayout(self.text_len, self.image_len, self.text_first)
 
 
+def tag_text_length(executor: Callable, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                    **kwargs):
+    """APPLY_MODEL wrapper (``add_wrapper_with_key``): hands the model a copy of ``transformer_options`` with the
+    context's length under :data:`TEXT_KEY` (ComfyUI 0.3.64 ``comfy/model_base.py:160-166``)."""
+    options = dict(transformer_options or {})
+    if c_crossattn is not None:
+        options[TEXT_KEY] = c_crossattn.shape[1]
+    return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
 class BlockReplace:
-    """A double-block replace: tags the block's attention calls with a :class:`DitCall`, then runs the block
-    through ``inner`` (the replace that held this key before ours: wrapped, never shadowed) or ComfyUI's own."""
+    """A block replace: tags the block's attention calls with a :class:`DitCall`, then runs the block through
+    ``inner`` (the replace that held this key before ours: wrapped, never shadowed) or ComfyUI's own.
+
+    A double block's args hold ``txt`` and ``img`` apart; a single block's ``img`` is ``txt ‖ img``, split at the
+    length :func:`tag_text_length` tagged (untagged: the block runs stock).
+    """
 
     def __init__(self, block: tuple[str, int], inner: Callable | None = None):
         self.block, self.inner = block, inner
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        call = DitCall(self.block, args["txt"].shape[1], args["img"].shape[1])
         options = dict(args.get("transformer_options") or {})  # a copy: the model's options stay untouched
-        options[CALL_KEY] = call
+        if "txt" in args:
+            options[CALL_KEY] = DitCall(self.block, args["txt"].shape[1], args["img"].shape[1])
+        elif TEXT_KEY in options:
+            text = options[TEXT_KEY]
+            options[CALL_KEY] = DitCall(self.block, text, args["img"].shape[1] - text)
         args = {**args, "transformer_options": options}
         return self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
 
@@ -130,18 +152,22 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return to_heads(x.reshape(x.shape[0], x.shape[1], -1), heads)
 
 
-def install(model_options: dict, blocks: int, plan: Plan) -> dict:
+def install(model_options: dict, blocks: int, plan: Plan, single_blocks: int = 0) -> dict:
     """SKETCH: the ``model_options`` of a cloned ModelPatcher with our block replaces and attention override,
     each wrapping what was there (copies, as ComfyUI's ``set_model_options_patch_replace`` makes them).
 
     ``blocks``: the number of double/joint blocks (``len(diffusion_model.joint_blocks)`` for MMDiT,
-    ``len(diffusion_model.double_blocks)`` for Flux). Flux's single blocks are not tagged yet.
+    ``len(diffusion_model.double_blocks)`` for Flux); ``single_blocks``: Flux's ``len(single_blocks)``, which also
+    need :func:`tag_text_length` as an APPLY_MODEL wrapper (``ModelPatcher.add_wrapper_with_key``).
     """
     options = dict(model_options.get("transformer_options", {}))
     replaces = dict(options.get("patches_replace", {}))
     dit = dict(replaces.get("dit", {}))
     for i in range(blocks):
         key = ("double_block", i)
+        dit[key] = BlockReplace(key, dit.get(key))
+    for i in range(single_blocks):
+        key = ("single_block", i)
         dit[key] = BlockReplace(key, dit.get(key))
     replaces["dit"] = dit
     options["patches_replace"] = replaces
