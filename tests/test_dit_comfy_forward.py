@@ -67,9 +67,11 @@ def options_of(blocks: int, singles: int, plan) -> dict:
     return {**options, TEXT_KEY: TEXT} if singles else options
 
 
-def run(model, family: str, options: dict) -> torch.Tensor:
+def run(model, family: str, options: dict, blank_prompt: bool = False) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x, context = torch.randn(1, 4, *LATENT, generator=g), torch.randn(1, TEXT, 16, generator=g)
+    if blank_prompt:
+        context = torch.zeros_like(context)  # every text token the same
     t = torch.tensor([0.5])
     with torch.no_grad():
         if family == "mmdit":
@@ -107,3 +109,25 @@ def test_glue_in_the_real_forward(comfy_dit, family):
     gate = lung_gate()
     regulated = run(model, family, options_of(blocks, singles, lambda call, device: (gate, None)))
     assert torch.isfinite(regulated).all() and not torch.equal(regulated, stock)
+
+
+@pytest.mark.parametrize("family", ["mmdit", "flux"])
+def test_joint_sequence_is_text_first_and_a_previous_override_still_runs(comfy_dit, family):
+    # With a blank prompt every text token is the same vector, so in the first block the text tokens' values are
+    # equal rows while the image tokens' differ: the equal rows are where text sits in the joint sequence.
+    model, blocks, singles = tiny(comfy_dit, family)
+    values = []
+
+    def theirs(func, *args, **kwargs):  # another pack's override, set before ours
+        values.append(args[2])
+        return func(*args, **kwargs)
+
+    options = install({"transformer_options": {"optimized_attention_override": theirs}}, blocks,
+                      lambda call, device: (None, None), singles)["transformer_options"]
+    run(model, family, {**options, TEXT_KEY: TEXT}, blank_prompt=True)
+    v = values[0]
+    tokens = v if family == "flux" else v.transpose(1, 2)  # [B, H, N, D] (MMDiT hands v as [B, N, H, D])
+    assert tokens.shape[2] == TEXT + GRID[0] * GRID[1]
+    text, image = tokens[:, :, :TEXT], tokens[:, :, TEXT:]
+    assert torch.equal(text, text[:, :, :1].expand_as(text))
+    assert not torch.equal(image, image[:, :, :1].expand_as(image))
