@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gating import BACKGROUNDS, gated_self_attention_lse, self_attention_bias
+from .gating import BACKGROUNDS, gated_self_attention, gated_self_attention_lse, self_attention_bias
 from .kernels import Kernel, LseKernel, biased_with_lse, masked_reference, merge_by_lse, sdpa, sdpa_with_lse
 from .regions import RegionPartition
 
@@ -118,6 +118,16 @@ def joint_attention(
     t, i = layout.text, layout.image
     text_out = kernel(q[:, :, t], k, v)  # text rows: stock, over every key in the family's order
     qi, ki, vi = q[:, :, i], k[:, :, i], v[:, :, i]
+    if gate is not None and gate.leak == 0.0 and text_bias is None:
+        # Hard gate, text unbiased: each region's queries over the text keys and the region's own, one mask-free
+        # call per region (any backend, no log-sum-exp); free background queries over every key.
+        kt, vt = k[:, :, t], v[:, :, t]
+
+        def with_text(qr: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor) -> torch.Tensor:
+            return kernel(qr, torch.cat((kt, kr), dim=2), torch.cat((vt, vr), dim=2))
+
+        img = gated_self_attention(qi, ki, vi, gate.part, 0.0, gate.background, with_text)
+        return layout.join(text_out, img)
     if gate is None or gate.neutral:
         img_out, img_lse = lse_kernel(qi, ki, vi)
     else:

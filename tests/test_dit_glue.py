@@ -177,3 +177,19 @@ def test_single_blocks_split_at_the_tagged_text_length():
     BlockReplace(("single_block", 0))({"img": torch.zeros(1, TEXT + IMAGE, 4), "transformer_options": {}},
                                       {"original_block": original_block})  # untagged: runs stock
     assert seen == [DitCall(("single_block", 0), TEXT, IMAGE), None]
+
+
+def test_regulated_mask_free_parts_still_go_through_the_previous_override():
+    seen = []
+
+    def previous(func, *args, **kwargs):
+        seen.append((args[2].shape[2], kwargs.get("skip_reshape"), kwargs.get("skip_output_reshape")))
+        return func(*args, **kwargs)
+
+    g = gate()  # hard, no text bias: text rows and each region's call are mask-free, through the override
+    q, k, v = heads_qkv(TEXT + IMAGE)
+    out = JointOverride(lambda call, device: (g, None), previous)(
+        backend, *(to_flat(x) for x in (q, k, v)), heads=HEADS, transformer_options=tagged())
+    assert torch.equal(out, to_flat(joint_attention(q, k, v, DitCall(("double_block", 0), TEXT, IMAGE).layout, g)))
+    regions = [e - s for label, s, e in g.part.slices]
+    assert seen == [(TEXT + IMAGE, True, True)] + [(TEXT + n, True, True) for n in regions]

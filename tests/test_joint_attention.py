@@ -61,10 +61,11 @@ def test_neutral_settings_are_the_stock_call(text_first, device):
 @pytest.mark.parametrize("text_first", [True, False])
 @pytest.mark.parametrize("background", ["confined", "free"])
 @pytest.mark.parametrize("grid", [(5, 7), (8, 6)])
-def test_hard_gate_isolates_regions_exactly_with_text_bias(grid, background, text_first, device):
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_hard_gate_isolates_regions_exactly(with_bias, grid, background, text_first, device):
     layout, part, _, anatomy, boost = setup(grid, text_first, device)
     gate = JointGate(part, 0.0, background)
-    bias = (anatomy + boost).to(device)
+    bias = (anatomy + boost).to(device) if with_bias else None  # without a bias: one mask-free call per region
     q, k, v = joint_qkv(layout, device=device)
     out = joint_attention(q, k, v, layout, gate, bias)
     img = torch.arange(layout.total, device=device)[layout.image]

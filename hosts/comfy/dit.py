@@ -139,11 +139,25 @@ class JointOverride:
         if (gate is None or gate.neutral) and (text_bias is None or image_only):
             return self._stock(func, args, kwargs)  # nothing to change: the stock call itself
         qh, kh, vh = (x if heads_layout else _heads(x, heads) for x in (q, k, v))
+        kernel = self._mask_free(func, heads, kwargs)
         if image_only and gate is not None:
-            out = gated_self_attention(qh, kh, vh, gate.part, gate.leak, gate.background)
+            out = gated_self_attention(qh, kh, vh, gate.part, gate.leak, gate.background, kernel)
         else:
-            out = joint_attention(qh, kh, vh, call.layout, gate, text_bias)
+            out = joint_attention(qh, kh, vh, call.layout, gate, text_bias, kernel)
         return out if kwargs.get("skip_output_reshape", False) else to_flat(out)
+
+    def _mask_free(self, func: Callable, heads: int, kwargs: dict) -> Callable:
+        """Mask-free attention in the heads layout through the previous override and the backend (the text rows,
+        hard gating's regions without a text bias): what the user and other packs chose still runs there. The
+        parts that need a log-sum-exp use the core's kernels (as the UNet's soft gating does without an LSE
+        backend: ``hosts/comfy/attention_backend.py``)."""
+        rest = {key: val for key, val in kwargs.items() if key not in ("heads", "mask")}
+        rest.update(skip_reshape=True, skip_output_reshape=True)
+
+        def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._stock(func, (q, k, v, heads), rest)
+
+        return kernel
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
