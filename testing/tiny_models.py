@@ -21,7 +21,7 @@ The SD1.5 recipe lives in :mod:`.tiny_checkpoint` (its file unchanged); these re
   heads = depth), so the DiT is two joint blocks at width 128 (2 heads of 64) with SD3.5 Medium's MMDiT-X
   features: RMS qk-norm (``ln_q``/``ln_k`` weights) and an image-only second attention in block 0 (SD3.5 Medium
   has it in blocks 0-12 of 24); 16 latent channels, patch 2, ``pos_embed_max_size`` 16 (latents up to 32×32),
-  the 4096-wide context embedder and 2048-wide pooled input of SD3 (2.2 M parameters, float16). Text encoders:
+  the 4096-wide context embedder and 2048-wide pooled input of SD3 (2.0 M parameters, float16). Text encoders:
   the full CLIP-L and OpenCLIP-bigG under ``text_encoders.clip_{l,g}.transformer.*`` (HF names, as SD3.5 files
   store them), float8_e4m3fn; no T5 (ComfyUI then builds the context from CLIP alone, zero-padded to 4096).
   VAE: TAESD with 16 latent channels (TAESD3's shape) under ``first_stage_model.taesd_*``.
@@ -31,7 +31,8 @@ The text encoders are drawn module by module on a ``meta``-device skeleton and c
 so the build never holds a float32 copy of CLIP-G (2.8 GB); the checkpoint key layout is produced by
 ComfyUI's own save path (``process_clip_state_dict_for_saving`` of the detected model class), which its
 load path inverts. Same seed, byte-identical file. Measured on one core: ``sd2`` 8 s, 0.59 GB file, peak RSS
-1.7 GB; ``sdxl`` 13 s, 1.04 GB file, peak RSS 2.1 GB (most of it the serialised file). CLI::
+1.7 GB; ``sdxl`` 13 s, 1.04 GB file, peak RSS 2.1 GB (most of it the serialised file); ``sd35`` 25-30 s on a busy 2-core
+machine, 0.83 GB file. CLI::
 
     python -m cxr_counterfactual.testing.tiny_models {sd2,sdxl,sd35} OUT.safetensors [--seed N]
 """
