@@ -31,7 +31,7 @@ The text encoders are drawn module by module on a ``meta``-device skeleton and c
 so the build never holds a float32 copy of CLIP-G (2.8 GB); the checkpoint key layout is produced by
 ComfyUI's own save path (``process_clip_state_dict_for_saving`` of the detected model class), which its
 load path inverts. Same seed, byte-identical file. Measured on one core: ``sd2`` 8 s, 0.59 GB file, peak RSS
-1.7 GB; ``sdxl`` 13 s, 1.04 GB file, peak RSS 2.1 GB (most of it the serialised file); ``sd35`` 25-30 s on a busy 2-core
+1.7 GB; ``sdxl`` 13 s, 1.04 GB file, peak RSS 2.1 GB (most of it the serialised file); ``sd35`` 15-30 s on a busy 2-core
 machine, 0.83 GB file. CLI::
 
     python -m cxr_counterfactual.testing.tiny_models {sd2,sdxl,sd35} OUT.safetensors [--seed N]

@@ -6,7 +6,7 @@
 - ``tiny_sd2_checkpoint`` / ``tiny_sdxl_checkpoint``: the SD2.x v-prediction and SDXL-family (Segmind Vega)
   checkpoints of ``testing/tiny_models.py``, built once per test run on first use (≈ 8 s / 13 s, 0.6 / 1.0 GB);
   :func:`load_checkpoint` loads one through ``CheckpointLoaderSimple``. ``tiny_sd35_checkpoint``: its SD3.5-family
-  (MMDiT-X) one, built the same way (≈ 30 s on a busy 2-core machine, 0.83 GB).
+  (MMDiT-X) one, built the same way (≈ 15-30 s on a busy 2-core machine, 0.83 GB).
 - ``tiny_controlnet``: a random-weight ControlNet for the tiny checkpoint (``testing/tiny_controlnet.py``), built
   once per run beside it in a folder registered as ComfyUI's ``controlnet``; the fixture is its file name.
 - ``lora_name``: a random LoRA for the tiny checkpoint's UNet (``testing/tiny_lora.py``) in a folder registered as
