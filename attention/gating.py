@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernels import Kernel, LseKernel, masked_reference, sdpa, sdpa_with_lse
+from .kernels import Kernel, LseKernel, masked_reference, merge_by_lse, sdpa, sdpa_with_lse
 from .regions import RegionPartition
 from .tokens import TokenMap, token_columns
 
@@ -58,18 +58,34 @@ def _check_leak(leak: float) -> None:
         raise ValueError(f"leak must be in [0, 1], got {leak}")
 
 
+def _check_gate(q: torch.Tensor, k: torch.Tensor, part: RegionPartition, leak: float, background: str) -> None:
+    _check_leak(leak)
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    n = q.shape[2]
+    if n != part.height * part.width or k.shape[2] != n:
+        raise ValueError(f"self-attention over {n} tokens does not match the {part.height}×{part.width} grid")
+
+
 def _grouped(q, k, v, part: RegionPartition, background: str, kernel) -> torch.Tensor:
     """Hard gating: one attention per region over tokens sorted by region; returns the sorted outputs."""
+    return torch.cat([out for out, _ in _hard_parts(q, k, v, part, background, kernel, None)], dim=2)
+
+
+def _hard_parts(q, k, v, part: RegionPartition, background: str, kernel, lse_kernel):
+    """Per region (sorted order): ``(out, lse)`` of its queries under hard gating; with ``lse_kernel`` None the
+    mask-free ``kernel`` runs and ``lse`` is None."""
     perm = part.perm
     qs, ks, vs = q.index_select(2, perm), k.index_select(2, perm), v.index_select(2, perm)
-    outs = []
     for label, s, e in part.slices:
         if label == 0 and background == "free":
             kk, vv = k, v  # background queries see every key
         else:
             kk, vv = ks[:, :, s:e], vs[:, :, s:e]
-        outs.append(kernel(qs[:, :, s:e], kk, vv))
-    return torch.cat(outs, dim=2)
+        if lse_kernel is None:
+            yield kernel(qs[:, :, s:e], kk, vv), None
+        else:
+            yield lse_kernel(qs[:, :, s:e], kk, vv)
 
 
 def gated_self_attention(
@@ -95,12 +111,7 @@ def gated_self_attention(
     Returns:
         ``[B, H, N, D]`` in q's dtype.
     """
-    _check_leak(leak)
-    if background not in BACKGROUNDS:
-        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
-    n = q.shape[2]
-    if n != part.height * part.width or k.shape[2] != n:
-        raise ValueError(f"self-attention over {n} tokens does not match the {part.height}×{part.width} grid")
+    _check_gate(q, k, part, leak, background)
     if leak == 1.0:
         return kernel(q, k, v)
     if leak == 0.0:
@@ -113,27 +124,62 @@ def _soft_grouped(q, k, v, part: RegionPartition, leak: float, background: str, 
 
     (An earlier form ran the full attention plus the in-region one: N² + Σ nᵣ² work, 1.33–1.65× stock.)
     """
+    parts = _soft_parts(q, k, v, part, leak, background, kernel, lse_kernel, want_lse=False)
+    return torch.cat([out for out, _ in parts], dim=2)
+
+
+def _soft_parts(q, k, v, part: RegionPartition, leak: float, background: str, kernel, lse_kernel, want_lse: bool):
+    """Per region (sorted order): ``(out, lse)`` of its queries under soft gating. ``lse`` is the log of the
+    gated softmax's normaliser, so a caller can merge more keys into the same softmax
+    (:func:`gated_self_attention_lse`); free background queries run ``kernel`` over every key and have no
+    ``lse`` (None) unless ``want_lse``."""
     perm, n = part.perm, q.shape[2]
     # Keys sorted by region, twice over: the other regions' keys of region [s, e) are then the one contiguous
     # slice [e, s + n), a view, instead of a copy per region.
     twice = torch.cat((perm, perm))
     qs, ks, vs = q.index_select(2, perm), k.index_select(2, twice), v.index_select(2, twice)
     log_leak = math.log(leak)
-    outs = []
     for label, s, e in part.slices:
         qr = qs[:, :, s:e]
         if label == 0 and background == "free":
-            outs.append(kernel(qr, k, v))  # background queries see every key at full weight
+            # background queries see every key at full weight
+            yield lse_kernel(qr, k, v) if want_lse else (kernel(qr, k, v), None)
             continue
         out_in, lse_in = lse_kernel(qr, ks[:, :, s:e], vs[:, :, s:e])
         if s == 0 and e == n:  # a single region: nothing to leak from
-            outs.append(out_in)
+            yield out_in, lse_in
             continue
         out_out, lse_out = lse_kernel(qr, ks[:, :, e:s + n], vs[:, :, e:s + n])
         # Softmax over the two parts with weights 1 and λ, computed stably from the log-sum-exps.
-        w_out = torch.sigmoid(lse_out + log_leak - lse_in)[..., None]  # λ·Z_out / (Z_in + λ·Z_out)
-        outs.append(torch.lerp(out_in.float(), out_out.float(), w_out).to(q.dtype))
-    return torch.cat(outs, dim=2)
+        out, lse = merge_by_lse(out_in, lse_in, out_out, lse_out + log_leak)
+        yield out.to(q.dtype), lse
+
+
+def gated_self_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    part: RegionPartition,
+    leak: float = 0.0,
+    background: str = "confined",
+    lse_kernel: LseKernel = sdpa_with_lse,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gated_self_attention` and each query's log-sum-exp over the keys it sees (``log Σ_j g_ij·exp(s_ij)``,
+    ``g`` the gate's weights): a joint text+image call merges its text keys into the same softmax with it.
+
+    Returns:
+        ``[B, H, N, D]`` in q's dtype and ``[B, H, N]`` float32, in the original token order.
+    """
+    _check_gate(q, k, part, leak, background)
+    if leak == 1.0:
+        return lse_kernel(q, k, v)
+    if leak == 0.0:
+        parts = list(_hard_parts(q, k, v, part, background, None, lse_kernel))
+    else:
+        parts = list(_soft_parts(q, k, v, part, leak, background, None, lse_kernel, want_lse=True))
+    out = torch.cat([o for o, _ in parts], dim=2).index_select(2, part.inv)
+    lse = torch.cat([m for _, m in parts], dim=2).index_select(2, part.inv)
+    return out, lse
 
 
 def self_attention_bias(part: RegionPartition, leak: float, background: str = "confined") -> torch.Tensor:

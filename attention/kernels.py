@@ -68,6 +68,30 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     return _lse_reference(q, k, v)
 
 
+def merge_by_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                 lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets, from each set's output and log-sum-exp (exact).
+
+    A key set's weight ``w`` enters as ``log w`` added to its log-sum-exp (``-inf``: the set is ignored).
+    Returns the float32 output ``(Z_a·out_a + Z_b·out_b) / (Z_a + Z_b)`` and the union's log-sum-exp.
+    """
+    w_b = torch.sigmoid(lse_b - lse_a)[..., None]  # Z_b / (Z_a + Z_b), computed stably
+    return torch.lerp(out_a.float(), out_b.float(), w_b), torch.logaddexp(lse_a, lse_b)
+
+
+def biased_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with an additive ``[N, M]`` bias and each query's log-sum-exp, from explicit float32 scores.
+
+    Meant for few keys (a prompt's tokens): the scores are ``N × M``. A query whose keys are all blocked gets a
+    zero output and a log-sum-exp of ``-inf``, so :func:`merge_by_lse` gives its other key set all the weight.
+    """
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias.to(q.device, torch.float32)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # all-blocked rows: -inf - -inf = NaN → 0
+    return probs @ v.float(), lse
+
+
 def masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Attention with an additive float bias ``[..., N, M]`` (``-inf`` = blocked): the dense reference."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))

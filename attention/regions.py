@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,8 +143,13 @@ def fit_to_layer(masks: OrganMasks, height: int, width: int, latent: tuple[int, 
     return OrganMasks(masks.names, data[:, :rows, :cols].contiguous())
 
 
+#: How masks meet a token grid: ``fit(masks, height, width)`` → the masks over exactly the grid's field of view.
+Fit = Callable[[OrganMasks, int, int], OrganMasks]
+
+
 def partition(masks: OrganMasks, organs: Sequence[str], height: int, width: int, *,
-              margin_px: int = 0, threshold: float = 0.5, latent: tuple[int, int] | None = None) -> RegionPartition:
+              margin_px: int = 0, threshold: float = 0.5, latent: tuple[int, int] | None = None,
+              fit: Fit | None = None) -> RegionPartition:
     """Label every token of an ``height×width`` grid with its organ (see the module's overlap rule).
 
     Args:
@@ -154,11 +159,13 @@ def partition(masks: OrganMasks, organs: Sequence[str], height: int, width: int,
         margin_px: grow each organ by this many pixels of the masks' grid before labelling.
         threshold: minimum covered fraction of a cell for it to belong to an organ.
         latent: the latent's ``(H, W)``, to map coarse grids of odd latents exactly (:func:`fit_to_layer`).
+        fit: how the masks meet the grid when it is not a UNet layer's (a DiT's patch grid:
+            :func:`.patch_grid.patch_fit`); None = :func:`fit_to_layer` with ``latent``.
     """
     selected = masks.select(organs)
     if margin_px:
         selected = selected.dilated(margin_px)
-    cover = fit_to_layer(selected, height, width, latent).to_grid(height, width)
+    cover = _fit(fit, latent)(selected, height, width).to_grid(height, width)
     cover = cover.reshape(len(selected.names), -1)  # [K, N]
     best, idx = cover.max(dim=0)  # max returns the first index on ties: the earlier organ wins
     labels = torch.where(best >= threshold, idx + 1, torch.zeros_like(idx)).long()
@@ -170,12 +177,18 @@ def partition(masks: OrganMasks, organs: Sequence[str], height: int, width: int,
 
 
 def coverage(masks: OrganMasks, organs: Sequence[str], height: int, width: int, *,
-             margin_px: int = 0, threshold: float = 0.5, latent: tuple[int, int] | None = None) -> torch.Tensor:
-    """``[N]`` bool: tokens whose cell is at least ``threshold`` covered by the union of ``organs``."""
+             margin_px: int = 0, threshold: float = 0.5, latent: tuple[int, int] | None = None,
+             fit: Fit | None = None) -> torch.Tensor:
+    """``[N]`` bool: tokens whose cell is at least ``threshold`` covered by the union of ``organs`` (``latent``,
+    ``fit``: as for :func:`partition`)."""
     region = OrganMasks(("u",), masks.union(organs)[None])
     if margin_px:
         region = region.dilated(margin_px)
-    return fit_to_layer(region, height, width, latent).to_grid(height, width).reshape(-1) >= threshold
+    return _fit(fit, latent)(region, height, width).to_grid(height, width).reshape(-1) >= threshold
+
+
+def _fit(fit: Fit | None, latent: tuple[int, int] | None) -> Fit:
+    return fit if fit is not None else (lambda m, h, w: fit_to_layer(m, h, w, latent))
 
 
 class RegionCache:

@@ -1,6 +1,7 @@
-"""Tiny random-weight SD2.x (v-prediction) and SDXL-family checkpoints that ComfyUI's own loader detects.
+"""Tiny random-weight SD2.x (v-prediction), SDXL-family and SD3.5-family checkpoints that ComfyUI's own loader
+detects.
 
-The SD1.5 recipe lives in :mod:`.tiny_checkpoint` (its file unchanged); these two reuse its init rules and writer:
+The SD1.5 recipe lives in :mod:`.tiny_checkpoint` (its file unchanged); these reuse its init rules and writer:
 
 - ``sd2``: detected as ``SD20`` with ``ModelType.V_PREDICTION``. UNet of SD2's signature (``context_dim=1024``,
   linear ``proj_in``, 64-channel heads) with four levels of two res blocks at 320 channels and attention on
@@ -15,15 +16,25 @@ The SD1.5 recipe lives in :mod:`.tiny_checkpoint` (its file unchanged); these tw
   channels (107 M parameters, float16; as in Vega, the middle block has no attention). Text encoders: the full CLIP-L
   (``conditioner.embedders.0.transformer.text_model.*``) and the full OpenCLIP-bigG (32 layers, width 1280,
   695 M parameters, ``conditioner.embedders.1.model.*``), both float8_e4m3fn.
-- Both: TAESD as the VAE (``first_stage_model.taesd_*``), as in the SD1.5 recipe.
+- ``sd35``: detected as ``SD3`` (``model_base.SD3``, flow model). ComfyUI recognises an MMDiT by
+  ``joint_blocks.0.context_block.attn.qkv.weight`` and derives the width from the depth (hidden = 64 × depth,
+  heads = depth), so the DiT is two joint blocks at width 128 (2 heads of 64) with SD3.5 Medium's MMDiT-X
+  features: RMS qk-norm (``ln_q``/``ln_k`` weights) and an image-only second attention in block 0 (SD3.5 Medium
+  has it in blocks 0-12 of 24); 16 latent channels, patch 2, ``pos_embed_max_size`` 16 (latents up to 32×32),
+  the 4096-wide context embedder and 2048-wide pooled input of SD3 (2.0 M parameters, float16). Text encoders:
+  the full CLIP-L and OpenCLIP-bigG under ``text_encoders.clip_{l,g}.transformer.*`` (HF names, as SD3.5 files
+  store them), float8_e4m3fn; no T5 (ComfyUI then builds the context from CLIP alone, zero-padded to 4096).
+  VAE: TAESD with 16 latent channels (TAESD3's shape) under ``first_stage_model.taesd_*``.
+- All: TAESD as the VAE (``first_stage_model.taesd_*``), as in the SD1.5 recipe.
 
 The text encoders are drawn module by module on a ``meta``-device skeleton and cast to float8 as they go,
 so the build never holds a float32 copy of CLIP-G (2.8 GB); the checkpoint key layout is produced by
 ComfyUI's own save path (``process_clip_state_dict_for_saving`` of the detected model class), which its
 load path inverts. Same seed, byte-identical file. Measured on one core: ``sd2`` 8 s, 0.59 GB file, peak RSS
-1.7 GB; ``sdxl`` 13 s, 1.04 GB file, peak RSS 2.1 GB (most of it the serialised file). CLI::
+1.7 GB; ``sdxl`` 13 s, 1.04 GB file, peak RSS 2.1 GB (most of it the serialised file); ``sd35`` 15-30 s on a busy 2-core
+machine, 0.83 GB file. CLI::
 
-    python -m cxr_counterfactual.testing.tiny_models {sd2,sdxl} OUT.safetensors [--seed N]
+    python -m cxr_counterfactual.testing.tiny_models {sd2,sdxl,sd35} OUT.safetensors [--seed N]
 """
 
 from __future__ import annotations
@@ -179,10 +190,87 @@ def _sdxl_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
+#: SD3.5 Medium's MMDiT-X at two blocks, as ``detect_unet_config`` reads it back (``depth`` fixes the width:
+#: 64 × depth). ``pos_embed_max_size`` is kept small: the stored position table is ``max_size² × hidden``.
+SD35_MMDIT_CONFIG: dict[str, object] = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "patch_size": 2,
+    "depth": 2,
+    "input_size": None,
+    "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    "num_patches": 256,
+    "pos_embed_max_size": 16,
+    "pos_embed_scaling_factor": None,
+    "qk_norm": "rms",
+    "x_block_self_attn_layers": [0],
+}
+
+
+def _mmdit_state(config: dict[str, object], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The MMDiT's weights under ``model.diffusion_model.``, float16.
+
+    Two things the shared init rules do not cover: MMDiT's own ``RMSNorm`` (the qk-norm scales, ones as
+    trained norms start) and the ``pos_embed`` buffer, which ComfyUI allocates with ``torch.empty`` and real
+    checkpoints store as SD3's fixed 2-D sin-cos table; it is filled with that table here.
+    """
+    import comfy.ops
+    import torch
+    from comfy.ldm.modules.diffusionmodules import mmdit
+
+    model = mmdit.OpenAISignatureMMDITWrapper(**config, dtype=torch.float32, device="cpu",
+                                              operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for sub in model.modules():
+            if isinstance(sub, mmdit.RMSNorm) and sub.weight is not None:
+                sub.weight.fill_(1.0)
+        side = int(config["pos_embed_max_size"])  # type: ignore[call-overload]
+        model.pos_embed.copy_(mmdit.get_2d_sincos_pos_embed_torch(model.hidden_size, side, side)[None])
+    done = {id(sub.weight) for sub in model.modules() if isinstance(sub, mmdit.RMSNorm) and sub.weight is not None}
+    for sub_name, sub in model.named_modules():
+        for name, param in sub.named_parameters(recurse=False):
+            if id(param) not in done:
+                _init_param_(sub_name, sub, name, param, generator)
+    for name, tensor in model.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            raise RuntimeError(f"tiny checkpoint: {name} is not finite after init")
+    state = _prefixed(model.state_dict(), _UNET_PREFIX, torch.float16)
+    del model
+    return state
+
+
+def _taesd_state(generator: torch.Generator, latent_channels: int) -> dict[str, torch.Tensor]:
+    """TAESD for ``latent_channels`` under ``first_stage_model.``: ComfyUI reads the channel count from
+    ``taesd_decoder.1.weight``, so 16 gives TAESD3's shape."""
+    import comfy.taesd.taesd
+    import torch
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    _init_module_(taesd, generator)
+    return _prefixed(taesd.state_dict(), "first_stage_model.", torch.float32)
+
+
+def _sd35_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    import comfy.sd1_clip
+    import comfy.supported_models
+
+    state = _mmdit_state(SD35_MMDIT_CONFIG, generator)
+    folder = Path(comfy.sd1_clip.__file__).parent
+    clips = _text_encoder(folder / "sd1_clip_config.json", generator, "clip_l.transformer.")
+    clips.update(_text_encoder(folder / "clip_config_bigg.json", generator, "clip_g.transformer."))
+    # SD3's save path: both encoders under text_encoders.* in HF names (no T5: ComfyUI then runs CLIP only).
+    state.update(comfy.supported_models.SD3(SD35_MMDIT_CONFIG).process_clip_state_dict_for_saving(clips))
+    del clips
+    state.update(_taesd_state(generator, 16))
+    return state
+
+
 #: Recipe name → (what ComfyUI detects, state builder).
 RECIPES: dict[str, tuple[str, Callable[[torch.Generator], dict[str, torch.Tensor]]]] = {
     "sd2": ("SD2.x v-prediction", _sd2_state),
     "sdxl": ("SDXL family (Segmind Vega)", _sdxl_state),
+    "sd35": ("SD3.5 family (MMDiT-X)", _sd35_state),
 }
 
 
@@ -198,7 +286,7 @@ def _check(recipe: str) -> None:
 
 
 def build_tiny_model_checkpoint(recipe: str, path: Path, seed: int = 0) -> Path:
-    """Build the ``recipe`` checkpoint (``"sd2"`` or ``"sdxl"``) and write it to ``path`` (safetensors).
+    """Build the ``recipe`` checkpoint (``"sd2"``, ``"sdxl"`` or ``"sd35"``) and write it to ``path`` (safetensors).
 
     Written atomically (temporary name, then :func:`os.replace`). ComfyUI must be importable (see
     :func:`~.tiny_checkpoint.prepare_comfy_import`).
@@ -237,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: build one recipe's checkpoint at the given path and print that path."""
     parser = argparse.ArgumentParser(
         prog="python -m cxr_counterfactual.testing.tiny_models",
-        description="Build a tiny random-weight SD2.x (v-prediction) or SDXL-family checkpoint for tests.",
+        description="Build a tiny random-weight SD2.x (v-prediction), SDXL- or SD3.5-family checkpoint for tests.",
     )
     parser.add_argument("recipe", choices=sorted(RECIPES), help="which model family")
     parser.add_argument("out", type=Path, help="output .safetensors path")
