@@ -58,6 +58,21 @@ def aspect_matches(h1: int, w1: int, h2: int, w2: int, tolerance: float = ASPECT
     return abs(a - b) <= tolerance * b
 
 
+def require_latent_aspect(masks: OrganMasks, latent: tuple[int, int]) -> None:
+    """Organ masks must cover the latent's field of view (its aspect ratio), whatever token grid they go to.
+
+    Raises:
+        CXRInputError: the masks' aspect ratio is not the latent's.
+    """
+    lh, lw = latent
+    if not aspect_matches(masks.height, masks.width, lh, lw):
+        raise CXRInputError(
+            f"the organ masks are {masks.height}×{masks.width} (H×W) but the latent is {lh}×{lw}: their aspect "
+            "ratios differ, so the masks do not cover the image's field of view.",
+            fix="Use the organ masks output of 'Fit Radiograph to Model' for the same image.",
+        )
+
+
 def disk_kernel(radius: int) -> torch.Tensor:
     """A ``(2r+1)×(2r+1)`` disk structuring element: isotropic dilation, unlike a square."""
     r = torch.arange(-radius, radius + 1, dtype=torch.float32)

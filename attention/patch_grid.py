@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..errors import CXRInputError
-from .organs import OrganMasks, aspect_matches
+from .organs import OrganMasks, require_latent_aspect
 from .regions import Fit
 
 Grid = tuple[int, int]
@@ -46,12 +45,7 @@ def fit_to_patches(masks: OrganMasks, latent: Grid, patch: int) -> OrganMasks:
         CXRInputError: the masks' aspect ratio is not the latent's.
     """
     lh, lw = latent
-    if not aspect_matches(masks.height, masks.width, lh, lw):
-        raise CXRInputError(
-            f"the organ masks are {masks.height}×{masks.width} (H×W) but the latent is {lh}×{lw}: their aspect "
-            "ratios differ, so the masks do not cover the image's field of view.",
-            fix="Use the organ masks output of 'Fit Radiograph to Model' for the same image.",
-        )
+    require_latent_aspect(masks, latent)
     pad_h, pad_w = patch_padding(latent, patch)
     if pad_h == 0 and pad_w == 0:
         return masks  # the grid has the latent's aspect ratio: resampling to it is exact

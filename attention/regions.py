@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import CXRInputError
-from .organs import OrganMasks, aspect_matches
+from .organs import OrganMasks, require_latent_aspect
 
 BACKGROUND = "background"
 
@@ -116,12 +115,7 @@ def fit_to_layer(masks: OrganMasks, height: int, width: int, latent: tuple[int, 
     if latent is None:
         return masks
     lh, lw = latent
-    if not aspect_matches(masks.height, masks.width, lh, lw):
-        raise CXRInputError(
-            f"the organ masks are {masks.height}×{masks.width} (H×W) but the latent is {lh}×{lw}: their aspect "
-            "ratios differ, so the masks do not cover the image's field of view.",
-            fix="Use the organ masks output of 'Fit Radiograph to Model' for the same image.",
-        )
+    require_latent_aspect(masks, latent)
     factor = cells_per_token((lh, lw), (height, width))
     shift = -token_offset(factor)  # cells of "outside" at the top/left
     extra_h, extra_w = height * factor - lh, width * factor - lw

@@ -9,26 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_gating_core import grid_masks  # two side-by-side 'lungs' and an overlapping 'heart'
 
 from conftest import DEVICES
 from cxr_counterfactual.attention.boosting import pathology_boost_bias
 from cxr_counterfactual.attention.gating import anatomy_token_bias
 from cxr_counterfactual.attention.joint import JointGate, JointLayout, joint_attention, joint_attention_dense
 from cxr_counterfactual.attention.kernels import sdpa
-from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.attention.regions import coverage, partition
 
 ORGANS = ("heart", "right_lung", "left_lung")
 TEXT = 12  # a short "prompt": positions 0..11
-
-
-def grid_masks(h: int, w: int) -> OrganMasks:
-    """Two side-by-side 'lungs' and an overlapping 'heart' on an h×w mask grid."""
-    rl, ll, heart = torch.zeros(h, w), torch.zeros(h, w), torch.zeros(h, w)
-    rl[h // 5 : 4 * h // 5, w // 10 : w // 2 - 1] = 1
-    ll[h // 5 : 4 * h // 5, w // 2 + 1 : 9 * w // 10] = 1
-    heart[h // 2 : 4 * h // 5, 2 * w // 5 : 3 * w // 5] = 1
-    return OrganMasks.from_dict({"right_lung": rl, "left_lung": ll, "heart": heart})
 
 
 def joint_qkv(layout: JointLayout, b=2, heads=3, d=8, seed=0, device="cpu"):
