@@ -45,16 +45,20 @@ GRIDS = {1024: (32, 32), 4096: (64, 64), 16384: (128, 128)}
 ORGANS = ("right_lung", "left_lung", "heart")
 
 
-def example_partition(n: int):
+def example_masks() -> OrganMasks:
+    """The CheXmask example's organ masks stretched to a square field of view (fractions unchanged), for the
+    benchmarks' square grids."""
     folder = test_data_dir() / "cxr" / "chexmask-example"
     masks = OrganMasks.from_dict({
         "right_lung": read_mask_image(folder / "RL_mask.png"),
         "left_lung": read_mask_image(folder / "LL_mask.png"),
         "heart": read_mask_image(folder / "H_mask.png"),
     })
-    # The benchmark's square grids: stretch the masks to a square field of view (fractions unchanged).
-    square = OrganMasks(masks.names, F.interpolate(masks.data[None], size=(512, 512), mode="area")[0])
-    return partition(square, ORGANS, *GRIDS[n])
+    return OrganMasks(masks.names, F.interpolate(masks.data[None], size=(512, 512), mode="area")[0])
+
+
+def example_partition(n: int):
+    return partition(example_masks(), ORGANS, *GRIDS[n])
 
 
 def make_case(case: str, n: int, d: int, device: str):
