@@ -16,15 +16,11 @@ from ..attention.stage_builders import (
     target_region,
 )
 from ..attention.tokens import TokenMap
+from ..hosts.comfy.dit_stages import check_model, check_stage_on_dit
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
-from ..hosts.comfy.unet_layout import grid_factor_keys, transformer_keys
+from ..hosts.comfy.unet_layout import grid_factor_keys
 from . import schema  # attention nodes read the shared declarations as schema.X
 from .common import check_inputs, user_errors
-
-
-def _check_model(title: str, model) -> None:
-    with user_errors(title, "model"):
-        transformer_keys(model)
 
 
 class CXRPathologyBoost(io.ComfyNode):
@@ -72,7 +68,7 @@ class CXRPathologyBoost(io.ComfyNode):
                 organ_masks: OrganMasks | None = None, target_mask: torch.Tensor | None = None) -> io.NodeOutput:
         check_inputs(cls, factor=factor, outside_damping=outside_damping, start_percent=start_percent,
                      end_percent=end_percent)
-        _check_model(cls.TITLE, model)
+        check_model(model, cls.TITLE, blocks=blocks, tokens=tokens)
         with user_errors(cls.TITLE):
             connected = organ_masks is not None or target_mask is not None
             target = target_region(organ_masks, target_organs, target_mask) if connected else None
@@ -114,14 +110,17 @@ class CXRCaptureAttention(io.ComfyNode):
     def execute(cls, model, tokens: TokenMap, label: str, grid_factor: str, target_organs: str,
                 start_percent: float, end_percent: float, organ_masks: OrganMasks | None = None) -> io.NodeOutput:
         check_inputs(cls, start_percent=start_percent, end_percent=end_percent)
-        _check_model(cls.TITLE, model)
+        dit = check_model(model, cls.TITLE, tokens=tokens)
         with user_errors(cls.TITLE):
             target = target_region(organ_masks, target_organs) if organ_masks is not None else None
             stage = capture_stage(tokens, percent_to_sigma(model), label=label, grid_factor=grid_factor,
                                   target=target, start_percent=start_percent, end_percent=end_percent,
                                   title=cls.TITLE)
         # A grid without cross-attention would capture nothing, found out only by the previews after sampling.
-        grid_factor_keys(model.get_model_object("diffusion_model"), stage.grid_factor, cls.TITLE)
+        if dit is None:
+            grid_factor_keys(model.get_model_object("diffusion_model"), stage.grid_factor, cls.TITLE)
+        else:
+            check_stage_on_dit(dit, cls.TITLE, tokens=tokens, grid_factor=stage.grid_factor)
         return io.NodeOutput(install_stage(model, stage))
 
 

@@ -8,9 +8,9 @@ from ..attention.gating import BACKGROUNDS, ISOLATIONS
 from ..attention.organs import OrganMasks
 from ..attention.stage_builders import BLOCK_CHOICES, GATE_APPLY_TO_UNCOND, MARGIN_MAX, gate_stage
 from ..attention.tokens import TokenMap
+from ..hosts.comfy.dit_stages import check_model
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
 from ..hosts.comfy.prompt_isolation import projector
-from ..hosts.comfy.unet_layout import transformer_keys
 from . import schema  # attention nodes read the shared declarations as schema.X
 from .common import check_inputs, user_errors
 
@@ -100,8 +100,8 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
         anatomy_isolation: str = "tokens",
     ) -> io.NodeOutput:
         check_inputs(cls, start_percent=start_percent, end_percent=end_percent)
-        with user_errors(cls.TITLE, "model"):
-            transformer_keys(model)  # an unsupported model first: it has no noise range to turn percents into
+        # an unsupported model first: it has no noise range to turn percents into
+        check_model(model, cls.TITLE, blocks=blocks, tokens=tokens, isolation=anatomy_isolation)
         with user_errors(cls.TITLE):
             stage = gate_stage(organ_masks, percent_to_sigma(model), tokens=tokens, strength=strength,
                                token_strength=token_strength, organs=organs, background=background,

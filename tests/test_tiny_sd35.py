@@ -18,7 +18,7 @@ from cxr_counterfactual.attention.joint import JointGate
 from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.attention.patch_grid import patch_fit, patch_grid
 from cxr_counterfactual.attention.regions import partition
-from cxr_counterfactual.hosts.comfy.dit import CALL_KEY, dit_family, install
+from cxr_counterfactual.hosts.comfy.dit import CALL_KEY, dit_family, install, uniform
 
 LATENT = (9, 7)  # odd on both sides: ComfyUI pads circularly to a 5×4 patch grid
 GRID = patch_grid(LATENT, 2)
@@ -105,10 +105,10 @@ def two_regions():
     return JointGate(part, 0.0), part.labels
 
 
-def cells_read_only_by(labels: torch.Tensor, region: int) -> torch.Tensor:
+def cells_read_only_by(labels: torch.Tensor, region: int, latent=LATENT, grid=GRID) -> torch.Tensor:
     """``[H, W]`` bool: latent cells that only tokens of ``region`` read (ComfyUI pads circularly at the bottom and
     right, so the last token row/column also reads the first latent rows/columns)."""
-    (h, w), (gh, gw) = LATENT, GRID
+    (h, w), (gh, gw) = latent, grid
     pad_h, pad_w = gh * 2 - h, gw * 2 - w
     grid = labels.reshape(gh, gw)
     out = torch.zeros(h, w, dtype=torch.bool)
@@ -125,7 +125,7 @@ def recorded_run(f, plan, latent: torch.Tensor) -> list:
     every attention output of our override, with its block and sequence length, in call order."""
     model = f.model.clone()
     blocks = len(model.get_model_object("diffusion_model").joint_blocks)
-    model.model_options = install(model.model_options, blocks, plan)
+    model.model_options = install(model.model_options, blocks, uniform(plan))
     ours = model.model_options["transformer_options"]["optimized_attention_override"]
     seen = []
 
