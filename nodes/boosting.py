@@ -26,7 +26,9 @@ from .common import check_inputs, user_errors
 class CXRPathologyBoost(io.ComfyNode):
     """Stage 3 of the pack: strengthens the cross-attention of pathology words ('effusion') inside the target
     region (e.g. the left lung) during early denoising, and optionally damps them outside, so the lesion appears
-    where asked. A query's pathology share P becomes fP / (fP + 1 − P). Composes with the gate in either order."""
+    where asked. A query's pathology share P becomes fP / (fP + 1 − P). Composes with the gate in either order. On
+    SD3/SD3.5 and Flux diffusion transformers it acts on each block's image→text attention (P is then the share of
+    the joint softmax over text and image keys)."""
 
     TITLE = "CXR Pathology Boost"
 
@@ -55,7 +57,7 @@ class CXRPathologyBoost(io.ComfyNode):
                 schema.fraction_input("outside_damping", 1.0,
                                "Multiplier for the same words outside the target (1 = leave, 0 = hide)."),
                 io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="all",
-                               tooltip="Which UNet parts are boosted."),
+                               tooltip="Which UNet parts are boosted ('all' on a diffusion transformer)."),
                 *schema.window_inputs("Boosting starts here.",
                                "Boosting ends here (default: the early, layout-forming steps).", end=0.4),
             ],
@@ -84,7 +86,8 @@ class CXRCaptureAttention(io.ComfyNode):
     """Records, while the sampler runs, each word's cross-attention map (mean over heads and over the layers at one
     resolution) and the pathology words' attention share inside the target, per step. Never changes the result. It
     records the maps with every CXR stage of the sampled model applied, wherever it sits among gate and boost; view
-    it with CXR Attention Preview wired to the sampler's LATENT."""
+    it with CXR Attention Preview wired to the sampler's LATENT. On a diffusion transformer it records every block's
+    image→text attention at the patch grid (grid_factor = the patch size, 2)."""
 
     TITLE = "CXR Capture Attention"
 

@@ -19,7 +19,10 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
     """Stage 2 of the pack: keeps each organ's structure to itself. Self-attention of every UNet transformer block
     is confined to the organ a token belongs to (strength 1: hard; less: other regions leak in with weight 1 −
     strength), and anatomy words of the prompt ('left lung', 'heart') are hidden from image tokens outside their
-    organ. Returns a patched copy of the model; composes with other attention patches applied before it."""
+    organ. On SD3/SD3.5 and Flux diffusion transformers the same acts on each block's joint attention: image→image
+    confined, image→text hidden; text tokens attend as stock, so isolation is exact within a block and the text
+    stream links regions across blocks. Returns a patched copy of the model; composes with other attention patches
+    applied before it."""
 
     TITLE = "CXR Anatomy Attention Gate"
 
@@ -32,7 +35,8 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
             is_experimental=True,
             description=schema.described(cls),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.x / SD2.x / SDXL UNet)."),
+                io.Model.Input("model", tooltip="The diffusion model: an SD1.x / SD2.x / SDXL UNet, or an SD3/SD3.5 or "
+                               "Flux diffusion transformer."),
                 schema.organ_masks_input("Organ masks on the latent's field of view: use the masks output of Fit "
                                          "Radiograph to Model."),
                 schema.TokensType.Input(
@@ -60,7 +64,8 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "blocks", options=list(BLOCK_CHOICES), default="all",
-                    tooltip="Which UNet parts are gated (every transformer block in them).",
+                    tooltip="Which UNet parts are gated (every transformer block in them). A diffusion transformer "
+                    "takes 'all' (every block).",
                 ),
                 *schema.window_inputs("Gating starts at this point of denoising.",
                                       "Gating ends at this point of denoising."),

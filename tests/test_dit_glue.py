@@ -59,22 +59,22 @@ def tagged():
     return {CALL_KEY: DitCall(("double_block", 0), TEXT, IMAGE)}
 
 
-def test_family_by_class_and_unknown_family_named():
-    class MMDiT:
-        pass
+@pytest.mark.parametrize(("module", "name", "family"), [
+    ("comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper", "mmdit"),  # SD3/SD3.5's
+    ("comfy.ldm.flux.model", "Flux", "flux"),
+    ("comfy.ldm.aura.mmdit", "MMDiT", None),  # AuraFlow: a class of the same name in another module
+    ("comfy.ldm.hunyuan_video.model", "HunyuanVideo", None),
+])
+def test_family_by_comfyuis_class_and_unknown_family_named(comfy, module, name, family):
+    import importlib
 
-    class OpenAISignatureMMDITWrapper(MMDiT):
-        pass
-
-    class Flux:
-        pass
-
-    class HunyuanVideo:
-        pass
-
-    assert dit_family(OpenAISignatureMMDITWrapper()) == "mmdit" and dit_family(Flux()) == "flux"
-    with pytest.raises(CXRInputError, match="HunyuanVideo.*") as err:
-        dit_family(HunyuanVideo())
+    cls = getattr(importlib.import_module(module), name)
+    model = cls.__new__(cls)  # the family is read from the class alone: no weights needed
+    if family is not None:
+        assert dit_family(model) == family
+        return
+    with pytest.raises(CXRInputError, match=f"{name} \\(from {module}\\)") as err:
+        dit_family(model)
     assert "MMDiT" in err.value.fix and "Flux" in err.value.fix
 
 

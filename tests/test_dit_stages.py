@@ -10,7 +10,6 @@ not act on run the stock kernel. Settings with no meaning on a DiT are refused a
 
 from __future__ import annotations
 
-import gc
 from types import SimpleNamespace
 
 import pytest
@@ -27,13 +26,12 @@ SEED, CFG, STEPS = 3, 4.0, 2
 
 
 @pytest.fixture(scope="module")
-def sd35(comfy, tiny_sd35_checkpoint, chexmask_example):
+def sd35(comfy, sd35_loaded, chexmask_example):
     """The tiny SD3.5 model, the real radiograph fitted to 64 px (latent 8×7 → a 4×4 patch grid: the odd side is
     padded circularly), its organ masks and an empty negative prompt."""
     from cxr_helpers import chexmask_radiograph
-    from host_fixtures import load_checkpoint
 
-    loaded = load_checkpoint(comfy, tiny_sd35_checkpoint)
+    loaded = sd35_loaded
     image, masks = chexmask_radiograph(chexmask_example)
     with torch.inference_mode():
         fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=64, organ_masks=masks)
@@ -41,10 +39,8 @@ def sd35(comfy, tiny_sd35_checkpoint, chexmask_example):
         positive = comfy.node("CLIPTextEncode")().encode(loaded.clip, "chest x-ray, left pleural effusion")[0]
         negative = comfy.node("CLIPTextEncode")().encode(loaded.clip, "")[0]
     assert latent["samples"].shape[-2:] == (8, 7)
-    yield SimpleNamespace(model=loaded.model, clip=loaded.clip, masks=fitted_masks, latent=latent, positive=positive,
-                          negative=negative)
-    del loaded
-    gc.collect()
+    return SimpleNamespace(model=loaded.model, clip=loaded.clip, vae=loaded.vae, masks=fitted_masks, latent=latent,
+                           positive=positive, negative=negative)
 
 
 def sample(comfy, model, f, latent=None, denoise=0.6, steps=STEPS) -> torch.Tensor:
@@ -130,3 +126,67 @@ def test_settings_without_meaning_on_a_dit_are_refused(comfy, sd35, node, settin
     with pytest.raises(CXRInputError) as err:
         run(comfy.node(node), model=sd35.model, organ_masks=sd35.masks, **settings)
     assert err.value.input_name == input_name and "CXR Anatomy Attention Gate" in str(err.value)
+
+
+def theirs_block(calls: list):
+    """Another pack's block replace (ComfyUI's convention: ``replace(args, {"original_block": ...})``): counts its
+    calls and runs the block it was given."""
+    def replace(args, extra):
+        calls.append(args["img"].shape[1])
+        return extra["original_block"](args)
+    return replace
+
+
+def theirs_override(calls: list):
+    """Another pack's attention override that wraps what it was given (ComfyUI's ``override(func, *args)``)."""
+    def override(func, *args, **kwargs):
+        calls.append(args[0].shape)
+        return func(*args, **kwargs)
+    return override
+
+
+def test_other_packs_block_replace_and_override_before_ours_still_run(comfy, sd35):
+    """Installed before our gate, another pack's block replace and attention override are wrapped: both see every
+    block/call, our gate still changes the result, and nothing is reported."""
+    from cxr_counterfactual.hosts.comfy.patch import result_store
+
+    blocks, attention = [], []
+    m = sd35.model.clone()
+    for i in range(2):
+        m.set_model_patch_replace(theirs_block(blocks), "dit", "double_block", i)
+    m.model_options["transformer_options"]["optimized_attention_override"] = theirs_override(attention)
+    theirs_only = sample(comfy, m, sd35, steps=1)
+    n_blocks, n_calls = len(blocks), len(attention)
+    assert n_blocks == 2 and n_calls == 3  # one model call (cond and uncond batched): 2 blocks, 3 attention calls
+    gated = run(comfy.node("CXRAnatomyAttentionGate"), model=m, organ_masks=sd35.masks, background="confined")[0]
+    out = sample(comfy, gated, sd35, steps=1)
+    assert len(blocks) == 2 * n_blocks  # their replace ran inside ours
+    assert len(attention) > 2 * n_calls  # their override got our per-region calls too (it wraps the backend)
+    assert not torch.equal(out, theirs_only)
+    assert result_store(gated).latest().conflicts == []
+
+
+@pytest.mark.parametrize("what", ["block", "override"])
+def test_a_later_pack_that_shadows_ours_is_reported(comfy, sd35, what):
+    """A block replace or an attention override set after our gate without calling ours: that part runs without the
+    gate, and the run's record (and the log) says which block lost it."""
+    from cxr_counterfactual.hosts.comfy.patch import result_store
+
+    gated = run(comfy.node("CXRAnatomyAttentionGate"), model=sd35.model, organ_masks=sd35.masks)[0].clone()
+    calls: list = []
+    if what == "block":
+        def replace(args, extra):  # does not call the replace it found: ours is shadowed at block 0
+            calls.append(1)
+            return extra["original_block"](args)
+        gated.set_model_patch_replace(replace, "dit", "double_block", 0)
+    else:
+        def override(func, *args, **kwargs):  # replaces ours, calls the backend directly
+            calls.append(1)
+            kwargs.pop("transformer_options", None)
+            return func(*args, **kwargs)
+        gated.model_options["transformer_options"]["optimized_attention_override"] = override
+    sample(comfy, gated, sd35, steps=1)
+    assert calls
+    conflicts = result_store(gated).latest().conflicts
+    lost = {c.key for c in conflicts if c.kind == "overwritten"}
+    assert lost == ({("double_block", 0, 0)} if what == "block" else {("double_block", 0, 0), ("double_block", 1, 0)})

@@ -38,8 +38,9 @@ CALL_KEY = "cxr_dit_call"
 #: ``txt ‖ img`` as one sequence and nothing saying where text ends.
 TEXT_KEY = "cxr_dit_text_len"
 
-#: DiT families the pack knows, by the class name of ComfyUI's diffusion model (or a base class of it).
-FAMILIES = {"MMDiT": "mmdit", "Flux": "flux"}
+#: DiT families the pack knows, by ComfyUI's class of the diffusion model (or a base class of it), module and name:
+#: the name alone is not enough (AuraFlow's diffusion model is also a class named ``MMDiT``, in ``comfy.ldm.aura``).
+FAMILIES = {("comfy.ldm.modules.diffusionmodules.mmdit", "MMDiT"): "mmdit", ("comfy.ldm.flux.model", "Flux"): "flux"}
 
 
 def dit_family(diffusion_model: object) -> str:
@@ -50,11 +51,13 @@ def dit_family(diffusion_model: object) -> str:
         CXRInputError: another family, named with the supported ones.
     """
     for cls in type(diffusion_model).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
+        family = FAMILIES.get((cls.__module__, cls.__name__))
+        if family is not None:
+            return family
+    kind = type(diffusion_model)
     raise CXRInputError(
-        f"the model's diffusion transformer is {type(diffusion_model).__name__}, which this pack does not know.",
-        fix=f"Use a supported family: SD3/SD3.5 (MMDiT) or Flux (classes {', '.join(FAMILIES)}), or a UNet model.",
+        f"the model's diffusion transformer is {kind.__name__} (from {kind.__module__}), a family this pack does not "
+        "know.", fix="Use a supported family: SD3/SD3.5 (MMDiT) or Flux, or a UNet model (SD1.x, SD2.x, SDXL).",
     )
 
 

@@ -246,4 +246,9 @@ def check_model(model, title: str, **settings) -> torch.nn.Module | None:
         raise err.located(title, "model") from None
     if dm is not None:
         check_stage_on_dit(dm, title, **settings)
+    elif getattr(settings.get("tokens"), "layout", "clip") != "clip":
+        raise CXRInputError(
+            f"the token map was made for a diffusion transformer's '{settings['tokens'].layout}' context, but this "
+            "model is a UNet, which reads CLIP's 77-token chunks.", node=title, input_name="tokens",
+            fix="Encode the prompt with CXR Text Encode on this model's own text encoder (its CLIP output).")
     return dm

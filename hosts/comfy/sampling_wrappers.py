@@ -95,11 +95,19 @@ def _check_ownership(state: RunState, to: dict) -> None:
     replace = to.get("patches_replace", {})
     for kind, keys in state.installed.items():
         for key in sorted(keys):
+            if (kind, key) in state.reached:
+                continue
             fn = replace.get(kind, {}).get(key[:2] if kind == DIT_KIND else key)  # DiT replaces: 2-part keys
-            if not isinstance(fn, OURS) and (kind, key) not in state.reached:
+            if not isinstance(fn, OURS):
                 name = getattr(fn, "__qualname__", type(fn).__name__)
                 state.report("overwritten", key, f"{kind} {key} was replaced by a later node ({name}); anatomy "
                              "gating is off in that layer. Apply the CXR nodes after that node to compose them.")
+            elif kind == DIT_KIND:  # our block replace ran but our attention override did not: another took its place
+                fn = to.get("optimized_attention_override")
+                name = getattr(fn, "__qualname__", type(fn).__name__)
+                state.report("overwritten", key, f"the attention override of {key[:2]} is another node's ({name}) and "
+                             "does not call ours; the CXR stages are off in that block. Apply the CXR nodes after that "
+                             "node to compose them.")
 
 
 def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
