@@ -20,6 +20,8 @@ import torch
 from ..errors import CXRInputError
 from .mask_batch import AnyOrganMasks, mask_count, sample_masks
 from .organs import OrganMasks
+from .patch_grid import patch_fit
+from .regions import Fit
 
 Grid = tuple[int, int]
 Area = tuple[int, int, int, int]  # (h, w, y, x) in latent cells, ComfyUI's order
@@ -33,11 +35,20 @@ class Field:
         latent: the full latent's ``(H, W)``.
         area: the ``(h, w, y, x)`` latent cells the UNet sees for this row (None: the whole latent).
         sample: the image of the batch (its mask set in an :class:`.mask_batch.OrganMaskBatch`).
+        patch: a diffusion transformer's patch size (its tokens are ``patch×patch`` latent cells); 0 for a UNet,
+            whose layer grids come from stride-2 convolutions.
     """
 
     latent: Grid
     area: Area | None = None
     sample: int = 0
+    patch: int = 0
+
+    @property
+    def fit(self) -> Fit | None:
+        """How masks meet this row's token grid: a DiT's ``patch×patch`` patches of :attr:`size` (the host pads
+        the latent before it patchifies, :func:`.patch_grid.patch_fit`), or None for a UNet layer's grid."""
+        return patch_fit(self.size, self.patch) if self.patch else None
 
     @property
     def size(self) -> Grid:

@@ -31,8 +31,11 @@ ToSigma = Callable[[float], float]
 
 #: The UNet parts a stage can cover, and the nodes' ``blocks`` choices of them.
 UNET_PARTS = ("input", "middle", "output")
+#: A diffusion transformer's block kinds (ComfyUI's block replace keys): "all" covers them; the other choices name
+#: UNet parts, which a DiT does not have (the nodes refuse them there).
+DIT_PARTS = ("double_block", "single_block")
 BLOCK_CHOICES: dict[str, tuple[str, ...]] = {
-    "all": UNET_PARTS,
+    "all": UNET_PARTS + DIT_PARTS,
     "input+middle": ("input", "middle"),
     "middle+output": ("middle", "output"),
     "input": ("input",),
@@ -96,7 +99,7 @@ def unet_parts(blocks: str | Iterable[str]) -> frozenset[str]:
         check_choice("blocks", blocks, BLOCK_CHOICES)
         return frozenset(BLOCK_CHOICES[blocks])
     chosen = frozenset(blocks)
-    if not chosen or not chosen <= set(UNET_PARTS):
+    if not chosen or not chosen <= set(UNET_PARTS + DIT_PARTS):
         raise CXRInputError(f"blocks {sorted(chosen)} are not among {', '.join(UNET_PARTS)}.", input_name="blocks",
                             fix="Use any of input, middle, output.")
     return chosen
@@ -297,6 +300,6 @@ def capture_stage(tokens: TokenMap, to_sigma: ToSigma, *, label: str = "run", gr
         raise CXRInputError("the token map has no words.", input_name="tokens",
                             fix="List anatomy or pathology words with the prompt (CXR Text Encode, or token_map).")
     sigma_start, sigma_end = to_sigma(start_percent), to_sigma(end_percent)
-    return CaptureStage(title, sigma_start, sigma_end, frozenset(UNET_PARTS), label=label or "run",
+    return CaptureStage(title, sigma_start, sigma_end, frozenset(BLOCK_CHOICES["all"]), label=label or "run",
                         positions=dict(tokens.positions), pathology=tuple(tokens.pathology), grid_factor=factor,
                         target=target, cond_len=tokens.cond_len)

@@ -155,7 +155,7 @@ class GateStage(Stage):
         def build():
             try:
                 part = partition(field_masks(self.masks, field), self.organs, h, w, margin_px=self.margin_px,
-                                 latent=field.size)
+                                 latent=field.size, fit=field.fit)
             except CXRInputError as err:
                 raise self.located(err, "organ_masks") from None
             if part.missing():
@@ -171,7 +171,8 @@ class GateStage(Stage):
         def build():
             masks = field_masks(self.masks, field)
             try:
-                return torch.stack([coverage(masks, organs, h, w, margin_px=self.margin_px, latent=field.size)
+                return torch.stack([coverage(masks, organs, h, w, margin_px=self.margin_px, latent=field.size,
+                                             fit=field.fit)
                                     for _, organs in self.token_words])
             except CXRInputError as err:
                 raise self.located(err, "organ_masks") from None
@@ -202,7 +203,7 @@ def _target_tokens(stage: Stage, target: AnyOrganMasks, h: int, w: int, field: F
     target, for a target per image)."""
     try:
         region = field_masks(target, field)
-        inside = coverage(region, region.names, h, w, latent=field.size)
+        inside = coverage(region, region.names, h, w, latent=field.size, fit=field.fit)
     except CXRInputError as err:
         raise stage.located(err, "target") from None
     return inside

@@ -16,21 +16,19 @@ from ..attention.stage_builders import (
     target_region,
 )
 from ..attention.tokens import TokenMap
+from ..hosts.comfy.dit_stages import check_model, check_stage_on_dit
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
-from ..hosts.comfy.unet_layout import grid_factor_keys, transformer_keys
+from ..hosts.comfy.unet_layout import grid_factor_keys
 from . import schema  # attention nodes read the shared declarations as schema.X
 from .common import check_inputs, user_errors
-
-
-def _check_model(title: str, model) -> None:
-    with user_errors(title, "model"):
-        transformer_keys(model)
 
 
 class CXRPathologyBoost(io.ComfyNode):
     """Stage 3 of the pack: strengthens the cross-attention of pathology words ('effusion') inside the target
     region (e.g. the left lung) during early denoising, and optionally damps them outside, so the lesion appears
-    where asked. A query's pathology share P becomes fP / (fP + 1 − P). Composes with the gate in either order."""
+    where asked. A query's pathology share P becomes fP / (fP + 1 − P). Composes with the gate in either order. On
+    SD3/SD3.5 and Flux diffusion transformers it acts on each block's image→text attention (P is then the share of
+    the joint softmax over text and image keys)."""
 
     TITLE = "CXR Pathology Boost"
 
@@ -59,7 +57,7 @@ class CXRPathologyBoost(io.ComfyNode):
                 schema.fraction_input("outside_damping", 1.0,
                                "Multiplier for the same words outside the target (1 = leave, 0 = hide)."),
                 io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="all",
-                               tooltip="Which UNet parts are boosted."),
+                               tooltip="Which UNet parts are boosted ('all' on a diffusion transformer)."),
                 *schema.window_inputs("Boosting starts here.",
                                "Boosting ends here (default: the early, layout-forming steps).", end=0.4),
             ],
@@ -72,7 +70,7 @@ class CXRPathologyBoost(io.ComfyNode):
                 organ_masks: OrganMasks | None = None, target_mask: torch.Tensor | None = None) -> io.NodeOutput:
         check_inputs(cls, factor=factor, outside_damping=outside_damping, start_percent=start_percent,
                      end_percent=end_percent)
-        _check_model(cls.TITLE, model)
+        check_model(model, cls.TITLE, blocks=blocks, tokens=tokens)
         with user_errors(cls.TITLE):
             connected = organ_masks is not None or target_mask is not None
             target = target_region(organ_masks, target_organs, target_mask) if connected else None
@@ -88,7 +86,8 @@ class CXRCaptureAttention(io.ComfyNode):
     """Records, while the sampler runs, each word's cross-attention map (mean over heads and over the layers at one
     resolution) and the pathology words' attention share inside the target, per step. Never changes the result. It
     records the maps with every CXR stage of the sampled model applied, wherever it sits among gate and boost; view
-    it with CXR Attention Preview wired to the sampler's LATENT."""
+    it with CXR Attention Preview wired to the sampler's LATENT. On a diffusion transformer it records every block's
+    image→text attention at the patch grid (grid_factor = the patch size, 2)."""
 
     TITLE = "CXR Capture Attention"
 
@@ -114,14 +113,17 @@ class CXRCaptureAttention(io.ComfyNode):
     def execute(cls, model, tokens: TokenMap, label: str, grid_factor: str, target_organs: str,
                 start_percent: float, end_percent: float, organ_masks: OrganMasks | None = None) -> io.NodeOutput:
         check_inputs(cls, start_percent=start_percent, end_percent=end_percent)
-        _check_model(cls.TITLE, model)
+        dit = check_model(model, cls.TITLE, tokens=tokens)
         with user_errors(cls.TITLE):
             target = target_region(organ_masks, target_organs) if organ_masks is not None else None
             stage = capture_stage(tokens, percent_to_sigma(model), label=label, grid_factor=grid_factor,
                                   target=target, start_percent=start_percent, end_percent=end_percent,
                                   title=cls.TITLE)
         # A grid without cross-attention would capture nothing, found out only by the previews after sampling.
-        grid_factor_keys(model.get_model_object("diffusion_model"), stage.grid_factor, cls.TITLE)
+        if dit is None:
+            grid_factor_keys(model.get_model_object("diffusion_model"), stage.grid_factor, cls.TITLE)
+        else:
+            check_stage_on_dit(dit, cls.TITLE, tokens=tokens, grid_factor=stage.grid_factor)
         return io.NodeOutput(install_stage(model, stage))
 
 

@@ -8,9 +8,9 @@ from ..attention.gating import BACKGROUNDS, ISOLATIONS
 from ..attention.organs import OrganMasks
 from ..attention.stage_builders import BLOCK_CHOICES, GATE_APPLY_TO_UNCOND, MARGIN_MAX, gate_stage
 from ..attention.tokens import TokenMap
+from ..hosts.comfy.dit_stages import check_model
 from ..hosts.comfy.patch import install_stage, percent_to_sigma
 from ..hosts.comfy.prompt_isolation import projector
-from ..hosts.comfy.unet_layout import transformer_keys
 from . import schema  # attention nodes read the shared declarations as schema.X
 from .common import check_inputs, user_errors
 
@@ -19,7 +19,10 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
     """Stage 2 of the pack: keeps each organ's structure to itself. Self-attention of every UNet transformer block
     is confined to the organ a token belongs to (strength 1: hard; less: other regions leak in with weight 1 −
     strength), and anatomy words of the prompt ('left lung', 'heart') are hidden from image tokens outside their
-    organ. Returns a patched copy of the model; composes with other attention patches applied before it."""
+    organ. On SD3/SD3.5 and Flux diffusion transformers the same acts on each block's joint attention: image→image
+    confined, image→text hidden; text tokens attend as stock, so isolation is exact within a block and the text
+    stream links regions across blocks. Returns a patched copy of the model; composes with other attention patches
+    applied before it."""
 
     TITLE = "CXR Anatomy Attention Gate"
 
@@ -32,7 +35,8 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
             is_experimental=True,
             description=schema.described(cls),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.x / SD2.x / SDXL UNet)."),
+                io.Model.Input("model", tooltip="The diffusion model: an SD1.x / SD2.x / SDXL UNet, or an SD3/SD3.5 or "
+                               "Flux diffusion transformer."),
                 schema.organ_masks_input("Organ masks on the latent's field of view: use the masks output of Fit "
                                          "Radiograph to Model."),
                 schema.TokensType.Input(
@@ -60,7 +64,8 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "blocks", options=list(BLOCK_CHOICES), default="all",
-                    tooltip="Which UNet parts are gated (every transformer block in them).",
+                    tooltip="Which UNet parts are gated (every transformer block in them). A diffusion transformer "
+                    "takes 'all' (every block).",
                 ),
                 *schema.window_inputs("Gating starts at this point of denoising.",
                                       "Gating ends at this point of denoising."),
@@ -100,8 +105,8 @@ class CXRAnatomyAttentionGate(io.ComfyNode):
         anatomy_isolation: str = "tokens",
     ) -> io.NodeOutput:
         check_inputs(cls, start_percent=start_percent, end_percent=end_percent)
-        with user_errors(cls.TITLE, "model"):
-            transformer_keys(model)  # an unsupported model first: it has no noise range to turn percents into
+        # an unsupported model first: it has no noise range to turn percents into
+        check_model(model, cls.TITLE, blocks=blocks, tokens=tokens, isolation=anatomy_isolation)
         with user_errors(cls.TITLE):
             stage = gate_stage(organ_masks, percent_to_sigma(model), tokens=tokens, strength=strength,
                                token_strength=token_strength, organs=organs, background=background,

@@ -103,6 +103,13 @@ def tiny_sd35_checkpoint(tiny_models_dir: Path) -> Path:
     return ensure_tiny_model_checkpoint("sd35", tiny_models_dir)
 
 
+@pytest.fixture(scope="session")
+def sd35_loaded(comfy, tiny_sd35_checkpoint: Path) -> SimpleNamespace:
+    """MODEL, CLIP and VAE of the tiny SD3.5-family checkpoint, loaded once per session (the DiT test files share
+    it: loading and the full-size CLIP-G cost more than any of their tests)."""
+    return load_checkpoint(comfy, tiny_sd35_checkpoint)
+
+
 def load_checkpoint(comfy, path: Path) -> SimpleNamespace:
     """MODEL, CLIP and VAE of the checkpoint at ``path``, loaded by ComfyUI's ``CheckpointLoaderSimple`` by name."""
     import folder_paths

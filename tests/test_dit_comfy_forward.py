@@ -17,7 +17,7 @@ from cxr_counterfactual.attention.joint import JointGate
 from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.attention.patch_grid import patch_fit, patch_grid
 from cxr_counterfactual.attention.regions import partition
-from cxr_counterfactual.hosts.comfy.dit import TEXT_KEY, dit_family, install
+from cxr_counterfactual.hosts.comfy.dit import TEXT_KEY, dit_family, install, uniform
 
 LATENT, TEXT = (9, 7), 6
 GRID = patch_grid(LATENT, 2)
@@ -63,7 +63,7 @@ def tiny(comfy_dit, family: str):
 
 def options_of(blocks: int, singles: int, plan) -> dict:
     """Our patches on empty options, and the context length tag_text_length (APPLY_MODEL) would add."""
-    options = install({"transformer_options": {}}, blocks, plan, singles)["transformer_options"]
+    options = install({"transformer_options": {}}, blocks, uniform(plan), singles)["transformer_options"]
     return {**options, TEXT_KEY: TEXT} if singles else options
 
 
@@ -123,7 +123,7 @@ def test_joint_sequence_is_text_first_and_a_previous_override_still_runs(comfy_d
         return func(*args, **kwargs)
 
     options = install({"transformer_options": {"optimized_attention_override": theirs}}, blocks,
-                      lambda call, device: (None, None), singles)["transformer_options"]
+                      uniform(lambda call, device: (None, None)), singles)["transformer_options"]
     run(model, family, {**options, TEXT_KEY: TEXT}, blank_prompt=True)
     v = values[0]
     tokens = v if family == "flux" else v.transpose(1, 2)  # [B, H, N, D] (MMDiT hands v as [B, N, H, D])

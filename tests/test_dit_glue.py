@@ -25,6 +25,7 @@ from cxr_counterfactual.hosts.comfy.dit import (
     dit_family,
     install,
     tag_text_length,
+    uniform,
 )
 
 HEADS, DIM, TEXT = 2, 8, 5
@@ -58,22 +59,22 @@ def tagged():
     return {CALL_KEY: DitCall(("double_block", 0), TEXT, IMAGE)}
 
 
-def test_family_by_class_and_unknown_family_named():
-    class MMDiT:
-        pass
+@pytest.mark.parametrize(("module", "name", "family"), [
+    ("comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper", "mmdit"),  # SD3/SD3.5's
+    ("comfy.ldm.flux.model", "Flux", "flux"),
+    ("comfy.ldm.aura.mmdit", "MMDiT", None),  # AuraFlow: a class of the same name in another module
+    ("comfy.ldm.hunyuan_video.model", "HunyuanVideo", None),
+])
+def test_family_by_comfyuis_class_and_unknown_family_named(comfy, module, name, family):
+    import importlib
 
-    class OpenAISignatureMMDITWrapper(MMDiT):
-        pass
-
-    class Flux:
-        pass
-
-    class HunyuanVideo:
-        pass
-
-    assert dit_family(OpenAISignatureMMDITWrapper()) == "mmdit" and dit_family(Flux()) == "flux"
-    with pytest.raises(CXRInputError, match="HunyuanVideo.*") as err:
-        dit_family(HunyuanVideo())
+    cls = getattr(importlib.import_module(module), name)
+    model = cls.__new__(cls)  # the family is read from the class alone: no weights needed
+    if family is not None:
+        assert dit_family(model) == family
+        return
+    with pytest.raises(CXRInputError, match=f"{name} \\(from {module}\\)") as err:
+        dit_family(model)
     assert "MMDiT" in err.value.fix and "Flux" in err.value.fix
 
 
@@ -102,7 +103,7 @@ def test_override_regulates_the_joint_call_in_each_familys_convention(family):
     g = gate()
     bias = torch.zeros(IMAGE, TEXT)
     bias[:, 2] = float("-inf")
-    override = JointOverride(lambda call, device: (g, bias))
+    override = JointOverride(uniform(lambda call, device: (g, bias)))
     if family == "mmdit":  # flat layout, heads by keyword (mmdit.py _block_mixing)
         out = override(backend, to_flat(q), to_flat(k), to_flat(v), heads=HEADS, transformer_options=tagged(),
                        _inside_attn_wrapper=True)
@@ -121,7 +122,7 @@ def test_override_leaves_other_calls_to_the_previous_override_or_backend():
         return func(*args, **kwargs)
 
     g = gate()
-    override = JointOverride(lambda call, device: (g, None), previous)
+    override = JointOverride(uniform(lambda call, device: (g, None)), previous)
     q, k, v = heads_qkv(TEXT + IMAGE)
     flat = [to_flat(x) for x in (q, k, v)]
     # untagged (another model part), masked, or of another length: the previous override, untouched
@@ -130,7 +131,7 @@ def test_override_leaves_other_calls_to_the_previous_override_or_backend():
     override(backend, *(x[:, :3] for x in flat), heads=HEADS, transformer_options=tagged())
     assert len(calls) == 3
     # neutral plan: the stock call itself, through the previous override
-    neutral = JointOverride(lambda call, device: (None, None), previous)
+    neutral = JointOverride(uniform(lambda call, device: (None, None)), previous)
     assert torch.equal(neutral(backend, *flat, heads=HEADS, transformer_options=tagged()), backend(*flat, heads=HEADS))
     assert len(calls) == 4
 
@@ -138,7 +139,7 @@ def test_override_leaves_other_calls_to_the_previous_override_or_backend():
 def test_override_gates_mmdit_x_image_only_attention():
     g = gate()
     q, k, v = heads_qkv(IMAGE, seed=2)
-    override = JointOverride(lambda call, device: (g, torch.zeros(IMAGE, TEXT)))
+    override = JointOverride(uniform(lambda call, device: (g, torch.zeros(IMAGE, TEXT))))
     out = override(backend, *(to_flat(x) for x in (q, k, v)), heads=HEADS, transformer_options=tagged())
     assert torch.equal(out, to_flat(gated_self_attention(q, k, v, g.part, 0.0)))
 
@@ -152,7 +153,7 @@ def test_install_wraps_what_was_there_and_copies():
 
     model_options = {"transformer_options": {"patches_replace": {"dit": {("double_block", 1): theirs}},
                                              "optimized_attention_override": their_override}}
-    new = install(model_options, 3, lambda call, device: (None, None))
+    new = install(model_options, 3, uniform(lambda call, device: (None, None)))
     dit = new["transformer_options"]["patches_replace"]["dit"]
     assert set(dit) == {("double_block", i) for i in range(3)}
     assert dit[("double_block", 1)].inner is theirs and dit[("double_block", 0)].inner is None
@@ -188,7 +189,7 @@ def test_regulated_mask_free_parts_still_go_through_the_previous_override():
 
     g = gate()  # hard, no text bias: text rows and each region's call are mask-free, through the override
     q, k, v = heads_qkv(TEXT + IMAGE)
-    out = JointOverride(lambda call, device: (g, None), previous)(
+    out = JointOverride(uniform(lambda call, device: (g, None)), previous)(
         backend, *(to_flat(x) for x in (q, k, v)), heads=HEADS, transformer_options=tagged())
     assert torch.equal(out, to_flat(joint_attention(q, k, v, DitCall(("double_block", 0), TEXT, IMAGE).layout, g)))
     regions = [e - s for label, s, e in g.part.slices]

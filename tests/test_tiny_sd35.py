@@ -1,14 +1,14 @@
 """The tiny SD3.5-family checkpoint (``testing/tiny_models.py`` recipe ``sd35``) through ComfyUI's own loader and
 sampler, in-process on the CPU, and the DiT glue (``hosts/comfy/dit.py``) inside that real sampling run.
 
-One module-scoped load (``comfy.sd.load_checkpoint_guess_config``) and one prompt encode serve every test: the
-full-size CLIP-G dominates the time (≈ 15 s to encode on a busy 2-core machine); a sampling step of the two-block
+One session-scoped load (``sd35_loaded``: ComfyUI's CheckpointLoaderSimple, shared by the DiT test files) and one
+prompt encode serve every test: the full-size CLIP-G dominates the time (≈ 15 s to encode on a busy 2-core machine);
+a sampling step of the two-block
 MMDiT at a 9×7 latent takes well under a second. Marked slow: the checkpoint is built on first use (≈ 30 s, 0.83 GB).
 """
 
 from __future__ import annotations
 
-import gc
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +18,7 @@ from cxr_counterfactual.attention.joint import JointGate
 from cxr_counterfactual.attention.organs import OrganMasks
 from cxr_counterfactual.attention.patch_grid import patch_fit, patch_grid
 from cxr_counterfactual.attention.regions import partition
-from cxr_counterfactual.hosts.comfy.dit import CALL_KEY, dit_family, install
+from cxr_counterfactual.hosts.comfy.dit import CALL_KEY, dit_family, install, uniform
 
 LATENT = (9, 7)  # odd on both sides: ComfyUI pads circularly to a 5×4 patch grid
 GRID = patch_grid(LATENT, 2)
@@ -29,19 +29,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sd35(tiny_sd35_checkpoint):
-    """MODEL, CLIP, VAE of the tiny checkpoint and its positive/negative conditioning."""
-    import comfy.sd
+def sd35(tiny_sd35_checkpoint, sd35_loaded):
+    """MODEL, CLIP, VAE of the tiny checkpoint (loaded once per session) and its positive/negative conditioning."""
     import nodes
 
     with torch.inference_mode():
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(tiny_sd35_checkpoint))[:3]
-        positive = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
-        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
-    yield SimpleNamespace(path=tiny_sd35_checkpoint, model=model, clip=clip, vae=vae, positive=positive,
-                          negative=negative)
-    del model, clip, vae
-    gc.collect()
+        positive = nodes.CLIPTextEncode().encode(sd35_loaded.clip, PROMPT)[0]
+        negative = nodes.CLIPTextEncode().encode(sd35_loaded.clip, "")[0]
+    return SimpleNamespace(path=tiny_sd35_checkpoint, model=sd35_loaded.model, clip=sd35_loaded.clip,
+                           vae=sd35_loaded.vae, positive=positive, negative=negative)
 
 
 def sample(model, f, latent: torch.Tensor, steps: int = 2, denoise: float = 1.0) -> torch.Tensor:
@@ -105,10 +101,10 @@ def two_regions():
     return JointGate(part, 0.0), part.labels
 
 
-def cells_read_only_by(labels: torch.Tensor, region: int) -> torch.Tensor:
+def cells_read_only_by(labels: torch.Tensor, region: int, latent=LATENT, grid=GRID) -> torch.Tensor:
     """``[H, W]`` bool: latent cells that only tokens of ``region`` read (ComfyUI pads circularly at the bottom and
     right, so the last token row/column also reads the first latent rows/columns)."""
-    (h, w), (gh, gw) = LATENT, GRID
+    (h, w), (gh, gw) = latent, grid
     pad_h, pad_w = gh * 2 - h, gw * 2 - w
     grid = labels.reshape(gh, gw)
     out = torch.zeros(h, w, dtype=torch.bool)
@@ -125,7 +121,7 @@ def recorded_run(f, plan, latent: torch.Tensor) -> list:
     every attention output of our override, with its block and sequence length, in call order."""
     model = f.model.clone()
     blocks = len(model.get_model_object("diffusion_model").joint_blocks)
-    model.model_options = install(model.model_options, blocks, plan)
+    model.model_options = install(model.model_options, blocks, uniform(plan))
     ours = model.model_options["transformer_options"]["optimized_attention_override"]
     seen = []
 

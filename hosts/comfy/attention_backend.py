@@ -207,3 +207,19 @@ def soft_kernels(heads: int, extra: dict, state: RunState | None,
         state.report(SOFT_REPORT, (), f"soft gating: the attention backend {name} gives no log-sum-exp; soft-gated "
                      f"layers use {cost}. Start ComfyUI with --use-pytorch-cross-attention to keep one kernel.")
     return kernel, sdpa_with_lse
+
+
+def joint_lse_kernel(func, state: RunState | None, device: torch.device) -> LseKernel:
+    """The log-sum-exp kernel of a diffusion transformer's joint call (soft gate, text bias): the backend ``func``'s
+    own where it has one (ComfyUI hands an attention override the undecorated backend), else torch's exact fallback,
+    noted once per run as for the UNet's soft gating."""
+    name = getattr(func, "__name__", type(func).__name__)
+    own = _own_lse(func) if func is not None else None
+    if own is not None:
+        _note(state, "joint attention", name)
+        return own
+    _note(state, "joint attention", f"{name} (no log-sum-exp: fallback)")
+    if state is not None:
+        state.report(SOFT_REPORT, (), f"joint attention: the attention backend {name} gives no log-sum-exp; the soft "
+                     f"gate and text biases use {_fallback_cost(device)}.")
+    return sdpa_with_lse

@@ -28,6 +28,7 @@ import comfy.patcher_extension
 from ...attention.run_state import ResultStore, RunState
 from ...attention.stages import Stage
 from .cond_areas import HOLDER_KEY, calc_cond_batch_wrapper
+from .dit_stages import dit_model, install_dit_stage
 from .replace import CXRReplace
 from .sampling_wrappers import apply_model_wrapper, check_batch, our_stages, outer_sample_wrapper
 from .unet_layout import transformer_keys
@@ -45,8 +46,11 @@ def install_stage(model, stage: Stage, kinds: Sequence[str] | None = None):
     it covers.
 
     A key already holding our replace gains the stage; a key holding another pack's replace (3-part, or
-    the block's 2-part key) has it wrapped as our kernel, never overwritten.
+    the block's 2-part key) has it wrapped as our kernel, never overwritten. A diffusion transformer gets the
+    stage on its blocks instead (:func:`.dit_stages.install_dit_stage`).
     """
+    if dit_model(model) is not None:
+        return install_dit_stage(model, stage)
     keys = [k for k in transformer_keys(model) if stage.covers(k)]
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})

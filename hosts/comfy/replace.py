@@ -48,7 +48,7 @@ def _grid(extra: dict) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------------------------------
 # the replace patch
-def _rows(extra: dict, batch: int, include_uncond: bool) -> torch.Tensor | None:
+def batch_rows(extra: dict, batch: int, include_uncond: bool) -> torch.Tensor | None:
     """Batch rows to regulate (None = all): the chunks of the positive prompt (all chunks with
     ``include_uncond``), by the rule both hosts share (:func:`.layer_call.regulated_rows`).
 
@@ -156,7 +156,7 @@ class CXRReplace:
 
     def _groups(self, batch: int, extra: dict, active, include_uncond: bool) -> list[tuple[Field, list[int]]]:
         """The regulated rows grouped by their field (one group: all share it)."""
-        rows = _rows(extra, batch, include_uncond)
+        rows = batch_rows(extra, batch, include_uncond)
         chunks = chunk_fields(extra)
         if per_sample(active):
             check_images(active, batch // len(chunks))
@@ -167,7 +167,7 @@ class CXRReplace:
 
     def _on_rows(self, q, k, v, extra: dict, include_uncond: bool, work) -> torch.Tensor:
         """Run ``work`` on the regulated rows and stock attention (once) on the others."""
-        rows = _rows(extra, q.shape[0], include_uncond)
+        rows = batch_rows(extra, q.shape[0], include_uncond)
         if rows is None:
             return work(q, k, v, extra)
         if rows.numel() == 0:
@@ -258,7 +258,7 @@ class CXRReplace:
             def observe(q, k, v, extra):
                 # Capture alone must not change the result: the positive rows are only observed, and the whole
                 # batch runs through the stock kernel exactly as without us (a sub-batch can round differently).
-                rows = _rows(extra, q.shape[0], False)
+                rows = batch_rows(extra, q.shape[0], False)
                 if rows is None:
                     capture(q, k, extra)
                 elif rows.numel():

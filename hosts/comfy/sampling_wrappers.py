@@ -16,7 +16,13 @@ from . import audit
 from .cond_areas import HOLDER_KEY, check_areas
 from .cond_areas import holder as _state
 from .control_checks import check_controls
+from .dit import BlockReplace
 from .replace import CXRReplace
+
+#: Our replaces: a UNet attention layer's, a DiT block's.
+OURS = (CXRReplace, BlockReplace)
+#: The run state's kind for DiT blocks (``RunState.installed``, ``reach``, ``trace``).
+DIT_KIND = "dit"
 
 logger = logging.getLogger("cxr_counterfactual")
 
@@ -55,11 +61,12 @@ def outer_sample_wrapper(executor, *args, **kwargs):
 
 
 def our_stages(model_options: dict) -> list[Stage]:
-    """Every stage our replaces in ``model_options`` carry (each once)."""
+    """Every stage our replaces in ``model_options`` carry (each once): the UNet's attention replaces and the DiT's
+    block replaces."""
     stages: list[Stage] = []
     for table in model_options.get("transformer_options", {}).get("patches_replace", {}).values():
         for fn in table.values():
-            for stage in getattr(fn, "stages", ()) if isinstance(fn, CXRReplace) else ():
+            for stage in getattr(fn, "stages", ()) if isinstance(fn, OURS) else ():
                 if all(stage is not s for s in stages):
                     stages.append(stage)
     return stages
@@ -88,11 +95,19 @@ def _check_ownership(state: RunState, to: dict) -> None:
     replace = to.get("patches_replace", {})
     for kind, keys in state.installed.items():
         for key in sorted(keys):
-            fn = replace.get(kind, {}).get(key)
-            if not isinstance(fn, CXRReplace) and (kind, key) not in state.reached:
+            if (kind, key) in state.reached:
+                continue
+            fn = replace.get(kind, {}).get(key[:2] if kind == DIT_KIND else key)  # DiT replaces: 2-part keys
+            if not isinstance(fn, OURS):
                 name = getattr(fn, "__qualname__", type(fn).__name__)
                 state.report("overwritten", key, f"{kind} {key} was replaced by a later node ({name}); anatomy "
                              "gating is off in that layer. Apply the CXR nodes after that node to compose them.")
+            elif kind == DIT_KIND:  # our block replace ran but our attention override did not: another took its place
+                fn = to.get("optimized_attention_override")
+                name = getattr(fn, "__qualname__", type(fn).__name__)
+                state.report("overwritten", key, f"the attention override of {key[:2]} is another node's ({name}) and "
+                             "does not call ours; the CXR stages are off in that block. Apply the CXR nodes after that "
+                             "node to compose them.")
 
 
 def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
