@@ -1,9 +1,11 @@
 """Stock vs regulated sampling of the same graph in ComfyUI, back to back in one process.
 
-    python benchmarks/sampling.py [--repeats 5] [--steps 4] [--quick]
+    python benchmarks/sampling.py [--repeats 5] [--steps 4] [--quick] [--dit]
 
 Models: the tiny random-weight SD1.5-shaped checkpoint at 256 and 512 px, and a full-size SD1.5
-random-weight UNet (with the tiny checkpoint's full-size CLIP-L) at 256 px. Same seed, same prompt, same
+random-weight UNet (with the tiny checkpoint's full-size CLIP-L) at 256 px. ``--dit``: the tiny SD3.5-family
+checkpoint (two MMDiT-X blocks, ``testing/tiny_models.py`` recipe ``sd35``) at 256 and 512 px (256 and 1024 image
+tokens), stock vs gated / boosted / captured joint attention through the same nodes. Same seed, same prompt, same
 ComfyUI attention backend flags (the defaults) for every case; the radiograph and organ masks are
 ``cxr/chexmask-example``. Each case's time is the median of ``--repeats`` runs, interleaved with the stock
 runs; memory is the peak RSS growth during a run (sampled every 5 ms) minus stock's, except for the refined
@@ -288,6 +290,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny model at 256 px only")
     parser.add_argument("--refined-only", action="store_true", help="only the refinement sampler's cases")
+    parser.add_argument("--dit", action="store_true", help="the tiny SD3.5-family DiT only")
     parser.add_argument("--memory-probe", nargs=4, metavar=("MODEL", "PX", "STEPS", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -302,6 +305,15 @@ def main() -> None:
     comfy.utils.PROGRESS_BAR_ENABLED = False  # keep the output to the result lines
 
     print(f"# ComfyUI attention backend: {attention.optimized_attention.__name__}; threads={torch.get_num_threads()}")
+    if args.dit:
+        from cxr_counterfactual.testing.tiny_models import ensure_tiny_model_checkpoint
+
+        dit = ensure_tiny_model_checkpoint("sd35", ckpt.parent)
+        for px in (256,) if args.quick else (256, 512):
+            model, masks, latent, pos, neg, tokens = prepare(nodes, dit, px)
+            bench(nodes, "tiny-sd35", px, cases(nodes, model, masks, tokens), latent, pos, neg, args.steps,
+                  args.repeats)
+        return
     for px in (256,) if args.quick else (256, 512):
         model, masks, latent, pos, neg, tokens = prepare(nodes, ckpt, px)
         if not args.refined_only:

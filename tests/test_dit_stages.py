@@ -23,6 +23,7 @@ from cxr_counterfactual.hosts.comfy.dit import CALL_KEY, BlockReplace
 
 pytestmark = pytest.mark.slow
 SEED, CFG, STEPS = 3, 4.0, 2
+PROMPT = "chest x-ray, left lung with large pleural effusion, normal heart"
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,12 @@ def sd35(comfy, sd35_loaded, chexmask_example):
     with torch.inference_mode():
         fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=64, organ_masks=masks)
         latent = comfy.node("VAEEncode")().encode(loaded.vae, fitted)[0]
-        positive = comfy.node("CLIPTextEncode")().encode(loaded.clip, "chest x-ray, left pleural effusion")[0]
+        positive, tokens = run(comfy.node("CXRTextEncode"), clip=loaded.clip, text=PROMPT, anatomy="left lung, heart",
+                               pathology="effusion")
         negative = comfy.node("CLIPTextEncode")().encode(loaded.clip, "")[0]
     assert latent["samples"].shape[-2:] == (8, 7)
     return SimpleNamespace(model=loaded.model, clip=loaded.clip, vae=loaded.vae, masks=fitted_masks, latent=latent,
-                           positive=positive, negative=negative)
+                           positive=positive, negative=negative, tokens=tokens)
 
 
 def sample(comfy, model, f, latent=None, denoise=0.6, steps=STEPS) -> torch.Tensor:
@@ -190,3 +192,75 @@ def test_a_later_pack_that_shadows_ours_is_reported(comfy, sd35, what):
     conflicts = result_store(gated).latest().conflicts
     lost = {c.key for c in conflicts if c.kind == "overwritten"}
     assert lost == ({("double_block", 0, 0)} if what == "block" else {("double_block", 0, 0), ("double_block", 1, 0)})
+
+
+def captured(comfy, model, f, label: str, **settings):
+    """Capture (the left lung as target) on ``model``, one sampling run; that run's capture record."""
+    from cxr_counterfactual.hosts.comfy.patch import result_store
+
+    m = run(comfy.node("CXRCaptureAttention"), model=model, tokens=f.tokens, label=label, organ_masks=f.masks,
+            target_organs="left_lung", **settings)[0]
+    sample(comfy, m, f)
+    return result_store(m).latest().capture[label]
+
+
+def test_capture_records_each_words_map_at_the_patch_grid(comfy, sd35):
+    """Per-word maps of every block's image→text attention at the 4×4 patch grid, every step, the in-target share
+    too; the capture alone changes nothing (the same sampler output as the stock model)."""
+    cap = captured(comfy, sd35.model, sd35, "stock")
+    assert cap.grid == (4, 4) and len(cap.steps) == STEPS
+    for step in cap.steps.values():
+        assert step.layers == 2 and step.share_layers == 2  # both joint blocks, not MMDiT-X's image-only call
+        assert set(step.maps) == {"left lung", "heart", "effusion"}
+        assert all(m.shape == (4, 4) and (m > 0).all() for m in step.maps.values())
+    m = run(comfy.node("CXRCaptureAttention"), model=sd35.model, tokens=sd35.tokens, organ_masks=sd35.masks)[0]
+    assert torch.equal(sample(comfy, m, sd35), sample(comfy, sd35.model, sd35))
+
+
+def test_anatomy_words_are_hidden_outside_their_organ_exactly(comfy, sd35):
+    """With token_strength 1 the gate gives an anatomy word weight exactly 0 at every image token outside its organ
+    (its text columns get −inf); inside, the word keeps a positive weight."""
+    from cxr_counterfactual.attention.field import Field
+
+    gated = gate(comfy, sd35, tokens=sd35.tokens, strength=0.0, token_strength=1.0)
+    cap = captured(comfy, gated, sd35, "hidden")
+    stage = gated.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].stages[0]
+    field = Field(tuple(sd35.latent["samples"].shape[-2:]), patch=2)
+    cover = stage.word_cover(4, 4, field).reshape(len(stage.token_words), 4, 4)
+    words = [w for w in sd35.tokens.anatomy]
+    assert words == ["left lung", "heart"]
+    for step in cap.steps.values():
+        for i, word in enumerate(words):
+            inside = cover[i]
+            assert inside.any() and (~inside).any()
+            assert (step.maps[word][~inside] == 0).all() and (step.maps[word][inside] > 0).all()
+
+
+def test_boost_raises_the_pathology_share_inside_the_target(comfy, sd35):
+    """CXR Pathology Boost on the DiT (×3 inside the left lung): the captured in-target share of 'effusion' rises at
+    every boosted step, and the sampler's output changes."""
+    boosted = run(comfy.node("CXRPathologyBoost"), model=sd35.model, tokens=sd35.tokens, organ_masks=sd35.masks,
+                  target_organs="left_lung", factor=3.0, end_percent=1.0)[0]
+    stock, after = captured(comfy, sd35.model, sd35, "stock"), captured(comfy, boosted, sd35, "boosted")
+    for sigma, step in stock.steps.items():
+        before = step.share_sum / step.share_layers
+        raised = after.steps[sigma].share_sum / after.steps[sigma].share_layers
+        assert raised > before + 0.01, (sigma, before, raised)
+    assert not torch.equal(sample(comfy, boosted, sd35), sample(comfy, sd35.model, sd35))
+
+
+def test_stage_nodes_refuse_what_has_no_meaning_on_a_dit(comfy, sd35):
+    """Capture at a grid the DiT does not have; a boost over UNet parts; a UNet token map on the DiT."""
+    import dataclasses
+
+    with pytest.raises(CXRInputError) as err:
+        run(comfy.node("CXRCaptureAttention"), model=sd35.model, tokens=sd35.tokens, grid_factor="4")
+    assert err.value.input_name == "grid_factor" and "grid_factor 2" in err.value.fix
+    with pytest.raises(CXRInputError) as err:
+        run(comfy.node("CXRPathologyBoost"), model=sd35.model, tokens=sd35.tokens, organ_masks=sd35.masks,
+            blocks="output")
+    assert err.value.input_name == "blocks"
+    unet_tokens = dataclasses.replace(sd35.tokens, layout="clip", parts=())
+    with pytest.raises(CXRInputError) as err:
+        run(comfy.node("CXRPathologyBoost"), model=sd35.model, tokens=unet_tokens, organ_masks=sd35.masks)
+    assert err.value.input_name == "tokens" and "'sd3'" in str(err.value)
