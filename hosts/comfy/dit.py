@@ -1,4 +1,4 @@
-"""ComfyUI glue for diffusion transformers (MMDiT/SD3, Flux): a SKETCH, not wired to any node yet (issue 24).
+"""ComfyUI glue for diffusion transformers (MMDiT/SD3, Flux): how a joint attention call is found and handed over.
 
 ComfyUI 0.3.64 hands ``transformer_options`` to every DiT attention call and lets an
 ``optimized_attention_override`` in it take the call (``wrap_attn``), but says nothing there about the block or
@@ -6,17 +6,17 @@ where text ends. Its DiT forwards accept block replaces ``("double_block", i)`` 
 ``patches_replace["dit"]``, called as ``replace(args, {"original_block": run})``. So, without monkeypatching:
 
 - :class:`BlockReplace` (one per block) hands the block a **copy** of ``transformer_options`` that also holds a
-  :class:`DitCall` (block key, text and image lengths, order) under :data:`CALL_KEY`, and runs the block through
-  the replace that held the key before it (another pack's), else through ComfyUI's ``original_block``; Flux's
-  single blocks learn where text ends from :func:`tag_text_length` (an APPLY_MODEL wrapper);
+  :class:`DitCall` (block key, text and image lengths, order, the block's stages) under :data:`CALL_KEY`, and runs
+  the block through the replace that held the key before it (another pack's), else through ComfyUI's
+  ``original_block``; Flux's single blocks learn where text ends from :func:`tag_text_length` (an APPLY_MODEL
+  wrapper, which also tags the input's shape);
 - :class:`JointOverride` (the model's ``optimized_attention_override``) sees every attention call: a call whose
   sequence is text + image tokens of a :class:`DitCall` is the joint call, one of image tokens alone is MMDiT-X's
-  image-only attention; ``plan`` says what to do there (None: stock). Everything else goes, untouched, to the
-  override that was set before ours, else to ComfyUI's backend.
+  image-only attention; its ``regulate`` hook says what happens there (None: stock; the stages' rule is
+  :func:`.dit_stages.regulate`). Everything else goes, untouched, to the override that was set before ours, else
+  to ComfyUI's backend. Masked calls (Flux's ``attention_mask``) run stock and are reported through ``skipped``.
 
-Facts and line numbers: ``docs/dit-progress.md``. Still missing: the stages' plan (gate partition at the patch
-grid, the anatomy/boost biases at the family's text positions, sigma windows, batch rows), Flux's
-``attention_mask``, Kontext's reference tokens (appended after the grid's), node wiring.
+Facts and line numbers: ``docs/dit-progress.md``.
 """
 
 from __future__ import annotations
@@ -159,8 +159,9 @@ class JointOverride:
     ``skip_output_reshape``. ``regulate`` decides what a tagged call does (None: the stock call itself).
     """
 
-    def __init__(self, regulate: Regulate, previous: Callable | None = None):
-        self.regulate, self.previous = regulate, previous
+    def __init__(self, regulate: Regulate, previous: Callable | None = None,
+                 skipped: Callable[[DitCall, dict, str], None] | None = None):
+        self.regulate, self.previous, self.skipped = regulate, previous, skipped
 
     def _stock(self, func: Callable, args: tuple, kwargs: dict):
         return self.previous(func, *args, **kwargs) if self.previous is not None else func(*args, **kwargs)
@@ -168,8 +169,12 @@ class JointOverride:
     def __call__(self, func: Callable, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
         call = options.get(CALL_KEY)
-        if not isinstance(call, DitCall) or kwargs.get("mask") is not None:
-            return self._stock(func, args, kwargs)  # not a tagged block, or a masked call: untouched
+        if not isinstance(call, DitCall):
+            return self._stock(func, args, kwargs)  # not a tagged block: untouched
+        if kwargs.get("mask") is not None:  # Flux's attention_mask: the parts cannot be merged without it, stock
+            if self.skipped is not None:
+                self.skipped(call, options, "an attention mask (attention_mask)")
+            return self._stock(func, args, kwargs)
         q, k, v = args[:3]
         heads = args[3] if len(args) > 3 else kwargs["heads"]
         heads_layout = bool(kwargs.get("skip_reshape", False))
@@ -205,7 +210,7 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def install(model_options: dict, blocks: int, regulate: Regulate, single_blocks: int = 0, stage=None,
-            patch: int = 2) -> dict:
+            patch: int = 2, skipped: Callable[[DitCall, dict, str], None] | None = None) -> dict:
     """The ``model_options`` of a cloned ModelPatcher with our block replaces and attention override, each
     wrapping what was there (copies, as ComfyUI's ``set_model_options_patch_replace`` makes them). A key that
     already holds our replace gains ``stage`` (when given); our override is installed once.
@@ -229,5 +234,5 @@ def install(model_options: dict, blocks: int, regulate: Regulate, single_blocks:
     options["patches_replace"] = replaces
     previous = options.get("optimized_attention_override")
     if not isinstance(previous, JointOverride):
-        options["optimized_attention_override"] = JointOverride(regulate, previous)
+        options["optimized_attention_override"] = JointOverride(regulate, previous, skipped)
     return {**model_options, "transformer_options": options}

@@ -115,7 +115,8 @@ def install_dit_stage(model, stage: Stage):
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
     state: RunState = to.get(HOLDER_KEY) or RunState()
-    m.model_options = install(m.model_options, blocks, regulate, singles, stage=stage, patch=int(dm.patch_size))
+    m.model_options = install(m.model_options, blocks, regulate, singles, stage=stage, patch=int(dm.patch_size),
+                              skipped=skipped)
     to = m.model_options["transformer_options"]
     installed = state.installed.setdefault(KIND, set())
     installed.update([("double_block", i, 0) for i in range(blocks)] + [("single_block", i, 0) for i in range(singles)])
@@ -201,6 +202,16 @@ def regulate(call: DitCall, options: dict, q: torch.Tensor, k: torch.Tensor, v: 
         o = torch.tensor(others, dtype=torch.long, device=q.device)
         out[o] = kernel(q.index_select(0, o), k.index_select(0, o), v.index_select(0, o)).to(out.dtype)
     return out
+
+
+def skipped(call: DitCall, options: dict, why: str) -> None:
+    """A tagged call the stages cannot regulate (reported once per run and block; the call runs stock)."""
+    state = _state(options)
+    if state is not None:
+        key = (*call.block, 0)
+        state.reach(KIND, key)
+        state.report("dit-stock", key, f"a joint attention call at {call.block} carries {why}: the CXR stages leave "
+                     "it stock.")
 
 
 def _all_or(rows: torch.Tensor | None, batch: int) -> list[int]:
