@@ -2,7 +2,9 @@
 
 ``CXRInvertLatent`` runs the DDIM inversion of ``attention/inversion.py`` inside ComfyUI's own sampling
 machinery (the guider and sampler glue is ``hosts/comfy/inversion.py``), so the denoiser it inverts is
-exactly the one SamplerCustom will call later.
+exactly the one SamplerCustom will call later. EPS models (SD1.x/2.x/SDXL) and flow-matching ones (CONST:
+SD3/SD3.5) are inverted by the same Euler steps; the noise follows the model's own mixing (see
+``NoiseConvention``).
 
 Outputs, and how they plug into ComfyUI's samplers (sampler ``euler`` or ``ddim``, the same cfg):
 - ``inverted`` LATENT + ``sigmas`` → SamplerCustom with ``add_noise`` off (or SamplerCustomAdvanced with
@@ -36,7 +38,7 @@ from ..hosts.comfy.inversion import (
     inversion_sigmas,
     invert,
     model_key,
-    require_eps_model,
+    sampling_convention,
 )
 from .common import check_inputs
 from .schema import CATEGORY_EDIT, described
@@ -64,8 +66,9 @@ class CXRInvertLatent(io.ComfyNode):
             node_id="CXRInvertLatent", display_name=cls.TITLE, category=CATEGORY_EDIT, is_experimental=True,
             description=described(cls),
             inputs=[
-                io.Model.Input("model", tooltip="The edit's checkpoint (SD1.x/2.x/SDXL), plain or gated; not boosted "
-                               "(boosting targets the edit prompt's words). Regenerate with the same checkpoint."),
+                io.Model.Input("model", tooltip="The edit's checkpoint (SD1.x/2.x/SDXL, or SD3/SD3.5 flow), plain or "
+                               "gated; not boosted (boosting targets the edit prompt's words). Regenerate with the "
+                               "same checkpoint."),
                 io.Conditioning.Input("positive", tooltip="The prompt describing the patient as they are (the source "
                                       "prompt, without the counterfactual finding)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt; use the same one for the edit."),
@@ -108,9 +111,9 @@ class CXRInvertLatent(io.ComfyNode):
         if samples.ndim != 4 or torch.count_nonzero(samples) == 0:
             raise CXRInputError(f"the latent ({tuple(samples.shape)}) is empty or not an image latent.",
                                 node=cls.TITLE, input_name="latent", fix="Connect VAE Encode of the radiograph.")
-        require_eps_model(model, cls.TITLE)
-        sigmas = inversion_sigmas(model, scheduler, steps, start_percent, cls.TITLE)
-        result = invert(model, positive, negative, samples, cfg, sigmas, refine)
+        convention = sampling_convention(model, cls.TITLE)
+        sigmas = inversion_sigmas(model, scheduler, steps, start_percent, cls.TITLE, convention)
+        result = invert(model, positive, negative, samples, cfg, sigmas, refine, convention)
         inverted = {k: v for k, v in latent.items() if k != "noise_mask"}  # the keep path needs the source
         inverted.update(samples=result.samples, **{RECORD_KEY: result.record})
         report = result.report
