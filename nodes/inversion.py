@@ -84,7 +84,8 @@ class CXRInvertLatent(io.ComfyNode):
                 io.Float.Input("start_percent", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Where inversion stops and regeneration starts: 0 = pure noise, towards 1 = "
                                "little noise. A fraction of the model's noise range (ComfyUI's convention, "
-                               "percent_to_sigma, as ControlNet uses), not of the step count. Must be below 1."),
+                               "percent_to_sigma, as ControlNet uses), not of the step count. Must be below 1 "
+                               "(and above 0 for a flow model such as SD3)."),
                 io.Int.Input("refine", default=4, min=0, max=20,
                              tooltip="Fixed-point refinements per step (each one more model call, Anderson-mixed): "
                              "they make the euler step back land on the previous latent; 0 = plain DDIM inversion."),

@@ -186,7 +186,7 @@ def invert(model, positive, negative, samples: torch.Tensor, cfg: float, sigmas:
     """Invert ``samples`` (a LATENT's tensor) along ``sigmas`` with ComfyUI's CFG guider and record what was used.
 
     The noise is the one ComfyUI's ``noise_scaling`` turns into the inverted latent at the start sigma ``s``:
-    ``(x_s − x0) / s`` for EPS, ``(x_s − (1 − s)·x0) / s`` for flow (at s = 1 the inverted latent itself)."""
+    ``(x_s − x0) / s`` for EPS, ``(x_s − (1 − s)·x0) / s`` for flow."""
     x_t, x0, report = _run_inversion(model, positive, negative, samples, cfg, sigmas, refine, convention)
     sigma_t = float(sigmas[0])
     eps = implied_noise(x_t, x0, sigma_t, convention)
