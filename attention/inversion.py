@@ -24,6 +24,16 @@ makes the result worse than the DDIM guess.
 
 The caller supplies ``denoise(x, sigma) -> x0`` (ComfyUI's CFG guider inside a sampler run) and the
 sampling schedule the regeneration will use (descending, ending at 0).
+
+Flow-matching models (ComfyUI's CONST sampling: SD3/SD3.5, Flux) mix differently, ``x = (1 - sigma) * x0 +
+sigma * n`` with ``sigma`` in (0, 1], and their network predicts the velocity ``v = n - x0``; ComfyUI's
+denoiser still returns ``x0 = x - sigma * v``. The Euler step above is then ``d = (x - x0) / sigma = v``
+and ``x_lo = x_hi + (sigma_lo - sigma_hi) * v``: the Euler step of the flow's ODE, the same arithmetic.
+So the inversion loop, its refinement and :func:`euler_sample` are one rule for both; only mixing a latent
+with noise differs, which :class:`NoiseConvention` states once (:data:`EPS`, :data:`FLOW`). The first step
+up from ``sigma = 0`` needs no model call at sigma 0 (where a flow model's ``v`` is undefined in ComfyUI's
+schedules, which never evaluate it there): the guess evaluates the model at the step's target sigma, the
+schedule's smallest one, and the refinement solves the exact inverse of the Euler step from there.
 """
 
 from __future__ import annotations
@@ -70,8 +80,43 @@ class InversionReport:
                 "residuals": [r if math.isfinite(r) else None for r in self.residuals]}
 
 
-def check_schedule(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
-    """The schedule as floats, checked: at least one step, strictly descending, positive, ending at 0.
+@dataclass(frozen=True)
+class NoiseConvention:
+    """How a model's sampling mixes the clean latent ``x0`` with noise ``n`` at ``sigma`` (ComfyUI's
+    ``model_sampling.noise_scaling`` without its start-from-pure-noise special case).
+
+    Attributes:
+        name: ``"eps"`` (``x = x0 + sigma * n``, sigma unbounded) or ``"flow"`` (``x = (1 - sigma) * x0 +
+            sigma * n``, sigma at most 1).
+        max_sigma: the largest sigma the mixing is defined for.
+    """
+
+    name: str
+    max_sigma: float
+
+    @property
+    def flow(self) -> bool:
+        return self.name == "flow"
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The latent at ``sigma`` made of ``x0`` and ``noise``."""
+        return (1.0 - sigma) * x0 + sigma * noise if self.flow else x0 + sigma * noise
+
+    def noise(self, x_t: torch.Tensor, x0: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The noise with ``noised(x0, noise, sigma) == x_t`` (the inverse of :meth:`noised` in ``noise``)."""
+        if not 0 < sigma <= self.max_sigma * (1 + 1e-6):  # float32 schedules may round 1 a hair up
+            raise CXRInputError(f"sigma {sigma} is outside (0, {self.max_sigma:g}] ({self.name} sampling).",
+                                input_name="sigmas", fix="Start above sigma 0 and within the model's noise range.")
+        return (x_t - (1.0 - sigma) * x0) / sigma if self.flow else (x_t - x0) / sigma
+
+
+EPS = NoiseConvention("eps", math.inf)
+FLOW = NoiseConvention("flow", 1.0)
+
+
+def check_schedule(sigmas: torch.Tensor | Sequence[float], convention: NoiseConvention = EPS) -> list[float]:
+    """The schedule as floats, checked: at least one step, strictly descending, positive, ending at 0, and
+    within the convention's range (a flow model's sigma is at most 1).
 
     Raises:
         CXRInputError: any of the above fails (names the input ``sigmas``).
@@ -85,6 +130,10 @@ def check_schedule(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
     if any(not math.isfinite(v) or v <= 0 for v in values[:-1]):
         raise CXRInputError("the schedule has a non-positive or non-finite sigma before its end.",
                             input_name="sigmas", fix=fix)
+    if values[0] > convention.max_sigma * (1 + 1e-6):
+        raise CXRInputError(f"the schedule starts at sigma {values[0]:.4g}, above the {convention.name} sampling's "
+                            f"largest, {convention.max_sigma:g}.", input_name="sigmas",
+                            fix="Use the 'sigmas' output of Invert Radiograph, made from this model's schedule.")
     if any(a <= b for a, b in zip(values, values[1:], strict=False)):
         raise CXRInputError("the schedule is not strictly descending (two steps share a sigma).",
                             input_name="sigmas", fix="Use fewer steps or an earlier start (smaller start_percent).")
@@ -97,7 +146,8 @@ def _norm(t: torch.Tensor) -> float:
 
 def invert_step(denoise: Denoiser, x_lo: torch.Tensor, sigma_lo: float, sigma_hi: float,
                 refine: int = 0, accelerate: bool = True) -> tuple[torch.Tensor, int, float]:
-    """One inverse Euler/DDIM step: the latent at ``sigma_hi`` whose Euler step to ``sigma_lo`` gives ``x_lo``.
+    """One inverse Euler/DDIM step: the latent at ``sigma_hi`` whose Euler step to ``sigma_lo`` gives ``x_lo``
+    (for a flow model, ``x_hi = x_lo + (sigma_hi - sigma_lo) * v``: the inverse of its ODE's Euler step).
 
     Solves ``y = g(y) = x_lo + h * d(y, sigma_hi)`` (``h = sigma_hi - sigma_lo``), starting from the classic
     DDIM-inversion guess, with ``refine`` further model calls. ``accelerate`` uses Anderson mixing with a
@@ -143,22 +193,24 @@ def invert_step(denoise: Denoiser, x_lo: torch.Tensor, sigma_lo: float, sigma_hi
 
 
 def ddim_invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor | Sequence[float], *, refine: int = 0,
-                accelerate: bool = True, progress: Progress | None = None) -> tuple[torch.Tensor, InversionReport]:
+                accelerate: bool = True, progress: Progress | None = None,
+                convention: NoiseConvention = EPS) -> tuple[torch.Tensor, InversionReport]:
     """Invert ``x0`` (the clean latent, model space) to the noisy latent at ``sigmas[0]``.
 
     Args:
-        denoise: ``denoise(x, sigma) -> x0`` estimate, in the parameterisation ``x = x0 + sigma * eps``.
+        denoise: ``denoise(x, sigma) -> x0`` estimate (ComfyUI's denoiser, for eps and flow models alike).
         x0: the clean latent in the model's space (after ``process_latent_in``).
         sigmas: the *sampling* schedule, descending and ending at 0; sampling ``euler`` with it from the
             result regenerates ``x0`` (exactly, up to the fixed-point residual and float rounding).
         refine: fixed-point refinements per step (each one model call).
         accelerate: Anderson mixing of the refinements (see :func:`invert_step`).
         progress: called ``(done, total)`` after every step.
+        convention: the model's mixing; the steps are the same for both, only the schedule's range differs.
 
     Returns:
         ``(x_T, report)`` with ``x_T`` at ``sigmas[0]``.
     """
-    values = check_schedule(sigmas)
+    values = check_schedule(sigmas, convention)
     if refine < 0:
         raise CXRInputError(f"refine is {refine}.", input_name="refine", fix="Use 0 or more refinement iterations.")
     ascending = values[::-1]  # 0 = s_n < ... < s_0
@@ -190,16 +242,16 @@ def euler_sample(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor | Sequ
     return x
 
 
-def implied_noise(x_t: torch.Tensor, x0: torch.Tensor, sigma: float) -> torch.Tensor:
-    """The noise ``eps`` with ``x_t = x0 + sigma * eps``: the inverted latent as a (deterministic) noise.
+def implied_noise(x_t: torch.Tensor, x0: torch.Tensor, sigma: float,
+                  convention: NoiseConvention = EPS) -> torch.Tensor:
+    """The noise ``eps`` with ``x_t = x0 + sigma * eps`` (flow: ``x_t = (1 - sigma) * x0 + sigma * eps``): the
+    inverted latent as a (deterministic) noise.
 
-    Feeding it with ``x0`` to a sampler that adds noise (``x0 + sigma * eps``) starts at ``x_t``, and lets
-    ComfyUI's keep-region path noise the kept source with the same ``eps`` at every step.
+    Feeding it with ``x0`` to a sampler that adds noise (ComfyUI's ``noise_scaling``) starts at ``x_t``, and
+    lets ComfyUI's keep-region path noise the kept source with the same ``eps`` at every step.
     """
-    if sigma <= 0:
-        raise CXRInputError(f"sigma {sigma} is not positive.", input_name="sigmas", fix="Start above sigma 0.")
-    return (x_t - x0) / sigma
+    return convention.noise(x_t, x0, sigma)
 
 
-__all__ = ["Denoiser", "InversionReport", "check_schedule", "ddim_invert", "euler_sample", "implied_noise",
-           "invert_step"]
+__all__ = ["EPS", "FLOW", "Denoiser", "InversionReport", "NoiseConvention", "check_schedule", "ddim_invert",
+           "euler_sample", "implied_noise", "invert_step"]

@@ -2,7 +2,9 @@
 
 ``CXRInvertLatent`` runs the DDIM inversion of ``attention/inversion.py`` inside ComfyUI's own sampling
 machinery (the guider and sampler glue is ``hosts/comfy/inversion.py``), so the denoiser it inverts is
-exactly the one SamplerCustom will call later.
+exactly the one SamplerCustom will call later. EPS models (SD1.x/2.x/SDXL) and flow-matching ones (CONST:
+SD3/SD3.5) are inverted by the same Euler steps; the noise follows the model's own mixing (see
+``NoiseConvention``).
 
 Outputs, and how they plug into ComfyUI's samplers (sampler ``euler`` or ``ddim``, the same cfg):
 - ``inverted`` LATENT + ``sigmas`` → SamplerCustom with ``add_noise`` off (or SamplerCustomAdvanced with
@@ -36,7 +38,7 @@ from ..hosts.comfy.inversion import (
     inversion_sigmas,
     invert,
     model_key,
-    require_eps_model,
+    sampling_convention,
 )
 from .common import check_inputs
 from .schema import CATEGORY_EDIT, described
@@ -64,8 +66,9 @@ class CXRInvertLatent(io.ComfyNode):
             node_id="CXRInvertLatent", display_name=cls.TITLE, category=CATEGORY_EDIT, is_experimental=True,
             description=described(cls),
             inputs=[
-                io.Model.Input("model", tooltip="The edit's checkpoint (SD1.x/2.x/SDXL), plain or gated; not boosted "
-                               "(boosting targets the edit prompt's words). Regenerate with the same checkpoint."),
+                io.Model.Input("model", tooltip="The edit's checkpoint (SD1.x/2.x/SDXL, or SD3/SD3.5 flow), plain or "
+                               "gated; not boosted (boosting targets the edit prompt's words). Regenerate with the "
+                               "same checkpoint."),
                 io.Conditioning.Input("positive", tooltip="The prompt describing the patient as they are (the source "
                                       "prompt, without the counterfactual finding)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt; use the same one for the edit."),
@@ -81,7 +84,8 @@ class CXRInvertLatent(io.ComfyNode):
                 io.Float.Input("start_percent", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Where inversion stops and regeneration starts: 0 = pure noise, towards 1 = "
                                "little noise. A fraction of the model's noise range (ComfyUI's convention, "
-                               "percent_to_sigma, as ControlNet uses), not of the step count. Must be below 1."),
+                               "percent_to_sigma, as ControlNet uses), not of the step count. Must be below 1 "
+                               "(and above 0 for a flow model such as SD3)."),
                 io.Int.Input("refine", default=4, min=0, max=20,
                              tooltip="Fixed-point refinements per step (each one more model call, Anderson-mixed): "
                              "they make the euler step back land on the previous latent; 0 = plain DDIM inversion."),
@@ -108,9 +112,9 @@ class CXRInvertLatent(io.ComfyNode):
         if samples.ndim != 4 or torch.count_nonzero(samples) == 0:
             raise CXRInputError(f"the latent ({tuple(samples.shape)}) is empty or not an image latent.",
                                 node=cls.TITLE, input_name="latent", fix="Connect VAE Encode of the radiograph.")
-        require_eps_model(model, cls.TITLE)
-        sigmas = inversion_sigmas(model, scheduler, steps, start_percent, cls.TITLE)
-        result = invert(model, positive, negative, samples, cfg, sigmas, refine)
+        convention = sampling_convention(model, cls.TITLE)
+        sigmas = inversion_sigmas(model, scheduler, steps, start_percent, cls.TITLE, convention)
+        result = invert(model, positive, negative, samples, cfg, sigmas, refine, convention)
         inverted = {k: v for k, v in latent.items() if k != "noise_mask"}  # the keep path needs the source
         inverted.update(samples=result.samples, **{RECORD_KEY: result.record})
         report = result.report

@@ -3,7 +3,8 @@
 How the keep region works (ComfyUI 0.3.64, ``comfy/samplers.py``):
 - ``CXRApplyKeepRegion`` sets the edit region as the LATENT's ``noise_mask`` (exactly SetLatentNoiseMask).
   Every sampler then runs through ``KSamplerX0Inpaint``: at *each* model call it replaces the model's input
-  outside the mask by the source latent noised to the *current* sigma (``latent·scale + noise·sigma``) and
+  outside the mask by the source latent noised to the *current* sigma (the model sampling's ``noise_scaling``:
+  ``latent + noise·sigma`` for EPS, ``(1 − sigma)·latent + sigma·noise`` for flow models such as SD3) and
   the prediction there by the source. So the kept region is never pasted one step too noisy, and the
   feathered border is blended at every step (no seam). RadEdit's released ``StableDiffusionRadEditPipeline``
   pastes after ``scheduler.step`` (``latents = mask_keep * image_latents[i] + (1 - mask_keep) * latents``, its

@@ -24,7 +24,15 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from ...attention.inversion import InversionReport, check_schedule, ddim_invert, implied_noise
+from ...attention.inversion import (
+    EPS,
+    FLOW,
+    InversionReport,
+    NoiseConvention,
+    check_schedule,
+    ddim_invert,
+    implied_noise,
+)
 from ...attention.run_state import latent_fingerprint
 from ...errors import CXRInputError
 
@@ -84,32 +92,62 @@ def conditioning_key(conditioning) -> str:
     return h.hexdigest()
 
 
-def require_eps_model(model, title: str) -> None:
-    """Refuse a model whose sampling is not x = x0 + σ·ε (flow models, CONST, mix x0 and noise differently)."""
+def sampling_convention(model, title: str) -> NoiseConvention:
+    """The model's noise convention: EPS (and its subclasses: v-prediction, x0, EDM) mixes x = x0 + σ·ε, CONST
+    (flow matching: SD3/SD3.5, Flux) x = (1 − σ)·x0 + σ·ε. Any other sampling is refused."""
     ms = model.get_model_object("model_sampling")
-    if not isinstance(ms, comfy.model_sampling.EPS):
-        raise CXRInputError(f"unsupported model sampling {type(ms).__name__} (inversion assumes x = x0 + σ·ε).",
-                            node=title, input_name="model",
-                            fix="Use an SD1.x, SD2.x or SDXL-family checkpoint (CXR models such as RoentGen).")
+    if isinstance(ms, comfy.model_sampling.EPS):
+        return EPS
+    if isinstance(ms, comfy.model_sampling.CONST):
+        return FLOW
+    # ComfyUI builds the model sampling as a class named ModelSampling*: name its prediction base instead.
+    kinds = [c.__name__ for c in type(ms).__mro__
+             if c.__module__ == comfy.model_sampling.__name__ and not issubclass(c, torch.nn.Module)]
+    raise CXRInputError(
+        f"unsupported model sampling {kinds[0] if kinds else type(ms).__name__} (inversion supports EPS, "
+        "x = x0 + σ·ε, and CONST flow matching, x = (1 − σ)·x0 + σ·ε).", node=title, input_name="model",
+        fix="Use an SD1.x, SD2.x or SDXL-family checkpoint (CXR models such as RoentGen) or an SD3/SD3.5-family "
+        "(flow) one, without a model-sampling node that changes its prediction type.")
 
 
 class _Range:
-    """A model sampling seen through a lower sigma_max, so ComfyUI's normal/sgm schedulers span [min, start]."""
+    """A model sampling seen through a lower sigma_max, so ComfyUI's normal/sgm schedulers span [min, start].
+
+    The schedulers space their steps evenly in the model's time ``timestep(sigma)`` and map back with
+    ``sigma(t)``. For EPS models the two are inverses (the discrete table). ComfyUI's flow samplings are not:
+    ``timestep`` is ``sigma * multiplier`` while ``sigma`` applies the shift (SD3:
+    ``shift·t / (1 + (shift − 1)·t)``), so ``sigma(timestep(start))`` would start above the start (0.75 → 0.9
+    at shift 3). Here ``timestep`` is the exact inverse of ``sigma`` (bisection on the monotone map), so the
+    schedule starts at the start and ends at sigma_min, spaced evenly in the model's own (shifted) time.
+    """
 
     def __init__(self, ms, sigma_max: float) -> None:
         self._ms = ms
+        self._flow = isinstance(ms, comfy.model_sampling.CONST)
         self.sigma_max = torch.tensor(sigma_max)
         self.sigma_min = ms.sigma_min
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return self._ms.timestep(sigma)
+        t = self._ms.timestep(sigma)
+        if not self._flow or math.isclose(float(self._ms.sigma(t)), float(sigma), rel_tol=1e-6):
+            return t
+        target = torch.as_tensor(sigma, dtype=torch.float64)
+        lo, hi = 0.0, float(self._ms.timestep(torch.tensor(1.0)))  # flow sigmas end at 1, at this time
+        for _ in range(60):  # to float64 resolution: the map is monotone increasing
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if float(self._ms.sigma(torch.tensor(mid, dtype=torch.float64))) < target else (lo, mid)
+        return torch.tensor(0.5 * (lo + hi))
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         return self._ms.sigma(timestep)
 
 
-def inversion_sigmas(model, scheduler: str, steps: int, start_percent: float, title: str) -> torch.Tensor:
-    """``steps`` steps of ``scheduler`` from ``percent_to_sigma(start_percent)`` (capped at sigma_max) to 0."""
+def inversion_sigmas(model, scheduler: str, steps: int, start_percent: float, title: str,
+                     convention: NoiseConvention = EPS) -> torch.Tensor:
+    """``steps`` steps of ``scheduler`` from ``percent_to_sigma(start_percent)`` (capped at sigma_max) to 0.
+
+    ``start_percent`` is ComfyUI's convention for either kind: for SD3 (shift 3) ``percent_to_sigma`` is
+    ``shift(1 − p)``, 1.0 at 0 and 0.75 at 0.5; sigma_max is 1 and sigma_min ``shift(1/1000)`` ≈ 0.003."""
     ms = model.get_model_object("model_sampling")
     sigma_min, sigma_max = float(ms.sigma_min), float(ms.sigma_max)
     start = min(float(ms.percent_to_sigma(start_percent)), sigma_max)
@@ -117,13 +155,19 @@ def inversion_sigmas(model, scheduler: str, steps: int, start_percent: float, ti
         raise CXRInputError(
             f"start_percent {start_percent} is at the end of the noise range (sigma {start:.4g}): nothing to invert.",
             node=title, input_name="start_percent", fix="Use a start below 1, e.g. 0.3–0.7.")
+    if convention.flow and start >= 1.0 - 1e-6:
+        # ComfyUI stores a flow latent at sigma as x / (1 − σ) (inverse_noise_scaling): none exists at sigma 1.
+        raise CXRInputError(
+            f"start_percent {start_percent} is sigma 1 (pure noise) for this flow model: ComfyUI has no LATENT for "
+            "it (it stores x / (1 − σ)).", node=title, input_name="start_percent",
+            fix="Use a start above 0, e.g. 0.3–0.7 (0.01 is nearly pure noise).")
     if scheduler in ("normal", "sgm_uniform"):
         sigmas = comfy.samplers.normal_scheduler(_Range(ms, start), steps, sgm=scheduler == "sgm_uniform")
     else:
         handler = comfy.samplers.SCHEDULER_HANDLERS[scheduler].handler
         sigmas = handler(n=steps, sigma_min=sigma_min, sigma_max=start)
     try:
-        check_schedule(sigmas)
+        check_schedule(sigmas, convention)
     except CXRInputError as err:  # a collapsed schedule is a steps/start problem, not one of a wired input
         raise CXRInputError(f"{steps} steps from sigma {start:.4g}: {err.problem}", node=title, input_name="steps",
                             fix="Use fewer steps or a smaller start_percent.") from None
@@ -131,21 +175,30 @@ def inversion_sigmas(model, scheduler: str, steps: int, start_percent: float, ti
 
 
 def _max_denoise(ms, sigma: float) -> bool:
-    """ComfyUI's test (``Sampler.max_denoise``) for starting from pure noise, where it scales the noise by
-    sqrt(1 + sigma²) instead of sigma."""
+    """ComfyUI's test (``Sampler.max_denoise``) for starting from pure noise, where it scales an EPS model's noise
+    by sqrt(1 + sigma²) instead of sigma (CONST's noise scaling ignores it: at sigma 1 the latent is the noise)."""
     sigma_max = float(ms.sigma_max)
     return math.isclose(sigma_max, sigma, rel_tol=1e-05) or sigma > sigma_max
 
 
 def invert(model, positive, negative, samples: torch.Tensor, cfg: float, sigmas: torch.Tensor,
-           refine: int) -> Inversion:
-    """Invert ``samples`` (a LATENT's tensor) along ``sigmas`` with ComfyUI's CFG guider and record what was used."""
-    x_t, x0, report = _run_inversion(model, positive, negative, samples, cfg, sigmas, refine)
+           refine: int, convention: NoiseConvention = EPS) -> Inversion:
+    """Invert ``samples`` (a LATENT's tensor) along ``sigmas`` with ComfyUI's CFG guider and record what was used.
+
+    The noise is the one ComfyUI's ``noise_scaling`` turns into the inverted latent at the start sigma ``s``:
+    ``(x_s − x0) / s`` for EPS, ``(x_s − (1 − s)·x0) / s`` for flow."""
+    x_t, x0, report = _run_inversion(model, positive, negative, samples, cfg, sigmas, refine, convention)
     sigma_t = float(sigmas[0])
-    eps = implied_noise(x_t, x0, sigma_t)
-    if _max_denoise(model.get_model_object("model_sampling"), sigma_t):  # ComfyUI will scale by sqrt(1 + σ²), not σ
+    eps = implied_noise(x_t, x0, sigma_t, convention)
+    if not convention.flow and _max_denoise(model.get_model_object("model_sampling"), sigma_t):
+        # ComfyUI will scale by sqrt(1 + σ²), not σ
         eps = eps * (sigma_t / math.sqrt(1.0 + sigma_t * sigma_t))
-    inverted = model.model.process_latent_out(x_t).to(samples.dtype)
+    # ComfyUI's LATENT convention for a latent with noise left at sigma (what a sampler stopping there returns,
+    # and what a sampler without added noise scales back to x_t): x_t for EPS, x_t / (1 − σ) for flow (CONST's
+    # inverse_noise_scaling), so SamplerCustom with add_noise off starts exactly at x_t either way.
+    ms = model.get_model_object("model_sampling")
+    stored = ms.inverse_noise_scaling(torch.tensor([sigma_t], dtype=x_t.dtype), x_t)
+    inverted = model.model.process_latent_out(stored).to(samples.dtype)
     record = InversionRecord(
         model_key=model_key(model), positive_key=conditioning_key(positive),
         negative_key=conditioning_key(negative), cfg=float(cfg), sigmas=tuple(float(s) for s in sigmas),
@@ -155,7 +208,7 @@ def invert(model, positive, negative, samples: torch.Tensor, cfg: float, sigmas:
 
 
 def _run_inversion(model, positive, negative, samples: torch.Tensor, cfg: float, sigmas: torch.Tensor,
-                   refine: int) -> tuple[torch.Tensor, torch.Tensor, InversionReport]:
+                   refine: int, convention: NoiseConvention) -> tuple[torch.Tensor, torch.Tensor, InversionReport]:
     """Run the inversion as a ComfyUI sampler: returns x_T and x0 in the model's space (CPU), and the report."""
     pbar = comfy.utils.ProgressBar(len(sigmas) - 1)
     held: dict = {}
@@ -167,8 +220,11 @@ def _run_inversion(model, positive, negative, samples: torch.Tensor, cfg: float,
         def denoise(latent: torch.Tensor, sigma: float) -> torch.Tensor:
             return model_k(latent, sigma * s_in, **extra)
 
-        held["x0"] = x.detach().float().cpu().clone()  # the source after process_latent_in
-        x_t, held["report"] = ddim_invert(denoise, x, sigmas_dev, refine=refine,
+        # The source after process_latent_in, as KSAMPLER hands it to its model wrapper: the sampler's own
+        # start x is the zero noise scaled in, which is the source for EPS but (1 − σ)·source for flow.
+        source = model_k.latent_image.to(x.dtype)
+        held["x0"] = source.detach().float().cpu().clone()
+        x_t, held["report"] = ddim_invert(denoise, source, sigmas_dev, refine=refine, convention=convention,
                                           progress=lambda i, n: pbar.update_absolute(i, n))
         held["x_t"] = x_t.detach().float().cpu().clone()
         return x_t
@@ -176,7 +232,7 @@ def _run_inversion(model, positive, negative, samples: torch.Tensor, cfg: float,
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    # The noise is zero, so ComfyUI's noise scaling hands the sampler the source latent unchanged.
+    # The noise is zero (nothing random); the sampler reads the source from its model wrapper (above).
     zeros = torch.zeros_like(samples, device="cpu")
     with torch.inference_mode():
         guider.sample(zeros, samples, comfy.samplers.KSAMPLER(inversion_sampler), sigmas, denoise_mask=None,
@@ -208,7 +264,8 @@ class CheckedGuider(comfy.samplers.CFGGuider):
     """A CFGGuider that refuses a regeneration whose schedule or start is not the inversion's, and in a kept
     region feeds the model the patient's own inverted trajectory.
 
-    ComfyUI's keep path feeds the kept region ``source + eps * sigma`` with one fixed ``eps``; a DDIM path
+    ComfyUI's keep path feeds the kept region the source noised with one fixed ``eps`` (``source + eps * sigma``;
+    flow: ``(1 - sigma) * source + sigma * eps``, the model's own ``noise_scaling`` either way); a DDIM path
     is not that straight line (eps drifts along it), so the edited region would see a context slightly
     different from the one it was inverted with. At every call whose sigma is on the inversion's schedule
     (every call of euler/ddim), this guider replaces the keep part of the model input by the trajectory
