@@ -8,7 +8,6 @@ checkpoint is built on first use (≈ 30 s)."""
 
 from __future__ import annotations
 
-import gc
 from types import SimpleNamespace
 
 import pytest
@@ -71,21 +70,18 @@ def test_refined_flow_inversion_is_the_exact_inverse_of_the_euler_step_from_pure
 
 # the tiny SD3.5-family checkpoint and the real radiograph ------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sd35(comfy, tiny_sd35_checkpoint, chexmask_example):
-    """MODEL, VAE, conditioning (source prompt; negative = its zero-out), the radiograph's latent and masks."""
-    from comfy.sd import load_checkpoint_guess_config  # (a plain ``import comfy.sd`` would shadow the fixture)
-
+def sd35(comfy, sd35_loaded, chexmask_example):
+    """MODEL, VAE (loaded once per session), conditioning (source prompt; negative = its zero-out), the radiograph's
+    latent and masks."""
     image, masks = chexmask_radiograph(chexmask_example)
+    model, clip, vae = sd35_loaded.model, sd35_loaded.clip, sd35_loaded.vae
     with torch.inference_mode():
-        model, clip, vae = load_checkpoint_guess_config(str(tiny_sd35_checkpoint))[:3]
         positive = comfy.node("CLIPTextEncode")().encode(clip, SOURCE_PROMPT)[0]
         negative = comfy.node("ConditioningZeroOut")().zero_out(positive)[0]
         fitted, masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=128, organ_masks=masks)
         latent = comfy.node("VAEEncode")().encode(vae, fitted)[0]
     assert latent["samples"].shape == (1, 16, 16, 14)
-    yield SimpleNamespace(model=model, vae=vae, positive=positive, negative=negative, latent=latent, masks=masks)
-    del model, clip, vae
-    gc.collect()
+    return SimpleNamespace(model=model, vae=vae, positive=positive, negative=negative, latent=latent, masks=masks)
 
 
 def invert(comfy, f, **overrides):
