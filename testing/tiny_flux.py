@@ -9,7 +9,9 @@ seeded random weights, wrapped in ComfyUI's ``ModelPatcher``, so ``nodes.common_
 real Flux: the block code, the head size (128), the RoPE axes (16, 56, 56), the 4096-wide context and 768-wide
 pooled inputs, 16 latent channels, patch 2, guidance embedding, the latent format and the sigma schedule. What is
 not: the width (256 instead of 3072, so 2 heads instead of 24), the depth (``depth`` double and ``singles`` single
-blocks instead of 19 and 38) and every weight.
+blocks instead of 19 and 38) and every weight. Measured on a busy 2-core CPU, cfg 2 (cond and uncond in one batch),
+an 8×7 latent and 256 text tokens: ``heads=2`` 5.1 M parameters, built in 0.5 s, ≈ 1 s a step, 1 GB peak memory;
+``heads=24`` (Flux.1's width 3072) 546 M parameters, built in 7 s, ≈ 4 s a step, 3.4 GB peak memory.
 
 The prompt's word positions come from ComfyUI's ``FluxTokenizer`` through the pack's own locating path
 (``nodes/text.py`` ``locate_words``) on a Flux text encoder built on the ``meta`` device (real classes, no weights:
