@@ -270,11 +270,32 @@ class TokenizerView:
         name: the tokenizer as a user knows it ("CLIP-L", "CLIP-G", "T5-XXL"), for messages.
         chunks: the prompt's token ids per chunk (CLIP: 77 each; T5: one chunk, padded to its minimum length).
         encode_word: a word → its ids alone, without start/end tokens (T5: without ``</s>``).
+        continues: token id → whether that token continues the word before it (T5: :func:`continues_word` of its
+            piece), so a match followed by one lies inside a longer word and does not count ('heart' in T5's
+            '▁heart', 'beat'). CLIP needs none: its word-final pieces ('heart</w>') never match inside a longer word.
     """
 
     name: str
     chunks: Sequence[Sequence[int]]
     encode_word: Callable[[str], Sequence[int]]
+    continues: Callable[[int], bool] | None = None
+
+    def occurrences(self, word_ids: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        """:func:`occurrences` of ``word_ids``, less those inside a longer word (see ``continues``)."""
+        found: list[tuple[int, ...]] = []
+        for c, chunk in enumerate(self.chunks):
+            for start in find_subsequence(chunk, word_ids):
+                end = start + len(word_ids)
+                if self.continues is not None and end < len(chunk) and self.continues(chunk[end]):
+                    continue
+                found.append(tuple(c * len(chunk) + i for i in range(start, end)))
+        return tuple(found)
+
+
+def continues_word(piece: str) -> bool:
+    """Whether a sentencepiece piece continues the word before it: it has no word-start mark '▁' and begins with a
+    letter or digit ('beat' in '▁heart', 'beat'; not ',' or '</s>')."""
+    return bool(piece) and not piece.startswith("\u2581") and piece[0].isalnum()
 
 
 @dataclass(frozen=True)
@@ -308,7 +329,9 @@ def build_context_token_map(
     The parts follow each other on the context's token axis in the order given; an occurrence's indices are its
     tokens in the first part, then in the next ones (SD3: CLIP positions < 77·k, then T5's at 77·k + T5 index).
     Each tokenizer must find the word the same number of times, so ``word#k`` names the same occurrence in every
-    part. ``cond_len`` is the whole context (a DiT does not repeat it).
+    part; a match inside a longer word does not count where the view can tell (``TokenizerView.continues``: T5's
+    'heart' in 'heartbeat', which CLIP's 'heart</w>' does not match either). ``cond_len`` is the whole context (a
+    DiT does not repeat it).
 
     Args:
         layout: "sd3" or "flux" (:data:`LAYOUTS`).
@@ -333,7 +356,7 @@ def build_context_token_map(
             first: tuple[tuple[int, ...], ...] | None = None
             for view in part.views:
                 spans = tuple(tuple(start + i for i in span)
-                              for span in occurrences(view.chunks, _word_ids(view.encode_word, word)))
+                              for span in view.occurrences(_word_ids(view.encode_word, word)))
                 if first is None:
                     first = spans
                     found.append((view, spans))
@@ -348,8 +371,8 @@ def build_context_token_map(
             said = ", ".join(f"{view.name} {_times(len(spans))}" for view, spans in found)
             raise CXRInputError(
                 f"the tokenizers find '{word}' a different number of times in this prompt: {said}. T5 tokenises a "
-                "word glued to punctuation or inside a longer word differently from CLIP (in 'lung/heart' CLIP "
-                "finds 'heart' and T5 does not; in 'heartbeat' T5 finds 'heart' and CLIP does not).",
+                "word glued to punctuation, a digit or another word differently from CLIP (in 'lung/heart', "
+                "'heart2' or 'unheart' CLIP finds 'heart' and T5 does not).",
                 input_name="text",
                 fix=f"Write '{word}' as a separate word with a space on each side (e.g. 'lung / heart' rather than "
                 "'lung/heart'), and not inside a longer word.")

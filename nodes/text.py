@@ -13,6 +13,7 @@ from ..attention.tokens import (
     TokenMap,
     build_context_token_map,
     build_token_map,
+    continues_word,
     parse_anatomy,
     parse_words,
 )
@@ -53,7 +54,10 @@ _DIT_ENCODERS = {"l": ("clip_l", "CLIP-L"), "g": ("clip_g", "CLIP-G"), "t5xxl": 
 
 def _view(clip, tokens: dict, key: str) -> TokenizerView:
     tok = _tokenizer_for(clip, key)
-    return TokenizerView(_DIT_ENCODERS[key][1], _chunk_ids(tokens[key]), lambda w: _word_ids(tok, w))
+    # T5's sentencepiece pieces mark a word's start, so a match followed by a continuing piece is inside a longer
+    # word ('▁heart', 'beat'); CLIP's pieces mark a word's end, which the word's own ids already hold.
+    continues = (lambda i: continues_word(tok.inv_vocab.get(i, ""))) if key == "t5xxl" else None
+    return TokenizerView(_DIT_ENCODERS[key][1], _chunk_ids(tokens[key]), lambda w: _word_ids(tok, w), continues)
 
 
 def dit_context_parts(clip, tokens: dict) -> tuple[str, list[ContextPart]] | None:

@@ -22,6 +22,7 @@ from cxr_counterfactual.attention.tokens import (
     TokenizerView,
     build_context_token_map,
     build_token_map,
+    continues_word,
     token_columns,
 )
 from cxr_counterfactual.errors import CXRInputError
@@ -49,7 +50,8 @@ def toks(comfyui_path):
 
 def view(name: str, sdtok, chunks) -> TokenizerView:
     ids = [[t[0] for t in chunk] for chunk in chunks]
-    return TokenizerView(name, ids, lambda w: sdtok.tokenizer(w, add_special_tokens=False)["input_ids"])
+    continues = (lambda i: continues_word(sdtok.inv_vocab[i])) if name.startswith("T5") else None
+    return TokenizerView(name, ids, lambda w: sdtok.tokenizer(w, add_special_tokens=False)["input_ids"], continues)
 
 
 def sd3_parts(tokenizer, text: str, clip: bool = True, t5: bool = True) -> list[ContextPart]:
@@ -134,8 +136,11 @@ def test_occurrence_names_cover_that_occurrence_in_every_part(toks) -> None:
 
 @pytest.mark.parametrize(("text", "word", "counts"), [
     ("normal lung/heart", "heart", "CLIP-L 1 time, T5-XXL 0 times"),  # T5: ▁lung / he art
-    ("normal heartbeat", "heart", "CLIP-L 0 times, T5-XXL 1 time"),  # T5: ▁heart beat; CLIP: heartbeat</w>
-    ("effusion, small effusions", "effusion", "CLIP-L 1 time, T5-XXL 2 times"),  # T5: ▁eff usion s
+    ("normal heart2", "heart", "CLIP-L 1 time, T5-XXL 0 times"),  # T5: ▁heart 2 (a longer word); CLIP: heart 2
+    ("small effusion, unheart", "heart", "CLIP-L 1 time, T5-XXL 0 times"),  # CLIP: un heart; T5: ▁un he art
+    # Equal counts from different places would pass a count check alone: CLIP's 'heart' is in 'lung/heart',
+    # T5's ▁heart is the start of 'heartbeat', which does not count as 'heart'.
+    ("lung/heart, heartbeat", "heart", "CLIP-L 1 time, T5-XXL 0 times"),
 ])
 def test_tokenizers_that_disagree_are_an_input_error(toks, text, word, counts) -> None:
     with pytest.raises(CXRInputError) as err:
@@ -143,9 +148,24 @@ def test_tokenizers_that_disagree_are_an_input_error(toks, text, word, counts) -
     assert err.value.input_name == "text"
     assert f"find '{word}' a different number of times in this prompt: {counts}" in err.value.problem
     assert f"Write '{word}' as a separate word" in err.value.fix
-    # CLIP alone (the UNet's view, or SD3 without T5) has no such problem where it finds the word.
-    if counts.startswith("CLIP-L 1"):
-        assert build_context_token_map("sd3", sd3_parts(toks.sd3, text, t5=False), {}, (word,)).positions[word]
+    # CLIP alone (the UNet's view, or SD3 without T5) finds the word: the error is the parts' disagreement.
+    assert build_context_token_map("sd3", sd3_parts(toks.sd3, text, t5=False), {}, (word,)).positions[word]
+
+
+def test_t5_matches_inside_a_longer_word_do_not_count(toks) -> None:
+    """T5 reads 'effusions' as ▁eff usion s and 'heartbeat' as ▁heart beat: 'effusion' and 'heart' match there
+    but lie inside a longer word, which CLIP's word-final pieces (fusion</w>, heart</w>) never match."""
+    text = "effusion, small effusions, heart and heartbeat"
+    parts = sd3_parts(toks.sd3, text)
+    t5_ids = list(parts[1].views[0].chunks[0])
+    eff = toks.sd3.t5xxl.tokenizer("effusion", add_special_tokens=False)["input_ids"]
+    assert sum(t5_ids[i:i + len(eff)] == eff for i in range(len(t5_ids))) == 2  # two raw matches ...
+    tm = build_context_token_map("sd3", parts, {"heart": ("heart",)}, ("effusion",))
+    for word in ("effusion", "heart"):
+        (occ,) = tm.spans[word]  # ... one occurrence: the whole word, in both parts
+        assert spelled(toks.sd3, parts, occ) == {"clip": word, "t5": word}
+    with pytest.raises(CXRInputError, match="'heart' is not in the prompt"):
+        build_context_token_map("sd3", sd3_parts(toks.sd3, "normal heartbeat"), {}, ("heart",))
 
 
 def test_word_in_no_part_and_bad_layouts(toks) -> None:
@@ -188,6 +208,8 @@ def test_locate_words_follows_the_loaded_encoders(comfy) -> None:
         assert (tm.layout, tm.parts, tm.positions["heart"]) == (layout, parts, heart)
     with pytest.raises(CXRInputError, match=r"different number of times.*CLIP-G 1 time, T5-XXL 0 times"):
         locate_words(cases[1][0], "normal lung/heart", "heart", "")
+    _, tm = locate_words(cases[0][0], "normal heart, regular heartbeat", "heart", "")
+    assert tm.spans["heart"] == ((1,),)  # ▁normal ▁heart , ▁regular ▁heart beat (no start token): not heartbeat
     with pytest.raises(CXRInputError, match="neither a CLIP nor a T5"):
         locate_words(meta_clip(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(False, False, False)), PROMPT, "heart", "")
     gc.collect()
