@@ -14,7 +14,7 @@ where text ends. Its DiT forwards accept block replaces ``("double_block", i)`` 
   sequence is text + image tokens of a :class:`DitCall` is the joint call, one of image tokens alone is MMDiT-X's
   image-only attention; its ``regulate`` hook says what happens there (None: stock; the stages' rule is
   :func:`.dit_stages.regulate`). Everything else goes, untouched, to the override that was set before ours, else
-  to ComfyUI's backend. Masked calls (Flux's ``attention_mask``) run stock and are reported through ``skipped``.
+  to ComfyUI's backend. Masked calls (Flux's ``attention_mask``) run stock; ``masked`` is told (the stages report it).
 
 Facts and line numbers: ``docs/dit-progress.md``.
 """
@@ -131,6 +131,9 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``func``: the backend itself (for its log-sum-exp, where it has one).
 Regulate = Callable[..., "torch.Tensor | None"]
 
+#: ``masked(call, options)``: told of a tagged call that carries an attention mask, which runs stock (to report it).
+Masked = Callable[[DitCall, dict], None]
+
 #: ``plan(call, device)`` → the gate and the ``[N_img, N_txt]`` text bias of a call, for every row alike (tests and
 #: tools: :func:`uniform`); the stages' per-row rule is :func:`.dit_stages.regulate`.
 Plan = Callable[[DitCall, torch.device], tuple[JointGate | None, torch.Tensor | None]]
@@ -159,9 +162,8 @@ class JointOverride:
     ``skip_output_reshape``. ``regulate`` decides what a tagged call does (None: the stock call itself).
     """
 
-    def __init__(self, regulate: Regulate, previous: Callable | None = None,
-                 skipped: Callable[[DitCall, dict, str], None] | None = None):
-        self.regulate, self.previous, self.skipped = regulate, previous, skipped
+    def __init__(self, regulate: Regulate, previous: Callable | None = None, masked: Masked | None = None):
+        self.regulate, self.previous, self.masked = regulate, previous, masked
 
     def _stock(self, func: Callable, args: tuple, kwargs: dict):
         return self.previous(func, *args, **kwargs) if self.previous is not None else func(*args, **kwargs)
@@ -171,9 +173,9 @@ class JointOverride:
         call = options.get(CALL_KEY)
         if not isinstance(call, DitCall):
             return self._stock(func, args, kwargs)  # not a tagged block: untouched
-        if kwargs.get("mask") is not None:  # Flux's attention_mask: the parts cannot be merged without it, stock
-            if self.skipped is not None:
-                self.skipped(call, options, "an attention mask (attention_mask)")
+        if kwargs.get("mask") is not None:  # Flux's attention_mask (e.g. Redux's attn_bias): not regulated
+            if self.masked is not None:
+                self.masked(call, options)
             return self._stock(func, args, kwargs)
         q, k, v = args[:3]
         heads = args[3] if len(args) > 3 else kwargs["heads"]
@@ -210,14 +212,15 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def install(model_options: dict, blocks: int, regulate: Regulate, single_blocks: int = 0, stage=None,
-            patch: int = 2, skipped: Callable[[DitCall, dict, str], None] | None = None) -> dict:
+            patch: int = 2, masked: Masked | None = None) -> dict:
     """The ``model_options`` of a cloned ModelPatcher with our block replaces and attention override, each
     wrapping what was there (copies, as ComfyUI's ``set_model_options_patch_replace`` makes them). A key that
     already holds our replace gains ``stage`` (when given); our override is installed once.
 
     ``blocks``: the number of double/joint blocks (``len(diffusion_model.joint_blocks)`` for MMDiT,
     ``len(diffusion_model.double_blocks)`` for Flux); ``single_blocks``: Flux's ``len(single_blocks)``, which also
-    need :func:`tag_text_length` as an APPLY_MODEL wrapper (``ModelPatcher.add_wrapper_with_key``).
+    need :func:`tag_text_length` as an APPLY_MODEL wrapper (``ModelPatcher.add_wrapper_with_key``); ``masked``:
+    see :data:`Masked`.
     """
     options = dict(model_options.get("transformer_options", {}))
     replaces = dict(options.get("patches_replace", {}))
@@ -234,5 +237,5 @@ def install(model_options: dict, blocks: int, regulate: Regulate, single_blocks:
     options["patches_replace"] = replaces
     previous = options.get("optimized_attention_override")
     if not isinstance(previous, JointOverride):
-        options["optimized_attention_override"] = JointOverride(regulate, previous, skipped)
+        options["optimized_attention_override"] = JointOverride(regulate, previous, masked)
     return {**model_options, "transformer_options": options}

@@ -116,7 +116,7 @@ def install_dit_stage(model, stage: Stage):
     to = m.model_options.setdefault("transformer_options", {})
     state: RunState = to.get(HOLDER_KEY) or RunState()
     m.model_options = install(m.model_options, blocks, regulate, singles, stage=stage, patch=int(dm.patch_size),
-                              skipped=skipped)
+                              masked=report_masked)
     to = m.model_options["transformer_options"]
     installed = state.installed.setdefault(KIND, set())
     installed.update([("double_block", i, 0) for i in range(blocks)] + [("single_block", i, 0) for i in range(singles)])
@@ -204,14 +204,16 @@ def regulate(call: DitCall, options: dict, q: torch.Tensor, k: torch.Tensor, v: 
     return out
 
 
-def skipped(call: DitCall, options: dict, why: str) -> None:
-    """A tagged call the stages cannot regulate (reported once per run and block; the call runs stock)."""
+def report_masked(call: DitCall, options: dict) -> None:
+    """A masked joint call of a block carrying stages (Flux's ``attention_mask``, e.g. Redux's attention bias) runs
+    stock: said once per run and block, so a user sees why the stages did not act there."""
     state = _state(options)
-    if state is not None:
-        key = (*call.block, 0)
-        state.reach(KIND, key)
-        state.report("dit-stock", key, f"a joint attention call at {call.block} carries {why}: the CXR stages leave "
-                     "it stock.")
+    if state is None or not call.stages:
+        return
+    key = (*call.block, 0)
+    state.reach(KIND, key)
+    state.report("dit-mask", key, f"the joint attention at {call.block} carries an attention mask (Flux's "
+                 "attention_mask, e.g. a Redux style model's attention bias): that call runs stock, unregulated.")
 
 
 def _all_or(rows: torch.Tensor | None, batch: int) -> list[int]:
@@ -239,7 +241,7 @@ def _record(captured: list, q: torch.Tensor, k: torch.Tensor, call: DitCall, h: 
 
 
 __all__ = ["CALL_KEY", "KIND", "block_counts", "check_model", "check_stage_on_dit", "dit_model", "install_dit_stage",
-           "regulate"]
+           "regulate", "report_masked"]
 
 
 def check_model(model, title: str, **settings) -> torch.nn.Module | None:
@@ -257,9 +259,4 @@ def check_model(model, title: str, **settings) -> torch.nn.Module | None:
         raise err.located(title, "model") from None
     if dm is not None:
         check_stage_on_dit(dm, title, **settings)
-    elif getattr(settings.get("tokens"), "layout", "clip") != "clip":
-        raise CXRInputError(
-            f"the token map was made for a diffusion transformer's '{settings['tokens'].layout}' context, but this "
-            "model is a UNet, which reads CLIP's 77-token chunks.", node=title, input_name="tokens",
-            fix="Encode the prompt with CXR Text Encode on this model's own text encoder (its CLIP output).")
     return dm
