@@ -7,12 +7,12 @@ Models: the tiny random-weight SD1.5-shaped checkpoint at 256 and 512 px, and a 
 blocks, ``testing/tiny_models.py`` recipe ``sd35``) at 128 and 256 px (64 and 224 image tokens: its position table
 covers latents up to 32×32), stock vs gated / boosted / captured joint attention through the same nodes
 (``benchmarks/joint_attention.py`` times one joint call at 1024 and 4096 image tokens). Same seed, same prompt, same
-ComfyUI attention backend flags (the defaults) for every case; the radiograph and organ masks are ``cxr/chexmask-
-example``. Each case's time is the median of ``--repeats`` runs, interleaved with the stock runs; memory is the peak
-RSS growth during a run (sampled every 5 ms) minus stock's, except for the refined cases: their peak RSS is measured
-in fresh processes (one sampling run each, stock Euler vs refinement), because memory freed by earlier runs stays
-resident and would hide the refinement's weight copies. Prints ``case=... model=... px=... ratio_vs_stock=...
-extra_mem_mb=...`` per case (refined: ``extra_mem_pct=`` too).
+ComfyUI attention backend flags (the defaults) for every case; the radiograph and organ masks are
+``cxr/chexmask-example``. Each case's time is the median of ``--repeats`` runs, interleaved with the stock runs;
+memory is the peak RSS growth during a run (sampled every 5 ms) minus stock's, except for the refined cases: their
+peak RSS is measured in fresh processes (one sampling run each, stock Euler vs refinement), because memory freed by
+earlier runs stays resident and would hide the refinement's weight copies. Prints ``case=... model=... px=...
+ratio_vs_stock=... extra_mem_mb=...`` per case (refined: ``extra_mem_pct=`` too).
 """
 
 from __future__ import annotations
