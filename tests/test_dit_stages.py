@@ -264,3 +264,17 @@ def test_stage_nodes_refuse_what_has_no_meaning_on_a_dit(comfy, sd35):
     with pytest.raises(CXRInputError) as err:
         run(comfy.node("CXRPathologyBoost"), model=sd35.model, tokens=unet_tokens, organ_masks=sd35.masks)
     assert err.value.input_name == "tokens" and "'sd3'" in str(err.value)
+
+
+def test_masks_of_another_aspect_ratio_are_refused_naming_the_node(comfy, sd35):
+    """Masks that are not the latent's field of view (here 1:2, the latent 8:7) cannot be laid on the patch grid: the
+    first gated call refuses them, naming the gate and its masks input."""
+    from cxr_counterfactual.attention.organs import OrganMasks
+
+    stretched = torch.nn.functional.interpolate(sd35.masks.data[None].float(), size=(64, 128), mode="nearest")[0]
+    wrong = OrganMasks(sd35.masks.names, stretched)
+    gated = run(comfy.node("CXRAnatomyAttentionGate"), model=sd35.model, organ_masks=wrong)[0]
+    with pytest.raises(CXRInputError) as err:
+        sample(comfy, gated, sd35, steps=1)
+    assert err.value.input_name == "organ_masks" and "CXR Anatomy Attention Gate" in str(err.value)
+    assert "aspect" in str(err.value)
