@@ -81,11 +81,35 @@ def merge_by_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
 
 def biased_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with an additive ``[N, M]`` bias and each query's log-sum-exp, from explicit float32 scores.
+    """Attention with an additive ``[N, M]`` bias and each query's log-sum-exp (float32).
 
-    Meant for few keys (a prompt's tokens): the scores are ``N × M``. A query whose keys are all blocked gets a
-    zero output and a log-sum-exp of ``-inf``, so :func:`merge_by_lse` gives its other key set all the weight.
+    torch's fused kernels take the bias where they expose the log-sum-exp (CPU: the flash kernel for CPU; CUDA: the
+    memory-efficient kernel), the bias in q's dtype, as SDPA takes a mask. A query whose keys are all blocked must
+    get a zero output and a log-sum-exp of ``-inf`` (so :func:`merge_by_lse` gives its other key set all the
+    weight), which fused kernels do not promise: such a bias, or a kernel that refuses the inputs, takes explicit
+    float32 scores (``N × M``: meant for few keys, a prompt's tokens). ``-inf`` entries get weight exactly 0 on
+    every path (``exp(-inf)``).
     """
+    n = q.shape[-2]
+    if not torch.isneginf(bias).all(dim=-1).any():
+        mask = bias.to(q.device, q.dtype)[None, None]
+        try:
+            if q.device.type == "cpu":
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False,
+                                                                                     attn_mask=mask)
+                return out, lse.float()
+            if q.device.type == "cuda":
+                full = mask.expand(q.shape[0], q.shape[1], -1, -1)
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, full, True)[:2]
+                return out, lse[..., :n].float()
+        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+            pass
+    return _biased_reference(q, k, v, bias)
+
+
+def _biased_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`biased_with_lse` from explicit float32 scores (all-blocked rows: zero output, ``-inf``)."""
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias.to(q.device, torch.float32)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # all-blocked rows: -inf - -inf = NaN → 0

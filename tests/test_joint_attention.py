@@ -144,3 +144,31 @@ def test_mismatched_shapes_are_refused():
         joint_attention(q, k, v, layout, None, anatomy[:, :5])
     with pytest.raises(ValueError, match="leak"):
         JointGate(part, 1.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_biased_lse_kernel_fused_and_explicit_paths_agree(device):
+    """The image → text part: torch's fused kernel with the bias (a bias with no all-blocked row) and the explicit
+    float32 scores give the same output and log-sum-exp (float32 accumulation over 9 keys of dim 8: 1e-5 is
+    ~100× the rounding); a hidden key has weight exactly 0 on both; a row whose keys are all blocked takes the
+    explicit path: zero output, log-sum-exp -inf (so merge_by_lse gives the image keys all the weight)."""
+    from cxr_counterfactual.attention.kernels import _biased_reference, biased_with_lse
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 12, 8, generator=g), torch.randn(2, 3, 9, 8, generator=g)
+    v = torch.zeros(2, 3, 9, 8)
+    v[..., 4, 0] = 1.0  # the output's channel 0 is key 4's weight
+    v[..., :, 1:] = torch.randn(2, 3, 9, 7, generator=g)
+    q, k, v = q.to(device), k.to(device), v.to(device)
+    bias = torch.zeros(12, 9)
+    bias[:, 4] = float("-inf")
+    bias[3:7, 2] = 1.0986  # log 3: a boost
+    out, lse = biased_with_lse(q, k, v, bias)
+    ref, ref_lse = _biased_reference(q, k, v, bias)
+    torch.testing.assert_close(out.float(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    assert (out[..., 0] == 0).all() and (ref[..., 0] == 0).all()
+    bias[5] = float("-inf")
+    out, lse = biased_with_lse(q, k, v, bias)
+    assert (out[:, :, 5] == 0).all() and torch.isneginf(lse[:, :, 5]).all()
+    assert torch.isfinite(lse[:, :, :5]).all()
