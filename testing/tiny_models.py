@@ -59,6 +59,7 @@ from ..demo.tiny_checkpoint import (
 from ..hosts.comfy.standalone import prepare_comfy_import
 
 if TYPE_CHECKING:
+    import comfy.supported_models_base
     import torch
 
 logger = logging.getLogger(__name__)
@@ -174,18 +175,24 @@ def _sd2_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
-def _sdxl_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _clip_l_g(generator: torch.Generator, model: comfy.supported_models_base.BASE) -> dict[str, torch.Tensor]:
+    """The full CLIP-L, then the full OpenCLIP-bigG (drawn in that order from ``generator``), under the keys ``model``
+    (a ComfyUI model class, configured) saves them with: its ``process_clip_state_dict_for_saving``."""
     import comfy.sd1_clip
-    import comfy.supported_models
 
-    state = _unet_state(SDXL_UNET_CONFIG, generator)
     folder = Path(comfy.sd1_clip.__file__).parent
     clips = _text_encoder(folder / "sd1_clip_config.json", generator, "clip_l.transformer.")
     clips.update(_text_encoder(folder / "clip_config_bigg.json", generator, "clip_g.transformer."))
+    return model.process_clip_state_dict_for_saving(clips)
+
+
+def _sdxl_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    import comfy.supported_models
+
+    state = _unet_state(SDXL_UNET_CONFIG, generator)
     # SDXL's save path: CLIP-L under conditioner.embedders.0 (HF names, no projection), bigG under
     # conditioner.embedders.1.model in OpenCLIP names.
-    state.update(comfy.supported_models.Segmind_Vega(SDXL_UNET_CONFIG).process_clip_state_dict_for_saving(clips))
-    del clips
+    state.update(_clip_l_g(generator, comfy.supported_models.Segmind_Vega(SDXL_UNET_CONFIG)))
     state.update(_vae_state(generator))
     return state
 
@@ -252,16 +259,11 @@ def _taesd_state(generator: torch.Generator, latent_channels: int) -> dict[str, 
 
 
 def _sd35_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    import comfy.sd1_clip
     import comfy.supported_models
 
     state = _mmdit_state(SD35_MMDIT_CONFIG, generator)
-    folder = Path(comfy.sd1_clip.__file__).parent
-    clips = _text_encoder(folder / "sd1_clip_config.json", generator, "clip_l.transformer.")
-    clips.update(_text_encoder(folder / "clip_config_bigg.json", generator, "clip_g.transformer."))
     # SD3's save path: both encoders under text_encoders.* in HF names (no T5: ComfyUI then runs CLIP only).
-    state.update(comfy.supported_models.SD3(SD35_MMDIT_CONFIG).process_clip_state_dict_for_saving(clips))
-    del clips
+    state.update(_clip_l_g(generator, comfy.supported_models.SD3(SD35_MMDIT_CONFIG)))
     state.update(_taesd_state(generator, 16))
     return state
 

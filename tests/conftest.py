@@ -31,7 +31,7 @@ sys.path.insert(0, str(_LINK_PARENT))
 from cxr_counterfactual.runner.comfyui_path import COMFYUI_HINT, find_comfyui  # noqa: E402
 from cxr_counterfactual.testing.data import test_data_dir  # noqa: E402
 
-pytest_plugins = ["host_fixtures"]
+pytest_plugins = ["host_fixtures", "classifier_fixtures", "report_fixtures"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
