@@ -11,6 +11,9 @@ script goes on; past ``--budget-s`` the rest are skipped with a note):
   against stock SDPA (time ratio; hard gating's ratio too), and the fused log-sum-exp against the exact one.
 - ``hard_isolation``: hard gating in float16 and bfloat16: a region's outputs do not change when every other
   region's queries, keys and values do (exactly 0).
+- ``joint_attention``: a diffusion transformer's joint call at 4096 image tokens with SD3.5's and Flux's text
+  lengths: stock vs hard / hard + boosted / soft (``benchmarks/joint_attention.py``); check: hard within the UNet's
+  hard-gating ratio plus the text part's share.
 - ``sampling_sd15``: stock vs gated vs gated + boosted vs refined sampling (SamplerCustom, euler, same sigmas and
   noise) of a full-size random-weight SD1.5 UNet (ComfyUI's SD15 layout, built in-process: no file) at 512 px in the
   dtype ComfyUI picks (float16 on CUDA): time ratio and peak memory (``torch.cuda.max_memory_allocated``).
@@ -49,7 +52,9 @@ from cxr_counterfactual.benchmarks.gpu_harness import TARGETS, Context, Skip, im
 from cxr_counterfactual.benchmarks.gpu_sections import SECTION_FUNCTIONS, novram_probe  # noqa: E402
 
 #: In the order they run: the cheap ones first, the SDXL-family model's 1 GB build last (the budget skips what is left).
-SECTIONS = ("soft_gating", "hard_isolation", "core_tests", "sampling_sd15", "novram", "fp8", "sampling_sdxl")
+SECTIONS = ("soft_gating", "hard_isolation", "joint_attention", "core_tests", "sampling_sd15", "novram", "fp8",
+            "sampling_sdxl")
+
 
 def run_sections(ctx: Context, names: list[str],
                  fns: dict[str, Callable[[Context], dict]] = SECTION_FUNCTIONS) -> dict:

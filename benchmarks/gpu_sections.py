@@ -100,6 +100,25 @@ def hard_isolation(ctx: Context) -> dict:
     return out
 
 
+def joint_attention(ctx: Context) -> dict:
+    """A DiT's joint call (``benchmarks/joint_attention.py``): stock vs hard / hard + boosted / soft at SD3.5's and
+    Flux's text lengths, 4096 image tokens (quick: the script's CI sizes), batch 2 (cond and uncond)."""
+    from types import SimpleNamespace
+
+    from cxr_counterfactual.benchmarks import joint_attention as joint
+
+    texts, side = (joint.QUICK_TEXTS, 8) if ctx.quick else (joint.TEXTS, 64)
+    heads, dim = (2, 16) if ctx.quick else (24, 64)
+    args = SimpleNamespace(batch=2, heads=heads, head_dim=dim, device=ctx.device, repeats=1 if ctx.quick else 5)
+    rows = {family: joint.measure(family, texts, side, args) for family in texts}
+    out: dict = {family: {"image_tokens": r["image_len"], "text_tokens": r["text_len"], **r["ratio_vs_stock"],
+                          "bound": r["claim_bound"], "stock_ms": r["median_ms"]["stock"]} for family, r in rows.items()}
+    # a timing claim: checked at the real sizes only (the quick sizes run the code, their times mean nothing)
+    out["checks"] = {} if ctx.quick else {f"{family}_hard_within_bound": bool(r["claim_holds"])
+                                          for family, r in rows.items()}
+    return out
+
+
 def bench_sampling(ctx: Context, model, prepared, px: int, steps: int, repeats: int, label: str,
                    boost_target: bool = False) -> dict:
     """stock / gated / gated + boosted (euler) and refined (CXR Refinement Sampler on the stock model), each through
@@ -319,6 +338,7 @@ def core_tests(ctx: Context) -> dict:
 
 
 SECTION_FUNCTIONS: dict[str, Callable[[Context], dict]] = {
-    "soft_gating": soft_gating, "hard_isolation": hard_isolation, "sampling_sd15": sampling_sd15,
-    "sampling_sdxl": sampling_sdxl, "novram": novram, "fp8": fp8, "core_tests": core_tests,
+    "soft_gating": soft_gating, "hard_isolation": hard_isolation, "joint_attention": joint_attention,
+    "sampling_sd15": sampling_sd15, "sampling_sdxl": sampling_sdxl, "novram": novram, "fp8": fp8,
+    "core_tests": core_tests,
 }
