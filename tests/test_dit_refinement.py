@@ -156,7 +156,37 @@ def test_the_sampler_node_refines_a_gated_dit_and_neutral_settings_are_the_stock
     assert torch.equal(sample(comfy, gated, sd35, refiner(comfy, sd35, step_size=0.0)), stock)
 
 
+def test_window_and_step_are_in_the_flow_models_own_sigma(comfy, sd35):
+    """SD3's flow schedule: σ ∈ [0, 1], percent → σ through the model's shift (percent 0.5 is σ 0.75 at shift 3, not
+    0.5); one iteration moves the latent by exactly ``step_size``·σ RMS in that σ."""
+    sampling = sd35.model.get_model_object("model_sampling")
+    edge = float(sampling.percent_to_sigma(0.5))
+    assert float(sd35.sigmas[0]) <= 1.0 and edge == pytest.approx(0.75)  # SD3.5's shift 3
+    s = refiner(comfy, sd35, iterations=1, step_size=0.25, end_percent=0.5)
+    out = sample(comfy, sd35.model, sd35, s)
+    steps = s.sampler_function.store.for_latent(out).refine
+    want = [i for i in range(STEPS) if float(sd35.sigmas[i]) >= edge]
+    assert 0 < len(want) < STEPS and [st.step for st in steps] == want
+    for st in steps:
+        assert st.sigma == pytest.approx(float(sd35.sigmas[st.step]))
+        rms = float((st.latent_after - st.latent_before).pow(2).mean().sqrt())
+        # float32 latent: the move is computed in float32 and added once, so relative error ~1e-6
+        assert rms == pytest.approx(0.25 * st.sigma, rel=1e-4), (rms, st.sigma)
+
+
 def test_a_grid_factor_other_than_the_patch_size_is_refused_before_sampling(comfy, sd35):
     with pytest.raises(CXRInputError) as err:
         sample(comfy, sd35.model, sd35, refiner(comfy, sd35, grid_factor="4"))
     assert err.value.input_name == "grid_factor" and "patch" in str(err.value)
+
+
+def test_the_node_checks_a_connected_dit_when_it_runs(comfy, sd35):
+    """With the model connected the node refuses, before any sampling, a grid other than the patch grid, and a
+    token map made for another context (CXR Text Encode's maps carry the SD3 layout once it reads SD3 CLIPs; the
+    fixture's map carries it exactly when that field exists)."""
+    sd3 = getattr(sd35.tokens, "layout", None) == "sd3"
+    with pytest.raises(CXRInputError) as err:
+        refiner(comfy, sd35, model=sd35.model, grid_factor="4")
+    assert err.value.input_name == ("grid_factor" if sd3 else "tokens")
+    if sd3:
+        assert refiner(comfy, sd35, model=sd35.model) is not None
