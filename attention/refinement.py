@@ -27,6 +27,16 @@ of the cells that may move is exactly ``step_size · σ`` whatever their share o
 (``m = 0``) do not move. (Normalising over the whole latent would move the editable cells by
 ``step_size · σ / sqrt(edit fraction)``: 2× at a quarter of the latent.)
 
+σ is always the model's own (the sampler's schedule). The rule is one for both conventions: the move is
+``step_size`` times the RMS of the noise part of the latent. In k-diffusion form (eps/v models) ``x = x0 + σ·ε``; a
+flow-matching (rectified flow, CONST) model such as SD3/SD3.5 or Flux samples ``x = (1 − σ)·x0 + σ·ε`` with
+``σ ∈ [0, 1]``, whose noise part is again ``σ·ε`` (``ε`` of unit RMS): so ``step_size·σ`` moves a flow latent
+by the same share of its noise as an eps latent, and the move vanishes at ``σ → 0`` in both. (What differs is the
+signal's scale, ``1 − σ`` vs 1: at σ near 1 a flow latent carries little of ``x0``, where an eps latent's noise
+dwarfs it; relative to the noise, both moves are alike.) The window's percents become sigmas through the model's
+own ``percent_to_sigma`` (:func:`refine_window`; for a flow model percent 0 → σ 1, percent 1 → σ 0, through the
+model's shift), so the same percents name the same share of the schedule on either kind of model.
+
 Attend-and-Excite's released code (yuval-alaluf/Attend-and-Excite, ``pipeline_attend_and_excite.py``; defaults in
 ``config.py``) moves the latent by the *raw* gradient times ``scale_factor·sqrt(scale_range[i])``, with
 ``scale_factor`` 20 and ``scale_range = linspace(1.0, 0.5, steps)`` indexed by step ``i`` (20 → 14.1 over the
@@ -57,6 +67,7 @@ import torch.nn.functional as F
 
 from ..errors import CXRInputError
 from .mask_batch import AnyOrganMasks, check_mask_count, mask_sets
+from .patch_grid import patch_fit
 from .regions import coverage
 from .run_record import RefineStep
 from .stages import Grid
@@ -224,22 +235,25 @@ class Refinement:
         """The pathology words' key columns in a context of ``context_len`` tokens."""
         return token_columns(itertools.chain.from_iterable(self.positions.values()), self.cond_len, context_len)
 
-    def cells(self, grid: Grid, latent: Grid, node: str = "") -> torch.Tensor:
+    def cells(self, grid: Grid, latent: Grid, node: str = "", patch: int = 0) -> torch.Tensor:
         """``[S, h·w]`` bool: the energy grid's cells inside the target of each of its ``S`` mask sets (1 when
-        every image shares one), cached per grid and latent.
+        every image shares one), cached per grid, latent and ``patch`` (a diffusion transformer's patch size: its
+        tokens are the padded latent's ``patch×patch`` patches, :func:`.patch_grid.patch_fit`; 0: a UNet layer's
+        grid).
 
         Raises:
             CXRInputError: a set's target covers no cell (:func:`require_cells`; for a batch the message says
                 which image).
         """
-        key = (grid, latent)
+        key = (grid, latent, patch)
+        fit = patch_fit(latent, patch) if patch else None
         if key not in self._cells:
             sets = mask_sets(self.target)
             rows = []
             for i, target in enumerate(sets):
                 # a plain tensor even when first asked under inference mode: the energy's autograd pass saves it
                 with torch.inference_mode(False):
-                    cells = coverage(target, target.names, grid[0], grid[1], latent=latent).clone()
+                    cells = coverage(target, target.names, grid[0], grid[1], latent=latent, fit=fit).clone()
                 try:
                     require_cells(cells, grid, node)
                 except CXRInputError as err:
@@ -256,9 +270,11 @@ class Refinement:
         """Refuse a batch whose target holds another number of mask sets than it has images."""
         check_mask_count(self.target, images, node=node)
 
-    def energy(self, maps: Sequence[torch.Tensor], batch: int, latent: Grid, node: str = "") -> torch.Tensor:
+    def energy(self, maps: Sequence[torch.Tensor], batch: int, latent: Grid, node: str = "",
+               patch: int = 0) -> torch.Tensor:
         """``[batch]`` energies of the energy layers' pathology maps (``[k·batch, h, w]`` each, for ``k`` chunks of
-        the prompt), averaged over the layers and the chunks; each image's map against its own target.
+        the prompt), averaged over the layers and the chunks; each image's map against its own target (``patch``:
+        as for :meth:`cells`).
 
         Raises:
             RuntimeError: no map (the energy layers did not run).
@@ -270,7 +286,7 @@ class Refinement:
         c = self.config
         grid = (int(m.shape[-2]), int(m.shape[-1]))
         self.check_batch(batch, node)
-        return concentration_energy(m, self.cells(grid, latent, node).to(m.device),
+        return concentration_energy(m, self.cells(grid, latent, node, patch).to(m.device),
                                     smoothing=c.smoothing, extent_weight=c.extent_weight,
                                     extent_threshold=c.extent_threshold, extent_sharpness=c.extent_sharpness)
 

@@ -17,7 +17,9 @@ from ..attention.run_state import find_run
 from ..attention.stage_builders import GRID_FACTORS, check_window, parse_grid_factor, target_region
 from ..attention.tokens import TokenMap
 from ..errors import CXRInputError
-from ..hosts.comfy.refinement_energy import TITLE, energy_keys
+from ..hosts.comfy.dit_refinement import energy_pass, is_dit
+from ..hosts.comfy.dit_stages import check_stage_on_dit
+from ..hosts.comfy.refinement_energy import TITLE
 from ..hosts.comfy.refinement_sampler import RefinementSampler
 from ..hosts.comfy.sampler_methods import METHODS, method_of
 from ..imaging.attention_view import PLOT_COLOURS
@@ -84,7 +86,9 @@ class CXRRefinementSampler(io.ComfyNode):
                                 "a step's iterations stop once the energy is at or below the value in force."),
                 io.Combo.Input("grid_factor", options=list(GRID_FACTORS), default="4",
                                tooltip="Energy maps from the encoder layers whose grid is the latent ÷ this "
-                               "(4 = A&E's attention_res 16 at 512 px). Smaller = finer grid but more weights copied."),
+                               "(4 = A&E's attention_res 16 at 512 px). Smaller = finer grid but more weights copied. "
+                               "A diffusion transformer (SD3/SD3.5, Flux) has one grid, its patch grid: use its "
+                               "patch size (2); its energy reads the first half of its joint blocks."),
                 io.Float.Input("smoothing", default=0.5, min=0.0, max=3.0, step=0.05,
                                tooltip="Gaussian σ (in cells) applied to the maps (A&E's code: 0.5; 0 = none)."),
                 io.Float.Input("extent_weight", default=0.0, min=0.0, max=1.0, step=0.05,
@@ -94,7 +98,8 @@ class CXRRefinementSampler(io.ComfyNode):
                 io.Model.Input("model", optional=True,
                                tooltip="Optional: the checkpoint the sampler will run (the loader's MODEL or any "
                                "patched copy). Connected, this node refuses a grid_factor the UNet has no "
-                               "cross-attention at as soon as it runs, before any sampler or inversion starts."),
+                               "cross-attention at (on a diffusion transformer: other than its patch size) as soon "
+                               "as it runs, before any sampler or inversion starts."),
                 io.Sampler.Input("sampler", optional=True,
                                  tooltip="Optional: the sampler to refine (KSamplerSelect, or SamplerEulerAncestral, "
                                  "SamplerDPMPP_2M_SDE, SamplerDPMPP_SDE, SamplerLMS with their settings). Empty = "
@@ -124,7 +129,12 @@ class CXRRefinementSampler(io.ComfyNode):
         with user_errors(TITLE, "thresholds"):
             stops = parse_thresholds(thresholds)
         if model is not None:  # the sampler checks its model again when sampling starts (same rule)
-            energy_keys(model.get_model_object("diffusion_model"), factor)
+            dm = model.get_model_object("diffusion_model")
+            with user_errors(TITLE, "model"):  # neither a UNet nor a supported diffusion transformer
+                dit = is_dit(dm)
+            if dit:  # its patch grid, and a token map made for its context
+                check_stage_on_dit(dm, TITLE, tokens=tokens, grid_factor=factor)
+            energy_pass(dm).energy_keys(dm, factor)
         with user_errors(TITLE):
             target = target_region(organ_masks, target_organs)
         config = RefineConfig(iterations, step_size, start_percent, end_percent, stops, smoothing, extent_weight,

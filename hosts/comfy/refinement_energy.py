@@ -15,6 +15,8 @@ residuals enter an SD UNet only after the middle block and in the decoder's skip
 :func:`energy_function` by default computes them as constants (``control="constant"``: at the detached latent, no
 grad), which gives the same gradient without a graph through the ControlNet; ``control="differentiate"`` runs it on
 clones of its weights (:func:`control_parameters`), kept to measure that claim (benchmarks/controlnet_gradient.py).
+
+A diffusion transformer's pass is :mod:`.dit_refinement` (the same four functions, over its joint blocks).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ makes in it (heun, dpm_2, dpmpp_sde, uni_pc: two). At 0 iterations, or with no s
 sampler function runs the whole schedule in one call: the stock path, bit-identical to the sampler alone; its
 callback only reads the energy of the latents of the window's steps, for the record.
 
-The energy and its gradient pass are :mod:`.refinement_energy`; the weight clones that pass differentiates
+The energy and its gradient pass are :mod:`.refinement_energy` for a UNet, :mod:`.dit_refinement` for a diffusion
+transformer (:func:`.dit_refinement.energy_pass` picks one by the model); the weight clones that pass differentiates
 through are made at the first refined step and dropped when the window ends (never alive after sampling); their
 size goes to the run's record.
 """
@@ -31,8 +32,9 @@ from ...errors import CXRInputError
 from . import audit
 from .cond_areas import area_node
 from .control_checks import check_controls
+from .dit_refinement import energy_pass, is_dit
 from .patch import HOLDER_KEY
-from .refinement_energy import TITLE, energy_function, energy_keys, energy_layers, path_parameters
+from .refinement_energy import TITLE
 from .sampler_methods import METHODS, SamplerMethod, plan, run_noise_sampler, run_segment
 
 
@@ -74,13 +76,15 @@ class RefinementSampler:
         window = refine_window(c, sampling.percent_to_sigma, [float(s) for s in sigmas])
         # Settings that cannot work are refused here, before the first model call of this run: the grid (the
         # node checks it too when its model input is connected) and a window that holds none of the steps.
-        energy_keys(base.diffusion_model, ref.grid_factor)
+        dm = base.diffusion_model
+        energy = energy_pass(dm)  # a UNet's energy layers, or a diffusion transformer's blocks
+        energy.energy_keys(dm, ref.grid_factor)
         check_controls(model.inner_model.conds, x.shape, base.diffusion_model)  # ControlNet hint, T2I-Adapter fit
         ref.check_batch(int(x.shape[0]), TITLE)  # one target per image of the batch, or one all share
         check_no_area(model.inner_model.conds)
         if window.steps:  # and a target that covers no cell of the energy grid
             latent = (int(x.shape[-2]), int(x.shape[-1]))
-            ref.cells(energy_layers(base.diffusion_model, latent, ref.grid_factor)[1], latent, TITLE)
+            ref.cells(energy.energy_layers(dm, latent, ref.grid_factor)[1], latent, TITLE, _patch(dm))
         if c.iterations and not window.steps:
             raise CXRInputError(
                 f"the window {c.start_percent:g}–{c.end_percent:g} (sigma {window.sigma_start:.4g} down to "
@@ -114,8 +118,9 @@ class RefinementSampler:
         for first, end, refined in plan(len(sigmas) - 1, window.steps):
             if refined:
                 if params is None:
-                    keys = energy_layers(dm, tuple(x.shape[-2:]), self.refinement.grid_factor)[0]
-                    params = path_parameters(dm, keys, model.inner_model.inner_model.manual_cast_dtype)
+                    energy = energy_pass(dm)
+                    keys = energy.energy_layers(dm, tuple(x.shape[-2:]), self.refinement.grid_factor)[0]
+                    params = energy.path_parameters(dm, keys, model.inner_model.inner_model.manual_cast_dtype)
                     record.weights_copied_mb = sum(p.numel() * p.element_size() for p in params.values()) / 2**20
                 try:
                     x = self._refine(model, x, sigmas[first], extra_args, params, record, first, window, bar.update)
@@ -150,10 +155,16 @@ class RefinementSampler:
 
     def _refine(self, model, x, sigma, extra_args, params, record: RunRecord, i: int, window: RefineWindow,
                 progress, config=None) -> torch.Tensor:
-        energy = energy_function(self.refinement, model, sigma, extra_args, params)
+        dm = model.inner_model.inner_model.diffusion_model
+        energy = energy_pass(dm).energy_function(self.refinement, model, sigma, extra_args, params)
         x, step = refine_step(energy, x, float(sigma), config or self.refinement.config, step=i,
                               stop=window.stop_at(float(sigma)), edit_mask=extra_args.get("denoise_mask"),
                               progress=progress, node=TITLE)
         assert record.refine is not None
         record.refine.append(step)
         return x
+
+
+def _patch(dm) -> int:
+    """A diffusion transformer's patch size (the energy grid is its patch grid), 0 for a UNet."""
+    return int(dm.patch_size) if is_dit(dm) else 0
