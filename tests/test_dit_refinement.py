@@ -6,16 +6,12 @@ The energy blocks are the first half of the joint blocks (here block 0 of 2), so
 block 1 and the final layer get no weight clone and do not change the energy. Neutral settings (0 iterations, step
 size 0) give the stock sampler's output exactly (the same sampler function on the same latent, by construction).
 
-Word positions: until CXR Text Encode reads an SD3 CLIP (its token map then carries the SD3 context layout), the
-test locates the pathology word with the CLIP-L tokenizer (``build_token_map`` on ``clip.tokenize(...)["l"]``),
-whose positions are the context's first 77 indices (SD3 puts CLIP-L/G's 77 tokens before T5's), and gives the
-refinement the whole context as one prompt (``cond_len`` = the context's length: no repeats).
+Word positions: CXR Text Encode on the checkpoint's SD3 CLIP (layout "sd3": CLIP-L ‖ G's 77 positions, no T5 here).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 from types import SimpleNamespace
 
 import pytest
@@ -24,7 +20,6 @@ from node_run import run
 
 from cxr_counterfactual.attention.refinement import RefineConfig, Refinement, refine_step
 from cxr_counterfactual.attention.stage_builders import target_region
-from cxr_counterfactual.attention.tokens import build_token_map
 from cxr_counterfactual.errors import CXRInputError
 
 pytestmark = pytest.mark.slow
@@ -33,35 +28,24 @@ TEXT, WORD, TARGET = "chest x-ray, left pleural effusion", "effusion", "left_lun
 
 
 @pytest.fixture(scope="module")
-def sd35(comfy, tiny_sd35_checkpoint, chexmask_example):
-    """The tiny SD3.5 model, the radiograph fitted to 64 px, its masks, prompts, the sigmas of an img2img run and
-    a token map of the pathology word in the SD3 context."""
+def sd35(comfy, sd35_loaded, chexmask_example):
+    """The tiny SD3.5 model (loaded once per session), the radiograph fitted to 64 px, its masks, prompts (the
+    positive one with CXR Text Encode's SD3 token map of the pathology word) and the sigmas of an img2img run."""
     from cxr_helpers import chexmask_radiograph
-    from host_fixtures import load_checkpoint
 
-    from cxr_counterfactual.nodes.text import _tokenizer_for, _word_ids
-
-    loaded = load_checkpoint(comfy, tiny_sd35_checkpoint)
+    loaded = sd35_loaded
     image, masks = chexmask_radiograph(chexmask_example)
     with torch.inference_mode():
         fitted, fitted_masks, _ = run(comfy.node("CXRFitToModel"), image=image, max_side=64, organ_masks=masks)
         latent = comfy.node("VAEEncode")().encode(loaded.vae, fitted)[0]
-        positive = comfy.node("CLIPTextEncode")().encode(loaded.clip, TEXT)[0]
+        positive, tokens = run(comfy.node("CXRTextEncode"), clip=loaded.clip, text=TEXT, anatomy="", pathology=WORD)
         negative = comfy.node("CLIPTextEncode")().encode(loaded.clip, "")[0]
         sigmas = comfy.node("BasicScheduler")().get_sigmas(loaded.model, "simple", STEPS, DENOISE)[0]
     assert latent["samples"].shape[-2:] == (8, 7)
-    chunks = [[t[0] for t in chunk] for chunk in loaded.clip.tokenize(TEXT)["l"]]
-    tok = _tokenizer_for(loaded.clip, "l")
-    tokens = build_token_map(chunks, lambda w: _word_ids(tok, w), {}, [WORD])
-    context = int(positive[0][0].shape[1])
-    tokens = dataclasses.replace(tokens, cond_len=context)  # the SD3 context as one prompt (module docstring)
-    if "layout" in {f.name for f in dataclasses.fields(tokens)}:  # CXR Text Encode's SD3 token maps, once they exist
-        tokens = dataclasses.replace(tokens, layout="sd3")
+    assert tokens.layout == "sd3" and tokens.cond_len == int(positive[0][0].shape[1]) == 77
     assert all(p < 77 for p in tokens.indices(WORD))
-    yield SimpleNamespace(model=loaded.model, masks=fitted_masks, latent=latent, positive=positive,
-                          negative=negative, sigmas=sigmas, tokens=tokens)
-    del loaded
-    gc.collect()
+    return SimpleNamespace(model=loaded.model, masks=fitted_masks, latent=latent, positive=positive,
+                           negative=negative, sigmas=sigmas, tokens=tokens)
 
 
 def sample(comfy, model, f, sampler) -> torch.Tensor:
@@ -182,11 +166,12 @@ def test_a_grid_factor_other_than_the_patch_size_is_refused_before_sampling(comf
 
 def test_the_node_checks_a_connected_dit_when_it_runs(comfy, sd35):
     """With the model connected the node refuses, before any sampling, a grid other than the patch grid, and a
-    token map made for another context (CXR Text Encode's maps carry the SD3 layout once it reads SD3 CLIPs; the
-    fixture's map carries it exactly when that field exists)."""
-    sd3 = getattr(sd35.tokens, "layout", None) == "sd3"
+    token map made for another context (a UNet's CLIP chunks)."""
     with pytest.raises(CXRInputError) as err:
         refiner(comfy, sd35, model=sd35.model, grid_factor="4")
-    assert err.value.input_name == ("grid_factor" if sd3 else "tokens")
-    if sd3:
-        assert refiner(comfy, sd35, model=sd35.model) is not None
+    assert err.value.input_name == "grid_factor"
+    assert refiner(comfy, sd35, model=sd35.model) is not None
+    unet_tokens = dataclasses.replace(sd35.tokens, layout="clip", parts=())
+    with pytest.raises(CXRInputError) as err:
+        refiner(comfy, sd35, tokens=unet_tokens, model=sd35.model)
+    assert err.value.input_name == "tokens"
