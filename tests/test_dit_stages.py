@@ -278,3 +278,17 @@ def test_masks_of_another_aspect_ratio_are_refused_naming_the_node(comfy, sd35):
         sample(comfy, gated, sd35, steps=1)
     assert err.value.input_name == "organ_masks" and "CXR Anatomy Attention Gate" in str(err.value)
     assert "aspect" in str(err.value)
+
+
+def test_soft_gate_runs_on_the_log_sum_exp_route_and_records_its_kernel(comfy, sd35):
+    """strength 0.5: other regions' image keys weigh 0.5; the output lies apart from both stock and the hard gate,
+    and the run's record names the kernel the soft parts ran on (ComfyUI's CPU default has no log-sum-exp: torch's
+    fallback, noted once)."""
+    from cxr_counterfactual.hosts.comfy.patch import result_store
+
+    soft = gate(comfy, sd35, strength=0.5, background="confined")
+    hard = gate(comfy, sd35, strength=1.0, background="confined")
+    out = sample(comfy, soft, sd35)
+    assert torch.isfinite(out).all()
+    assert not torch.equal(out, sample(comfy, hard, sd35)) and not torch.equal(out, sample(comfy, sd35.model, sd35))
+    assert "joint attention" in result_store(soft).latest().attention
