@@ -101,16 +101,18 @@ def test_bad_inputs_are_clear_errors(comfy, tiny_model, chest):
         sample(comfy, patched, chest)
 
 
-def test_a_dit_is_an_unsupported_model_error(comfy, chest):
+def test_a_dit_family_the_pack_does_not_know_is_named_with_the_supported_ones(comfy, chest):
+    """SD3/SD3.5 and Flux are supported (tests/test_dit_*.py); another DiT family, here AuraFlow's (whose class is
+    also named MMDiT, in another module), is refused before anything runs, naming itself and the supported ones."""
     import comfy.model_patcher as model_patcher  # aliases: the fixture is called comfy
-    import comfy.ops as ops
-    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.aura.mmdit import MMDiT as AuraFlow
 
-    dit = Flux(in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=8, hidden_size=64, mlp_ratio=2.0,
-               num_heads=4, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], theta=10000, patch_size=2,
-               qkv_bias=True, guidance_embed=False, operations=ops.disable_weight_init)
+    dit = AuraFlow.__new__(AuraFlow)  # the family is read from the class: no weights needed
+    torch.nn.Module.__init__(dit)
     holder = torch.nn.Module()
     holder.diffusion_model = dit
     patcher = model_patcher.ModelPatcher(holder, torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"\[CXR Anatomy Attention Gate\] input 'model': unsupported model: Flux"):
+    with pytest.raises(ValueError, match=r"\[CXR Anatomy Attention Gate\] input 'model': the model's diffusion "
+                       r"transformer is MMDiT \(from comfy\.ldm\.aura\.mmdit\)") as err:
         gate(comfy, patcher, chest)
+    assert "SD3/SD3.5 (MMDiT) or Flux" in str(err.value)
