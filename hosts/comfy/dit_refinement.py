@@ -40,7 +40,7 @@ from . import refinement_energy
 from .cond_areas import HOLDER_KEY, chunk_fields
 from .dit import CALL_KEY, DitCall, dit_family, install
 from .dit_stages import block_counts, check_stage_on_dit, regulate
-from .refinement_energy import FP8_DTYPES, TITLE, _ConstantControl, _Runner, _Stop
+from .refinement_energy import FP8_DTYPES, TITLE, _ConstantControl, _Stop, probe_pass
 
 Block = tuple[str, int]
 
@@ -172,7 +172,7 @@ def energy_function(ref: Refinement, model_k, sigma: torch.Tensor, extra_args: d
     guider = model_k.inner_model
     positive = [{**c, "control": _ConstantControl(c["control"])} if c.get("control") is not None else c
                 for c in guider.conds.get("positive") or ()]
-    base, dm = guider.inner_model, guider.inner_model.diffusion_model
+    dm = guider.inner_model.diffusion_model
     blocks, singles = block_counts(dm)
     opts = comfy.model_patcher.create_model_options_clone(extra_args.get("model_options", {}))
     # bare block tags where the model has none (a stock model); ours with their stages stay as they are
@@ -190,20 +190,6 @@ def energy_function(ref: Refinement, model_k, sigma: torch.Tensor, extra_args: d
                    "optimized_attention_override": _Capture(keys, to["optimized_attention_override"], ref.columns,
                                                             maps)}
         call_opts = {**opts, "transformer_options": call_to}
-        s = sigma.detach().clone() * x.new_ones([x.shape[0]])
-        xin = x
-        if denoise_mask is not None:  # as the UNet's pass: what KSamplerX0Inpaint feeds the model
-            mask = denoise_mask.clone()
-            src = base.scale_latent_inpaint(x=x, sigma=s, noise=model_k.noise.clone(),
-                                            latent_image=model_k.latent_image.clone())
-            xin = x * mask + src * (1 - mask)
-
-        def run():
-            return comfy.samplers.calc_cond_batch(base, [positive], xin, s, call_opts)
-        try:
-            torch.func.functional_call(_Runner(dm, []), (params if x.requires_grad else None) or {}, (run,),
-                                       strict=False)
-        except _Stop:
-            pass
+        probe_pass(model_k, positive, x, sigma, call_opts, params, denoise_mask, [])
         return ref.energy(maps, x.shape[0], latent, TITLE, patch=int(dm.patch_size))
     return energy

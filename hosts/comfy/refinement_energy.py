@@ -193,7 +193,7 @@ def energy_function(ref: Refinement, model_k, sigma: torch.Tensor, extra_args: d
     positive = [{**c, "control": _ConstantControl(c["control"])}
                 if c.get("control") is not None and (control == "constant" or not control_models([c])) else c
                 for c in positive or ()]
-    base, dm = guider.inner_model, guider.inner_model.diffusion_model
+    dm = guider.inner_model.diffusion_model
     opts = comfy.model_patcher.create_model_options_clone(extra_args.get("model_options", {}))
     to = opts.setdefault("transformer_options", {})
     # A probe, not a model call of the run: without the per-run holder, the stages still regulate attention
@@ -211,22 +211,32 @@ def energy_function(ref: Refinement, model_k, sigma: torch.Tensor, extra_args: d
         for key in keys:
             attn2[key] = _Capture(key, attn2.get(key) or attn2.get(key[:2]), ref.columns, maps, key == keys[-1])
         call_opts = {**opts, "transformer_options": {**to, "patches_replace": {**replace, "attn2": attn2}}}
-        s = sigma.detach().clone() * x.new_ones([x.shape[0]])
-        xin = x
-        if denoise_mask is not None:  # what KSamplerX0Inpaint feeds the model: the kept region from the source
-            # The mask, noise and source come from the sampler's inference-mode setup: autograd may not save
-            # inference tensors, so it gets plain copies (latent-sized, freed with this call).
-            mask = denoise_mask.clone()
-            src = base.scale_latent_inpaint(x=x, sigma=s, noise=model_k.noise.clone(),
-                                            latent_image=model_k.latent_image.clone())
-            xin = x * mask + src * (1 - mask)
-
-        def run():
-            return comfy.samplers.calc_cond_batch(base, [positive], xin, s, call_opts)
-        try:
-            torch.func.functional_call(_Runner(dm, nets), (params if x.requires_grad else None) or {}, (run,),
-                                       strict=False)
-        except _Stop:
-            pass
+        probe_pass(model_k, positive, x, sigma, call_opts, params, denoise_mask, nets)
         return ref.energy(maps, x.shape[0], latent, TITLE)
     return energy
+
+
+def probe_pass(model_k, positive: list, x: torch.Tensor, sigma: torch.Tensor, call_opts: dict, params: dict | None,
+               denoise_mask: torch.Tensor | None, nets: list[torch.nn.Module]) -> None:
+    """One positive-prompt model call of an energy pass (UNet or DiT) on the sampler's latent ``x``: the input
+    KSamplerX0Inpaint would feed the model (the kept region from the source), through ``calc_cond_batch`` with
+    ``call_opts`` (the captures), under ``functional_call`` with the path's weight clones ``params`` when ``x``
+    requires grad; a capture's ``_Stop`` ends it after the last energy layer."""
+    base = model_k.inner_model.inner_model
+    s = sigma.detach().clone() * x.new_ones([x.shape[0]])
+    xin = x
+    if denoise_mask is not None:  # what KSamplerX0Inpaint feeds the model: the kept region from the source
+        # The mask, noise and source come from the sampler's inference-mode setup: autograd may not save
+        # inference tensors, so it gets plain copies (latent-sized, freed with this call).
+        mask = denoise_mask.clone()
+        src = base.scale_latent_inpaint(x=x, sigma=s, noise=model_k.noise.clone(),
+                                        latent_image=model_k.latent_image.clone())
+        xin = x * mask + src * (1 - mask)
+
+    def run():
+        return comfy.samplers.calc_cond_batch(base, [positive], xin, s, call_opts)
+    try:
+        torch.func.functional_call(_Runner(base.diffusion_model, nets), (params if x.requires_grad else None) or {},
+                                   (run,), strict=False)
+    except _Stop:
+        pass
